@@ -1,0 +1,374 @@
+"""Protocol v1: message schema, validation and images (docs/protocol.md is the contract).
+
+Pure Python (stdlib + msgpack): this module is bundled into the Krita and GIMP plugins.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+DEFAULT_PORT = 7878
+DEFAULT_ADDRESS = f"tcp://127.0.0.1:{DEFAULT_PORT}"
+ADDRESS_ENV = "SDBRIDGE_ADDRESS"
+
+TERMINAL_EVENTS = frozenset({"result", "error", "cancelled"})
+IMAGE_FORMATS = ("raw", "png")
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 30.0
+MAX_ID_CHARS = 128
+
+
+class ErrorCode:
+    """Stable error codes (docs/protocol.md, "Error codes")."""
+
+    BAD_MESSAGE = "bad_message"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_OP = "unknown_op"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_FIELD = "unknown_field"
+    BAD_TYPE = "bad_type"
+    OUT_OF_RANGE = "out_of_range"
+    BAD_IMAGE = "bad_image"
+    DUPLICATE_ID = "duplicate_id"
+    UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_JOB = "unknown_job"
+    BUSY = "busy"
+    OUT_OF_MEMORY = "out_of_memory"
+    INTERNAL = "internal"
+    # Made by clients, never sent by the daemon.
+    CONNECTION_LOST = "connection_lost"
+    TIMEOUT = "timeout"
+
+
+class ProtocolError(Exception):
+    """A request the daemon refuses: becomes an `error` event naming the field."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; reported by `hello` and enforced by `validate_request`."""
+
+    max_message_bytes: int = 256 * 1024 * 1024
+    max_side: int = 4096
+    max_pixels: int = 4096 * 4096
+    max_steps: int = 150
+    max_images: int = 8
+    max_prompt_chars: int = 4000
+    max_queue: int = 64
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+# --- wire encoding -----------------------------------------------------------------------------
+
+
+def pack(message: dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict[str, Any]:
+    """Decode one message body; anything but a msgpack map is a `bad_message`."""
+    try:
+        message = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message is not valid msgpack: {exc}") from exc
+    if not isinstance(message, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "message must be a msgpack map")
+    return message
+
+
+def event(name: str, request_id: str | None, **fields: Any) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "event": name, "id": request_id, **fields}
+
+
+def error_event(request_id: str | None, error: ProtocolError) -> dict[str, Any]:
+    return event("error", request_id, code=error.code, message=error.message, field=error.field)
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image as it travels: raw RGBA8 rows top to bottom, or a PNG file."""
+
+    width: int
+    height: int
+    data: bytes
+    format: str = "raw"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "format": self.format,
+            "data": self.data,
+        }
+
+    @classmethod
+    def from_dict(cls, value: Any, field_name: str, limits: Limits) -> Image:
+        if not isinstance(value, dict):
+            raise ProtocolError(
+                ErrorCode.BAD_TYPE, f"{field_name} must be an image map", field_name
+            )
+        unknown = set(value) - {"width", "height", "format", "data"}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_FIELD, f"{field_name} has an unknown field {name!r}", field_name
+            )
+        width = _int_in(value, "width", 1, limits.max_side, field_name)
+        height = _int_in(value, "height", 1, limits.max_side, field_name)
+        fmt = value.get("format", "raw")
+        if fmt not in IMAGE_FORMATS:
+            raise ProtocolError(
+                ErrorCode.BAD_IMAGE, f"{field_name}.format must be 'raw' or 'png'", field_name
+            )
+        data = value.get("data")
+        if not isinstance(data, bytes):
+            raise ProtocolError(
+                ErrorCode.BAD_IMAGE, f"{field_name}.data must be binary", field_name
+            )
+        if fmt == "raw" and len(data) != width * height * 4:
+            raise ProtocolError(
+                ErrorCode.BAD_IMAGE,
+                f"{field_name}: raw RGBA data of {width}x{height} must be "
+                f"{width * height * 4} bytes, got {len(data)}",
+                field_name,
+            )
+        return cls(width, height, data, fmt)
+
+
+def _int_in(value: dict[str, Any], key: str, low: int, high: int, field_name: str) -> int:
+    number = value.get(key)
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise ProtocolError(
+            ErrorCode.BAD_IMAGE, f"{field_name}.{key} must be an integer", field_name
+        )
+    if not low <= number <= high:
+        raise ProtocolError(
+            ErrorCode.BAD_IMAGE, f"{field_name}.{key} must be in {low}..{high}", field_name
+        )
+    return number
+
+
+def encode_png(width: int, height: int, rgba: bytes) -> bytes:
+    """A minimal RGBA8 PNG encoder (stdlib only) for clients that must send PNG."""
+    stride = width * 4
+    rows = b"".join(b"\x00" + rgba[y * stride : (y + 1) * stride] for y in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows, 6))
+        + chunk(b"IEND", b"")
+    )
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateRequest:
+    """A validated `generate` request; field names follow diffusers."""
+
+    prompt: str
+    negative_prompt: str = ""
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    init_image: Image | None = None
+    strength: float = 1.0
+    mask_image: Image | None = None
+    preview_every: int = 0
+    output_format: str = "raw"
+    model: str | None = None
+
+    @property
+    def mode(self) -> str:
+        if self.init_image is None:
+            return "txt2img"
+        return "inpaint" if self.mask_image is not None else "img2img"
+
+
+COMMON_FIELDS = frozenset({"v", "op", "id"})
+OP_FIELDS: dict[str, frozenset[str]] = {
+    "hello": frozenset({"client"}),
+    "status": frozenset(),
+    "cancel": frozenset({"job"}),
+    "generate": frozenset(
+        {
+            "prompt",
+            "negative_prompt",
+            "num_inference_steps",
+            "guidance_scale",
+            "seed",
+            "width",
+            "height",
+            "num_images",
+            "init_image",
+            "strength",
+            "mask_image",
+            "preview_every",
+            "output_format",
+            "model",
+        }
+    ),
+}
+
+
+def request_id(message: dict[str, Any]) -> str | None:
+    """The request's id if it is usable for addressing the answer, else None."""
+    rid = message.get("id")
+    if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS:
+        return rid
+    return None
+
+
+def validate_envelope(message: dict[str, Any]) -> tuple[str, str]:
+    """Check version, op, id and field names; returns (op, id)."""
+    version = message.get("v")
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"unsupported protocol version {version!r}; this daemon speaks {list(SUPPORTED_VERSIONS)}",
+            "v",
+        )
+    rid = message.get("id")
+    if rid is None:
+        raise ProtocolError(ErrorCode.MISSING_FIELD, "id is required", "id")
+    if not isinstance(rid, str):
+        raise ProtocolError(ErrorCode.BAD_TYPE, "id must be a string", "id")
+    if not 0 < len(rid) <= MAX_ID_CHARS:
+        raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"id must be 1..{MAX_ID_CHARS} chars", "id")
+    op = message.get("op")
+    if op not in OP_FIELDS:
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}", "op")
+    for name in message:
+        if name not in COMMON_FIELDS and name not in OP_FIELDS[op]:
+            raise ProtocolError(ErrorCode.UNKNOWN_FIELD, f"{op} has no field {name!r}", str(name))
+    return op, rid
+
+
+def _get(message: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = message.get(name, default)
+    if value is default:
+        return value
+    if isinstance(value, bool) or not isinstance(value, kind):
+        type_name = (
+            kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        )
+        raise ProtocolError(ErrorCode.BAD_TYPE, f"{name} must be {type_name}", name)
+    return value
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not (low <= value <= high) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} must be in {low}..{high}", name)
+
+
+def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateRequest:
+    """Turn a `generate` message into a request or raise a ProtocolError naming the field."""
+    if "prompt" not in message:
+        raise ProtocolError(ErrorCode.MISSING_FIELD, "prompt is required", "prompt")
+    prompt = _get(message, "prompt", str, None)
+    negative = _get(message, "negative_prompt", str, "")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        if len(text) > limits.max_prompt_chars:
+            raise ProtocolError(
+                ErrorCode.OUT_OF_RANGE,
+                f"{name} is longer than {limits.max_prompt_chars} characters",
+                name,
+            )
+    steps = _get(message, "num_inference_steps", int, 20)
+    _check_range("num_inference_steps", steps, 1, limits.max_steps)
+    guidance = float(_get(message, "guidance_scale", (int, float), 7.5))
+    _check_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
+    seed = _get(message, "seed", int, None)
+    if seed is not None:
+        _check_range("seed", seed, 0, MAX_SEED)
+    width = _get(message, "width", int, None)
+    height = _get(message, "height", int, None)
+    for name, side in (("width", width), ("height", height)):
+        if side is not None:
+            _check_range(name, side, 8, limits.max_side)
+    if width is not None and height is not None and width * height > limits.max_pixels:
+        raise ProtocolError(
+            ErrorCode.OUT_OF_RANGE,
+            f"width x height must be at most {limits.max_pixels} pixels",
+            "width",
+        )
+    num_images = _get(message, "num_images", int, 1)
+    _check_range("num_images", num_images, 1, limits.max_images)
+    preview_every = _get(message, "preview_every", int, 0)
+    _check_range("preview_every", preview_every, 0, limits.max_steps)
+    output_format = _get(message, "output_format", str, "raw")
+    if output_format not in IMAGE_FORMATS:
+        raise ProtocolError(
+            ErrorCode.OUT_OF_RANGE, "output_format must be 'raw' or 'png'", "output_format"
+        )
+    model = _get(message, "model", str, None)
+
+    init_image = None
+    if message.get("init_image") is not None:
+        init_image = Image.from_dict(message["init_image"], "init_image", limits)
+    mask_image = None
+    if message.get("mask_image") is not None:
+        if init_image is None:
+            raise ProtocolError(
+                ErrorCode.MISSING_FIELD, "mask_image needs an init_image", "init_image"
+            )
+        mask_image = Image.from_dict(message["mask_image"], "mask_image", limits)
+    strength = float(_get(message, "strength", (int, float), 0.75 if init_image else 1.0))
+    if not (0.0 < strength <= 1.0) or not math.isfinite(strength):
+        raise ProtocolError(ErrorCode.OUT_OF_RANGE, "strength must be in (0, 1]", "strength")
+    if strength < 1.0 and init_image is None:
+        raise ProtocolError(
+            ErrorCode.MISSING_FIELD, "strength below 1 needs an init_image", "init_image"
+        )
+    return GenerateRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        width=width,
+        height=height,
+        num_images=num_images,
+        init_image=init_image,
+        strength=strength,
+        mask_image=mask_image,
+        preview_every=preview_every,
+        output_format=output_format,
+        model=model,
+    )
+
+
+def validate_cancel(message: dict[str, Any]) -> str:
+    if "job" not in message:
+        raise ProtocolError(ErrorCode.MISSING_FIELD, "job is required", "job")
+    return _get(message, "job", str, None)
