@@ -1,0 +1,203 @@
+"""The editor rules both plugins rely on: job region, pixels, masks, requests, placement."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sdbridge.canvas import (
+    Bounds,
+    Extent,
+    JobPlan,
+    SelectionOutsideCanvas,
+    Settings,
+    bgra_to_rgba,
+    copy_region,
+    generate_fields,
+    job_bounds,
+    layer_name,
+    place_result,
+    plan_job,
+    rgba_to_bgra,
+)
+
+CANVAS = Extent(400, 300)
+
+
+def solid(extent: Extent, rgba: tuple[int, int, int, int]) -> bytes:
+    return bytes(rgba) * extent.pixel_count
+
+
+def pixel(buf: bytes | bytearray, extent: Extent, x: int, y: int, bpp: int = 4) -> tuple:
+    i = (y * extent.width + x) * bpp
+    return tuple(buf[i : i + bpp])
+
+
+def test_no_selection_covers_the_whole_canvas():
+    assert job_bounds(CANVAS, None) == Bounds(0, 0, 400, 300)
+
+
+def test_selection_gets_context_around_it_and_stays_inside_the_canvas():
+    sel = Bounds(100, 100, 80, 40)
+    job = job_bounds(CANVAS, sel)
+    assert job.contains(sel)
+    assert job.x < sel.x and job.y < sel.y and job.right > sel.right and job.bottom > sel.bottom
+    # near the corner the context is cut at the canvas edge
+    corner = job_bounds(CANVAS, Bounds(380, 0, 20, 20))
+    assert corner.x < 380 and (corner.right, corner.y) == (400, 0)
+    assert Bounds.of(CANVAS).contains(corner)
+
+
+def test_selection_partly_outside_is_clamped_and_fully_outside_is_refused():
+    job = job_bounds(CANVAS, Bounds(-50, -50, 100, 100))
+    assert (job.x, job.y) == (0, 0) and Bounds.of(CANVAS).contains(job)
+    with pytest.raises(SelectionOutsideCanvas):
+        job_bounds(CANVAS, Bounds(500, 10, 20, 20))
+
+
+def test_gimp_corner_bounds():
+    assert Bounds.from_corners(10, 20, 30, 60) == Bounds(10, 20, 20, 40)
+
+
+def test_bgra_and_rgba_swap_red_and_blue_only():
+    bgra = bytes([1, 2, 3, 4, 10, 20, 30, 40])
+    assert bytes(bgra_to_rgba(bgra)) == bytes([3, 2, 1, 4, 30, 20, 10, 40])
+    assert bytes(rgba_to_bgra(bgra_to_rgba(bgra))) == bgra
+
+
+def test_pixel_conversion_of_a_large_canvas_is_fast():
+    # A 4-megapixel canvas must convert without stalling the editor (no per-pixel Python).
+    big = bytes(range(256)) * (2048 * 2048 * 4 // 256)
+    start = time.perf_counter()
+    out = bgra_to_rgba(big)
+    assert time.perf_counter() - start < 1.0
+    assert out[0:4] == bytes([2, 1, 0, 3])
+
+
+def test_copy_region_crops_and_fills_outside_with_zero():
+    src = Bounds(10, 10, 4, 2)
+    data = bytes(range(8))  # one byte per pixel
+    out = copy_region(data, src, Bounds(12, 9, 4, 4), 1)
+    assert bytes(out) == bytes([0, 0, 0, 0, 2, 3, 0, 0, 6, 7, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(ValueError):
+        copy_region(data[:-1], src, src, 1)
+
+
+def test_plan_without_selection_is_text_to_image_of_the_canvas_size():
+    plan = plan_job(CANVAS, None)
+    fields = generate_fields(Settings("a cat", seed=5, steps=12), plan, None)
+    assert (fields["width"], fields["height"]) == (400, 300)
+    assert fields["num_inference_steps"] == 12 and fields["seed"] == 5
+    assert "init_image" not in fields and "mask_image" not in fields and "strength" not in fields
+
+
+def test_lower_strength_sends_the_canvas_as_init_image():
+    plan = plan_job(CANVAS, None)
+    canvas = solid(CANVAS, (9, 8, 7, 255))
+    fields = generate_fields(Settings("a cat", strength=0.4), plan, canvas)
+    assert fields["strength"] == 0.4
+    assert fields["init_image"] == {"width": 400, "height": 300, "format": "raw", "data": canvas}
+    assert "seed" not in fields  # random: the daemon picks and reports it
+    with pytest.raises(ValueError):
+        generate_fields(Settings("a cat", strength=0.4), plan, None)
+
+
+def test_selection_becomes_the_inpainting_mask_over_the_job_region():
+    sel = Bounds(100, 100, 40, 20)
+    plan = plan_job(CANVAS, sel)
+    job = plan.bounds
+    rgba = solid(job.extent, (1, 2, 3, 255))
+    fields = generate_fields(Settings("a cat"), plan, rgba)
+    assert (fields["width"], fields["height"]) == (job.width, job.height)
+    assert fields["strength"] == 1.0 and fields["init_image"]["data"] == rgba
+    mask = fields["mask_image"]
+    assert (mask["width"], mask["height"], mask["format"]) == (job.width, job.height, "raw")
+    inside = pixel(mask["data"], job.extent, sel.x - job.x, sel.y - job.y)
+    last_inside = pixel(mask["data"], job.extent, sel.right - 1 - job.x, sel.bottom - 1 - job.y)
+    outside = pixel(mask["data"], job.extent, sel.x - job.x - 1, sel.y - job.y)
+    below = pixel(mask["data"], job.extent, sel.x - job.x, sel.bottom - job.y)
+    assert inside == last_inside == (255, 255, 255, 255)
+    assert outside == below == (0, 0, 0, 255)
+
+
+def test_a_soft_selection_mask_keeps_its_values():
+    sel = Bounds(50, 50, 2, 1)
+    plan = plan_job(CANVAS, sel, bytes([128, 255]))
+    x, y = sel.x - plan.bounds.x, sel.y - plan.bounds.y
+    assert pixel(plan.mask, plan.bounds.extent, x, y, 1) == (128,)
+    assert pixel(plan.mask, plan.bounds.extent, x + 1, y, 1) == (255,)
+
+
+def test_generated_fields_pass_the_protocol_validation():
+    protocol = pytest.importorskip("sdbridge.protocol")
+    validate = getattr(protocol, "validate_request", None)
+    if validate is None:
+        pytest.skip("sdbridge.protocol has no validate_request yet")
+    plan = plan_job(CANVAS, Bounds(10, 10, 30, 30))
+    settings = Settings("a cat", "blurry", 8, 5.0, 0.6, 3, 2, None, 2)
+    fields = generate_fields(settings, plan, solid(plan.bounds.extent, (0, 0, 0, 255)))
+    validate({"v": 1, "op": "generate", "id": "j1", **fields})
+
+
+def test_result_lands_on_the_selection_and_only_selected_pixels_are_opaque():
+    sel = Bounds(100, 100, 40, 20)
+    plan = plan_job(CANVAS, sel)
+    result = _raw(plan.bounds.extent, (200, 0, 0, 255))
+    placed = place_result(result, plan)
+    assert placed.bounds == sel
+    assert len(placed.rgba) == sel.width * sel.height * 4
+    assert set(placed.rgba[3::4]) == {255} and set(placed.rgba[0::4]) == {200}
+
+
+def test_feathered_selection_makes_a_soft_edge_and_unselected_pixels_transparent():
+    sel = Bounds(0, 0, 3, 1)
+    plan = plan_job(Extent(3, 1), sel, bytes([0, 128, 255]))
+    placed = place_result(_raw(plan.bounds.extent, (1, 2, 3, 255)), plan)
+    assert bytes(placed.rgba) == bytes([1, 2, 3, 0, 1, 2, 3, 128, 1, 2, 3, 255])
+
+
+def test_result_without_selection_covers_the_canvas_unchanged():
+    plan = plan_job(CANVAS, None)
+    data = bytes(range(256)) * (CANVAS.pixel_count * 4 // 256)
+    placed = place_result({**_raw(CANVAS, (0, 0, 0, 0)), "data": data}, plan)
+    assert placed.bounds == Bounds.of(CANVAS) and bytes(placed.rgba) == data
+
+
+def test_result_of_the_wrong_size_or_format_is_refused():
+    plan = JobPlan(Bounds(0, 0, 4, 4), Bounds(0, 0, 4, 4), None)
+    with pytest.raises(ValueError, match="4x4"):
+        place_result(_raw(Extent(8, 8), (0, 0, 0, 255)), plan)
+    with pytest.raises(ValueError, match="raw"):
+        place_result({**_raw(Extent(4, 4), (0, 0, 0, 255)), "format": "png"}, plan)
+
+
+def test_layer_name_has_prompt_and_seed_on_one_short_line():
+    assert layer_name("a red\n  circle", 42) == "a red circle (42)"
+    long = layer_name("word " * 40, 7)
+    assert long.endswith("… (7)") and len(long) <= 40 + len(" (7)")
+    assert layer_name("   ", 1) == "sdbridge (1)"
+
+
+def test_canvas_needs_only_the_standard_library():
+    # The editors' Pythons have no numpy/PIL: import the file with site-packages switched off.
+    path = Path(__file__).parents[1] / "server" / "sdbridge" / "canvas.py"
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('canvas', {str(path)!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['canvas'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        "print(m.job_bounds(m.Extent(64, 64), None))\n"
+    )
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "Bounds(x=0, y=0, width=64, height=64)" in out.stdout
+
+
+def _raw(extent: Extent, rgba: tuple[int, int, int, int]) -> dict:
+    return {
+        "width": extent.width,
+        "height": extent.height,
+        "format": "raw",
+        "data": solid(extent, rgba),
+    }
