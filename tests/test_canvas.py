@@ -129,15 +129,18 @@ def test_a_soft_selection_mask_keeps_its_values():
     assert pixel(plan.mask, plan.bounds.extent, x + 1, y, 1) == (255,)
 
 
-def test_generated_fields_pass_the_protocol_validation():
-    protocol = pytest.importorskip("sdbridge.protocol")
-    validate = getattr(protocol, "validate_request", None)
-    if validate is None:
-        pytest.skip("sdbridge.protocol has no validate_request yet")
-    plan = plan_job(CANVAS, Bounds(10, 10, 30, 30))
+def test_generated_fields_pass_the_daemons_validation():
+    from sdbridge import protocol
+
     settings = Settings("a cat", "blurry", 8, 5.0, 0.6, 3, 2, None, 2)
-    fields = generate_fields(settings, plan, solid(plan.bounds.extent, (0, 0, 0, 255)))
-    validate({"v": 1, "op": "generate", "id": "j1", **fields})
+    modes = []
+    for selection in (None, Bounds(10, 10, 30, 30)):
+        plan = plan_job(CANVAS, selection)
+        fields = generate_fields(settings, plan, solid(plan.bounds.extent, (0, 0, 0, 255)))
+        message = {"v": 1, "op": "generate", "id": "j1", **fields}
+        protocol.validate_envelope(message)
+        modes.append(protocol.validate_generate(message, protocol.Limits()).mode)
+    assert modes == ["img2img", "inpaint"]
 
 
 def test_result_lands_on_the_selection_and_only_selected_pixels_are_opaque():
