@@ -18,6 +18,7 @@ from sdbridge.canvas import (
     job_bounds,
     layer_name,
     place_result,
+    plan_area,
     plan_job,
     rgba_to_bgra,
 )
@@ -165,6 +166,18 @@ def test_result_without_selection_covers_the_canvas_unchanged():
     data = bytes(range(256)) * (CANVAS.pixel_count * 4 // 256)
     placed = place_result({**_raw(CANVAS, (0, 0, 0, 0)), "data": data}, plan)
     assert placed.bounds == Bounds.of(CANVAS) and bytes(placed.rgba) == data
+
+
+def test_area_plan_paints_exactly_the_selection_bounds_without_mask_or_padding():
+    plan = plan_area(CANVAS, Bounds(380, -10, 40, 30))
+    assert plan.bounds == plan.target == Bounds(380, 0, 20, 20) and plan.mask is None
+    fields = generate_fields(Settings(prompt="p"), plan, None)
+    assert (fields["width"], fields["height"]) == (20, 20) and "init_image" not in fields
+    placed = place_result(_raw(plan.bounds.extent, (9, 8, 7, 255)), plan)
+    assert placed.bounds == Bounds(380, 0, 20, 20) and set(placed.rgba[3::4]) == {255}
+    assert plan_area(CANVAS, None).bounds == Bounds.of(CANVAS)
+    with pytest.raises(SelectionOutsideCanvas):
+        plan_area(CANVAS, Bounds(500, 0, 10, 10))
 
 
 def test_result_of_the_wrong_size_or_format_is_refused():

@@ -220,6 +220,15 @@ def plan_job(
     return JobPlan(bounds, target, bytes(copy_region(selection_mask, selection, bounds, 1)))
 
 
+def plan_area(canvas: Extent, selection: Bounds | None) -> JobPlan:
+    """A job that paints a whole new picture of exactly the selection's bounds (or the canvas),
+    without a mask: GIMP's "Generate" puts it on a layer of its own, the size of that area."""
+    bounds = Bounds.of(canvas) if selection is None else selection.clamp(canvas)
+    if bounds.is_empty:
+        raise SelectionOutsideCanvas("the selection is outside the canvas")
+    return JobPlan(bounds, bounds, None)
+
+
 def generate_fields(
     settings: Settings, plan: JobPlan, rgba: bytes | bytearray | None
 ) -> dict[str, Any]:
