@@ -255,7 +255,8 @@ def validate_envelope(message: dict[str, Any]) -> tuple[str, str]:
     if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"unsupported protocol version {version!r}; this daemon speaks {list(SUPPORTED_VERSIONS)}",
+            f"unsupported protocol version {version!r}; "
+            f"this daemon speaks {list(SUPPORTED_VERSIONS)}",
             "v",
         )
     rid = message.get("id")

@@ -1,0 +1,236 @@
+"""`sdbridge`: serve the daemon, or talk to a running one."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__, protocol
+
+
+def _default_model() -> str | None:
+    from . import tiny
+
+    return str(tiny.MODEL_DIR) if (tiny.MODEL_DIR / "model_index.json").is_file() else None
+
+
+def serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbridge: %(message)s")
+    model = args.model or _default_model()
+    if model is None:
+        print("sdbridge: no model given and the embedded default model is missing", file=sys.stderr)
+        return 2
+    # Heavy imports only here: client commands must start fast.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from .daemon import Daemon
+    from .engine import Engine
+    from .outputs import OutputFolder, default_output_dir
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    start = time.perf_counter()
+    try:
+        engine = Engine(model, device=args.device, dtype=args.dtype, config=args.model_config)
+    except (ValueError, OSError) as exc:
+        print(f"sdbridge: cannot load model {model!r}: {exc}", file=sys.stderr)
+        return 2
+    logging.info(
+        "loaded %s on %s (%s) in %.1f s",
+        engine.model,
+        engine.device,
+        str(engine.dtype).removeprefix("torch."),
+        time.perf_counter() - start,
+    )
+    outputs = OutputFolder(Path(args.output_dir) if args.output_dir else default_output_dir())
+    try:
+        daemon = Daemon(engine, outputs, address=args.listen, heartbeat_ms=args.heartbeat_ms)
+    except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint
+        print(f"sdbridge: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return 2
+    logging.info("images go to %s", outputs.root)
+    daemon.install_signal_handlers()
+    daemon.serve_forever()
+    logging.info("stopped")
+    return 0
+
+
+def _progress_bar(event: dict[str, Any], started: float) -> str:
+    step, total = event["step"], event["total"]
+    width = 30
+    filled = round(width * step / total)
+    elapsed = time.perf_counter() - started
+    return (
+        f"\r[{'#' * filled}{'-' * (width - filled)}] step {step}/{total}"
+        f"  {elapsed:5.1f}s  ETA {event['eta']:5.1f}s"
+    )
+
+
+def _load_image(path: str) -> protocol.Image:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rgba = image.convert("RGBA")
+        return protocol.Image(rgba.width, rgba.height, rgba.tobytes())
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(count)]
+
+
+def generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .client import Client, ClientError, JobCancelled, JobFailed
+
+    fields: dict[str, Any] = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "num_images": args.batch,
+    }
+    for name in ("width", "height", "strength"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    try:
+        if args.init_image:
+            fields["init_image"] = _load_image(args.init_image).to_dict()
+        if args.mask:
+            fields["mask_image"] = _load_image(args.mask).to_dict()
+    except OSError as exc:
+        print(f"sdbridge: cannot read image: {exc}", file=sys.stderr)
+        return 2
+
+    with Client(args.address, timeout=args.timeout) as client:
+        if not client.wait_connected(args.timeout):
+            print(f"sdbridge: {client.state_message}", file=sys.stderr)
+            return 1
+        started = time.perf_counter()
+        job = client.generate(**fields)
+        try:
+            for event in job.events(timeout=args.timeout):
+                if event["event"] == "accepted" and event["position"] > 0:
+                    print(f"queued at position {event['position']}", file=sys.stderr)
+                elif event["event"] == "progress" and not args.quiet:
+                    print(_progress_bar(event, started), end="", file=sys.stderr, flush=True)
+            result = job.result(timeout=0)
+        except KeyboardInterrupt:
+            job.cancel()
+            print("\nsdbridge: cancelled", file=sys.stderr)
+            return 130
+        except (JobFailed, JobCancelled, ClientError) as exc:
+            print(f"\nsdbridge: {exc}", file=sys.stderr)
+            return 1
+    if not args.quiet:
+        print(file=sys.stderr)
+    output = Path(args.output)
+    for image, path in zip(
+        result["images"], _output_paths(output, len(result["images"])), strict=True
+    ):
+        Image.frombytes("RGBA", (image["width"], image["height"]), image["data"]).save(path)
+        print(f"{path}  (seed {image['seed']}, saved by the daemon as {image['path']})")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    from .client import Client, ClientError
+
+    with Client(args.address, timeout=args.timeout) as client:
+        if not client.wait_connected(args.timeout):
+            print(f"sdbridge: {client.state_message}", file=sys.stderr)
+            return 1
+        try:
+            hello = client.hello()
+            state = client.status()
+        except ClientError as exc:
+            print(f"sdbridge: {exc}", file=sys.stderr)
+            return 1
+    print(f"daemon   sdbridge {hello['server']} at {client.address}")
+    print(f"device   {state['device']} ({state['dtype']})")
+    print(f"model    {state['model']} (native {hello['native_size'][0]} px)")
+    running = state["running"]
+    if running:
+        print(f"running  step {running['step']}/{running['total']}")
+    print(f"queue    {len(state['queue'])} job(s)")
+    return 0
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=None,
+        help=f"daemon address (default: ${protocol.ADDRESS_ENV} or {protocol.DEFAULT_ADDRESS})",
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdbridge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sdbridge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("serve", help="start the daemon")
+    p.add_argument(
+        "--model",
+        help="diffusers folder, hub id or .safetensors file (default: the embedded sdbridge-tiny)",
+    )
+    p.add_argument(
+        "--model-config",
+        help="diffusers folder with the configs for a single-file checkpoint (offline loading)",
+    )
+    p.add_argument("--listen", default=protocol.DEFAULT_ADDRESS, help="tcp://HOST:PORT")
+    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        default="auto",
+        help="auto: fp16 on CUDA, fp32 elsewhere",
+    )
+    p.add_argument(
+        "--output-dir", help="where finished images are saved (default ~/Pictures/sdbridge)"
+    )
+    p.add_argument("--heartbeat-ms", type=int, default=5000, help=argparse.SUPPRESS)
+    p.set_defaults(run=serve)
+
+    p = commands.add_parser("generate", help="make images with a running daemon")
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", default="out.png")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch", type=int, default=1, help="number of images")
+    p.add_argument("--init-image", help="image to start from (img2img)")
+    p.add_argument("--strength", type=float, help="how much of the init image to repaint (0-1]")
+    p.add_argument("--mask", help="inpainting mask: white = repaint")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_client_options(p)
+    p.set_defaults(run=generate)
+
+    p = commands.add_parser("status", help="show the daemon's device, model and queue")
+    _add_client_options(p)
+    p.set_defaults(run=status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

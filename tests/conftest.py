@@ -1,0 +1,122 @@
+"""Shared fixtures: a small local pipeline and real daemons serving it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from pipelines import build_pipeline  # noqa: E402
+
+from sdbridge import protocol  # noqa: E402
+
+# Nothing may come from a model hub in tests.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+READY_TIMEOUT = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ask(address: str, message: dict, timeout: float = 5.0) -> dict | None:
+    """One request over a fresh pyzmq DEALER; None if nothing answers in time."""
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(address)
+        dealer.send(protocol.pack(message))
+        if dealer.poll(int(timeout * 1000)):
+            return protocol.unpack(dealer.recv())
+        return None
+    finally:
+        dealer.close()
+
+
+class DaemonProcess:
+    """`sdbridge serve` in a subprocess, as a user starts it."""
+
+    def __init__(self, model: Path | str, workdir: Path, *extra: str) -> None:
+        self.model = str(model)
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.output_dir = workdir / "outputs"
+        self.log_path = workdir / f"daemon-{self.port}.log"
+        self.extra = extra
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> DaemonProcess:
+        command = [sys.executable, "-m", "sdbridge", "serve", "--model", self.model]
+        command += ["--listen", self.address, "--output-dir", str(self.output_dir), *self.extra]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
+            if ask(self.address, {"v": 1, "op": "hello", "id": "ready"}, timeout=1.0):
+                return self
+        raise RuntimeError(f"daemon not ready in {READY_TIMEOUT} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> DaemonProcess:
+        self.stop()
+        return self.start()
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny-sd"
+    build_pipeline(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def daemon(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One daemon shared by the tests that only need a daemon to talk to."""
+    process = DaemonProcess(pipeline_dir, tmp_path_factory.mktemp("daemon")).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def daemon_factory(pipeline_dir: Path, tmp_path: Path) -> Iterator:
+    """Daemons of a test's own, for tests that stop, kill or restart them."""
+    started: list[DaemonProcess] = []
+
+    def start(*extra: str, model: Path | str | None = None) -> DaemonProcess:
+        process = DaemonProcess(model or pipeline_dir, tmp_path, *extra).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
