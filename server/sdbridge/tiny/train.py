@@ -1,0 +1,339 @@
+"""Train the embedded tiny model from scratch on procedural scenes and save a diffusers folder.
+
+    python -m sdbridge.tiny.train [--out DIR] [--minutes-budget 48]
+
+Phase 1 trains a narrow AutoencoderKL (x8, 4 latent channels) on crops of scenes; phase 2
+encodes a pool of scenes once (the encoder is the costliest forward pass, so it is not re-run
+per step) and trains the CLIP text encoder and the UNet jointly with v-prediction on a cosine
+noise schedule, caption dropout for classifier-free guidance, min-SNR weighting and EMA.
+With --minutes-budget the step counts are fitted to the budget from measured speed and
+printed, so a run can be repeated exactly with --vae-steps/--unet-steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from . import MODEL_DIR, NAME
+from .scenes import CORNERS, SIZE, Scene, caption, render, sample_scene
+from .tokenizer import MAX_LENGTH, build_tokenizer
+
+LATENT = SIZE // 8
+
+
+def build_vae() -> AutoencoderKL:
+    # Flat-coloured scenes need little capacity; no mid-block attention keeps it cheap at any size.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet() -> UNet2DConditionModel:
+    # Attention only at 8x8 and 4x4: at 16x16 it would dominate CPU inference time.
+    return UNet2DConditionModel(
+        sample_size=LATENT,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def build_noise_scheduler() -> DDPMScheduler:
+    # The cosine schedule ends near zero SNR, so the background colour is not fixed by the
+    # starting noise's mean; v-prediction stays well-posed there.
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=False,
+    )
+
+
+def params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def to_tensor(images: Iterable[np.ndarray]) -> torch.Tensor:
+    array = np.stack(list(images)).astype(np.float32) / 127.5 - 1
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def fit_steps(
+    run_step: Callable[[int, int], float], default: int, seconds: float | None, label: str
+) -> tuple[int, float]:
+    """Run all steps; with a time budget, measure steps 5-24 and fix the total from them."""
+    total = default
+    started = time.monotonic()
+    mark = started
+    step = 0
+    while step < total:
+        loss = run_step(step, total)
+        step += 1
+        if step == 5:
+            mark = time.monotonic()
+        if seconds is not None and step == 25:
+            per_step = (time.monotonic() - mark) / 20
+            total = max(step, int(seconds / per_step))
+            print(f"[{label}] {per_step:.3f} s/step -> {total} steps for the budget", flush=True)
+        if step % 50 == 0 or step == total:
+            print(
+                f"[{label}] step {step}/{total} loss {loss:.4f} {time.monotonic() - started:.0f} s",
+                flush=True,
+            )
+    return total, time.monotonic() - started
+
+
+def train_vae(vae: AutoencoderKL, steps: int, seconds: float | None) -> tuple[int, float]:
+    # 64 px crops: the VAE is convolutional, and crops give four times the steps per second.
+    rng = np.random.default_rng(1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    batch, crop = 16, 64
+
+    def step_fn(step: int, total: int) -> float:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, 1e-3)
+        crops = []
+        for _ in range(batch):
+            image = render(sample_scene(int(rng.integers(2**31))))
+            y, x = rng.integers(0, SIZE - crop + 1, size=2)
+            crops.append(image[y : y + crop, x : x + crop])
+        x = to_tensor(crops)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = (recon - x).abs().mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    vae.train()
+    result = fit_steps(step_fn, steps, seconds, "vae")
+    vae.eval()
+    return result
+
+
+def mirrored(scene: Scene) -> Scene:
+    """The same scene flipped left-right; every shape in the grammar is left-right symmetric."""
+    swap = {"left": "right", "right": "left"}
+    objects = tuple(
+        dataclasses.replace(
+            o,
+            position=" ".join(swap.get(w, w) for w in o.position.split())
+            if o.position in CORNERS
+            else o.position,
+        )
+        for o in scene.objects
+    )
+    return dataclasses.replace(scene, objects=objects)
+
+
+@torch.no_grad()
+def encode_pool(vae: AutoencoderKL, count: int) -> tuple[list[Scene], torch.Tensor, torch.Tensor]:
+    scenes = [sample_scene(100_000 + i) for i in range(count)]
+    means, stds = [], []
+    for start in range(0, count, 64):
+        dist = vae.encode(to_tensor(render(s) for s in scenes[start : start + 64])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return scenes, torch.cat(means), torch.cat(stds)
+
+
+def train_diffusion(
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    tokenizer: CLIPTokenizer,
+    pool: tuple[list[Scene], torch.Tensor, torch.Tensor],
+    steps: int,
+    seconds: float | None,
+) -> tuple[int, float]:
+    scenes, means, stds = pool
+    noise_scheduler = build_noise_scheduler()
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    scale = vae.config.scaling_factor
+    rng = np.random.default_rng(2)
+    generator = torch.Generator().manual_seed(2)
+    trained = [*unet.parameters(), *text_encoder.parameters()]
+    ema = [p.detach().clone() for p in trained]
+    opt = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.01)
+    batch = 64
+
+    def step_fn(step: int, total: int) -> float:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, 1e-3)
+        index = torch.from_numpy(rng.integers(0, len(scenes), size=batch))
+        flip = torch.from_numpy(rng.random(batch) < 0.5)
+        latents = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
+        latents[flip] = latents[flip].flip(-1)
+        latents = latents * scale
+        texts = [
+            ""
+            if rng.random() < 0.1  # caption dropout: the unconditional branch of CFG
+            else caption(mirrored(scenes[i]) if f else scenes[i], rng)
+            for i, f in zip(index.tolist(), flip.tolist(), strict=True)
+        ]
+        ids = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=MAX_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, 1000, (batch,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        target = noise_scheduler.get_velocity(latents, noise, t)
+        pred = unet(noisy, t, text_encoder(ids)[0]).sample
+        # min-SNR-5 weighting for v-prediction: stops easy low-noise steps dominating.
+        weight = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)
+        loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in trained], 1 - decay)
+        return loss.item()
+
+    unet.train()
+    text_encoder.train()
+    result = fit_steps(step_fn, steps, seconds, "unet")
+    with torch.no_grad():
+        for p, e in zip(trained, ema, strict=True):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=MODEL_DIR)
+    parser.add_argument(
+        "--minutes-budget",
+        type=float,
+        default=None,
+        help="fit step counts to this wall time (overrides the step counts)",
+    )
+    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--pool", type=int, default=8192, help="scenes encoded for phase 2")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    started = time.monotonic()
+    tokenizer = build_tokenizer()
+    vae, text_encoder, unet = build_vae(), build_text_encoder(tokenizer), build_unet()
+    print(f"params: vae {params(vae):,} text {params(text_encoder):,} unet {params(unet):,}")
+
+    budget = None if args.minutes_budget is None else args.minutes_budget * 60
+    vae_steps, vae_s = train_vae(vae, args.vae_steps, None if budget is None else 0.2 * budget)
+    pool = encode_pool(vae, args.pool)
+    scale = 1.0 / float((pool[1] + pool[2] * torch.randn_like(pool[1])).std())
+    vae.register_to_config(scaling_factor=scale)
+    print(
+        f"pool of {args.pool} encoded, latent scaling factor {scale:.4f}, "
+        f"{time.monotonic() - started:.0f} s",
+        flush=True,
+    )
+    remaining = None if budget is None else budget - (time.monotonic() - started) - 60
+    unet_steps, unet_s = train_diffusion(
+        vae, text_encoder, unet, tokenizer, pool, args.unet_steps, remaining
+    )
+
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        build_noise_scheduler().config, timestep_spacing="trailing", steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    total_s = time.monotonic() - started
+    info = {
+        "name": NAME,
+        "native_size": SIZE,
+        "default_steps": 20,
+        "default_guidance": 5.0,
+        "training": {
+            "vae_steps": vae_steps,
+            "vae_seconds": round(vae_s),
+            "unet_steps": unet_steps,
+            "unet_seconds": round(unet_s),
+            "pool": args.pool,
+            "total_seconds": round(total_s),
+            "threads": args.threads,
+        },
+        "params": {"vae": params(vae), "text_encoder": params(text_encoder), "unet": params(unet)},
+    }
+    (args.out / "sdbridge.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"saved to {args.out} after {total_s / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
