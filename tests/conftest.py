@@ -13,12 +13,9 @@ from pathlib import Path
 
 import pytest
 import zmq
+from pipelines import build_pipeline
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from pipelines import build_pipeline  # noqa: E402
-
-from sdbridge import protocol  # noqa: E402
+from sdbridge import protocol
 
 # Nothing may come from a model hub in tests.
 os.environ["HF_HUB_OFFLINE"] = "1"
