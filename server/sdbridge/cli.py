@@ -114,7 +114,7 @@ def generate(args: argparse.Namespace) -> int:
         return 2
 
     with Client(args.address, timeout=args.timeout) as client:
-        if not client.wait_connected(args.timeout):
+        if not client.wait_connected(args.wait):
             print(f"sdbridge: {client.state_message}", file=sys.stderr)
             return 1
         started = time.perf_counter()
@@ -148,7 +148,7 @@ def status(args: argparse.Namespace) -> int:
     from .client import Client, ClientError
 
     with Client(args.address, timeout=args.timeout) as client:
-        if not client.wait_connected(args.timeout):
+        if not client.wait_connected(args.wait):
             print(f"sdbridge: {client.state_message}", file=sys.stderr)
             return 1
         try:
@@ -173,7 +173,10 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"daemon address (default: ${protocol.ADDRESS_ENV} or {protocol.DEFAULT_ADDRESS})",
     )
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    parser.add_argument(
+        "--wait", type=float, default=5.0, help="seconds to wait for the daemon to come up"
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a job")
 
 
 def build_parser() -> argparse.ArgumentParser:
