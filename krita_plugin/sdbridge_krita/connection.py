@@ -1,0 +1,114 @@
+"""The daemon connection, kept off Krita's GUI thread.
+
+`sdbridge.client.Client` connects in its constructor and `hello()` waits for an answer, so every
+client call runs on one worker thread fed by a queue; the client's own reader thread delivers
+events. Both hand their news to the GUI thread as Qt signals, which Qt queues because the
+emitting thread is not the one this object lives in.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from PyQt5.QtCore import QObject, pyqtSignal
+
+from sdbridge import __version__
+from sdbridge.client import Client, ClientError
+from sdbridge.protocol import TERMINAL_EVENTS, ErrorCode, ProtocolError, error_event
+
+CLIENT_NAME = f"sdbridge-krita/{__version__}"
+
+
+class Connection(QObject):
+    # (connected, message for the artist)
+    state_changed = pyqtSignal(bool, str)
+    # the daemon's hello event
+    hello_received = pyqtSignal(object)
+    # (the plugin's job key, one event of that job as on the wire)
+    job_event = pyqtSignal(str, object)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._client: Client | None = None
+        self._jobs: dict[str, Any] = {}  # job key -> sdbridge.client.Job, worker thread only
+        self._worker = threading.Thread(target=self._run, name="sdbridge-krita", daemon=True)
+        self._worker.start()
+
+    def set_address(self, address: str) -> None:
+        """(Re)connects; call it after connecting the signals, or the first news is lost."""
+        self._tasks.put(lambda: self._open(address))
+
+    def generate(self, key: str, fields: dict[str, Any]) -> None:
+        self._tasks.put(lambda: self._generate(key, fields))
+
+    def cancel(self, key: str) -> None:
+        self._tasks.put(lambda: self._cancel(key))
+
+    def close(self) -> None:
+        self._tasks.put(None)
+
+    # --- worker thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            task()
+        if self._client is not None:
+            self._client.close()
+
+    def _open(self, address: str) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._jobs.clear()
+        try:
+            self._client = Client(
+                address, timeout=10.0, client_name=CLIENT_NAME, on_state=self._on_state
+            )
+        except ValueError as exc:
+            self.state_changed.emit(False, f"That is not a daemon address: {exc}")
+            return
+        if self._client.connected:
+            self._hello()
+
+    def _on_state(self, connected: bool, message: str) -> None:
+        # Runs on the client's reader thread, which must not wait for answers: hand over.
+        self.state_changed.emit(connected, message)
+        if connected:
+            self._tasks.put(self._hello)
+
+    def _hello(self) -> None:
+        if self._client is None:
+            return
+        try:
+            self.hello_received.emit(self._client.hello())
+        except ClientError as exc:
+            self.state_changed.emit(False, f"The daemon did not answer: {exc.message}")
+
+    def _generate(self, key: str, fields: dict[str, Any]) -> None:
+        if self._client is None:
+            self._fail(key, ErrorCode.CONNECTION_LOST, "not connected to the sdbridge daemon")
+            return
+        try:
+            job = self._client.generate(**fields)
+        except ClientError as exc:
+            self._fail(key, exc.code, exc.message)
+            return
+        self._jobs[key] = job
+        job.subscribe(lambda event: self._on_job_event(key, event))
+
+    def _on_job_event(self, key: str, event: dict[str, Any]) -> None:
+        self.job_event.emit(key, event)
+        if event.get("event") in TERMINAL_EVENTS:
+            self._tasks.put(lambda: self._jobs.pop(key, None))
+
+    def _cancel(self, key: str) -> None:
+        job = self._jobs.get(key)
+        if job is not None:
+            job.cancel()
+
+    def _fail(self, key: str, code: str, message: str) -> None:
+        self.job_event.emit(key, error_event(key, ProtocolError(code, message)))

@@ -1,0 +1,185 @@
+"""The sdbridge docker inside the real Krita, against a real daemon serving a small pipeline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from sdbridge.client import Client
+
+pytestmark = pytest.mark.krita
+
+SCREENSHOT = Path(__file__).parents[2] / "docs" / "images" / "krita.png"
+FILL = (50, 100, 200, 255)  # BGRA of the test canvases' background
+
+
+@pytest.fixture
+def doc(krita):
+    """A fresh document per test; the docker (and its connection) stays for the session."""
+    yield krita
+    krita.run("close_documents()")
+
+
+def new_document(krita, width: int, height: int) -> list:
+    krita.run(f"new_document({width}, {height}, {list(FILL)}); record(dock().model)")
+    return krita.eval("layers()")
+
+
+def generate(krita, prompt: str, steps: int = 4, timeout: float = 60.0, **widgets) -> list:
+    """Fills the docker like an artist would, presses Generate, waits for the job to end."""
+    setters = "".join(f"dock().{name}.setValue({value})\n" for name, value in widgets.items())
+    krita.run(f"dock().prompt.setPlainText({prompt!r})\ndock().steps.setValue({steps})\n{setters}")
+    krita.run("dock().generate.click()")
+    krita.wait_for("dock().model.job is None", timeout)
+    return krita.eval("layers()")
+
+
+def pixels(krita, node: str, rect: list[int]) -> bytes:
+    x, y, w, h = rect
+    return bytes.fromhex(krita.eval(f"bytes({node}.pixelData({x}, {y}, {w}, {h})).hex()"))
+
+
+def test_docker_loads_and_lists_the_daemons_models(krita, daemon):
+    assert krita.eval("dock() is not None and dock().windowTitle()") == "sdbridge"
+    krita.wait_for("'Connected' in dock().connection.text()", timeout=30)
+    hello = krita.eval("[dock().models.itemText(i) for i in range(dock().models.count())]")
+    expected = _daemon_hello(daemon)
+    assert hello == expected["models"]
+    assert krita.eval("dock().models.currentText()") == expected["model"]
+
+
+def test_generate_without_selection_adds_one_canvas_sized_layer(doc):
+    before = new_document(doc, 96, 64)
+    after = generate(doc, "a red circle on a blue sky", steps=6)
+    assert len(after) == len(before) + 1
+    name, kind, bounds = after[-1]
+    assert kind == "paintlayer" and bounds == [0, 0, 96, 64]
+    assert name.startswith("a red circle on a blue sky (") and name.endswith(")")
+    layer = pixels(doc, "state['doc'].rootNode().childNodes()[-1]", [0, 0, 96, 64])
+    assert set(layer[3::4]) == {255}, "the layer must be opaque everywhere"
+    assert len({layer[i : i + 3] for i in range(0, len(layer), 4)}) > 10, "a real picture"
+    seen = doc.eval("state['seen']")
+    assert [6, 6] in seen["progress"] and seen["previews"] >= 1
+    assert doc.eval("dock().progress.isTextVisible()") is False  # idle again
+    assert "Added" in seen["messages"][-1][0]
+    # One Ctrl+Z takes the whole result away.
+    doc.run("app.action('edit_undo').trigger()")
+    doc.wait_for(f"len(layers()) == {len(before)}", timeout=10)
+
+
+def test_selection_changes_only_the_selected_pixels(doc):
+    width, height, rect = 128, 96, [40, 30, 32, 24]
+    before = new_document(doc, width, height)
+    original = pixels(doc, "state['doc']", [0, 0, width, height])
+    doc.run(f"s = Selection(); s.select(*{rect}, 255); state['doc'].setSelection(s)")
+    after = generate(doc, "a small house")
+    added = [layer for layer in after if layer not in before]
+    assert len(added) == 1 and added[0][1] == "paintlayer"
+    assert added[0][2] == rect, "the result is placed exactly over the selection"
+    merged = pixels(doc, "state['doc']", [0, 0, width, height])
+    x0, y0, w, h = rect
+    changed = 0
+    for y in range(height):
+        for x in range(width):
+            i = (y * width + x) * 4
+            inside = x0 <= x < x0 + w and y0 <= y < y0 + h
+            if not inside:
+                assert merged[i : i + 4] == original[i : i + 4], f"pixel {x},{y} outside changed"
+            elif merged[i : i + 4] != original[i : i + 4]:
+                changed += 1
+    assert changed > w * h // 2, "most of the selection is repainted"
+
+
+def test_several_images_become_layers_in_one_group_with_consecutive_seeds(doc):
+    new_document(doc, 64, 64)
+    doc.run("dock().fixed_seed.setChecked(True); dock().seed.setText('11')")
+    try:
+        generate(doc, "three apples", images=2)
+    finally:
+        doc.run("dock().fixed_seed.setChecked(False); dock().images.setValue(1)")
+    group = doc.eval(
+        "[(n.name(), n.type(), [c.name() for c in n.childNodes()])"
+        " for n in state['doc'].rootNode().childNodes()][-1]"
+    )
+    assert group[1] == "grouplayer"
+    assert group[2] == ["three apples (11)", "three apples (12)"]
+    assert doc.eval("dock().reuse_seed.isEnabled()")
+
+
+def test_cancel_during_a_job_adds_nothing_and_the_next_job_works(doc):
+    before = new_document(doc, 64, 64)
+    doc.run("dock().prompt.setPlainText('a slow one'); dock().steps.setValue(150)")
+    doc.run("dock().generate.click()")
+    doc.wait_for("any(step >= 2 for step, total in state['seen']['progress'])", timeout=30)
+    assert doc.eval("dock().cancel.isEnabled()")
+    doc.run("dock().cancel.click()")
+    doc.wait_for("dock().model.job is None", timeout=30)
+    assert doc.eval("layers()") == before
+    assert "Cancelled" in doc.eval("dock().message.text()")
+    assert doc.eval("dock().generate.isEnabled()")
+    after = generate(doc, "a quick one")
+    assert len(after) == len(before) + 1
+
+
+def test_daemon_error_is_shown_in_plain_words(doc):
+    before = new_document(doc, 64, 64)
+    doc.run("dock().model.model_name = 'no-such-model'")
+    after = generate(doc, "anything")
+    assert after == before
+    assert "does not have that model" in doc.eval("dock().message.text()")
+
+
+def test_stopped_daemon_is_reported_krita_stays_responsive_and_it_reconnects(
+    doc, daemon, daemon_factory
+):
+    own = daemon_factory()
+    before = new_document(doc, 64, 64)
+    _connect(doc, own.address)
+    try:
+        own.stop()
+        doc.wait_for("'No sdbridge daemon' in dock().connection.text()", timeout=15)
+        for _ in range(10):  # the GUI thread answers at once while the plugin retries
+            start = time.monotonic()
+            doc.eval("dock().connection.text()", timeout=5)
+            assert time.monotonic() - start < 1.0
+            time.sleep(0.2)
+        doc.run("dock().prompt.setPlainText('nobody home'); dock().generate.click()")
+        assert "sdbridge serve" in doc.eval("dock().message.text()")
+        assert doc.eval("dock().model.job is None and layers()") == before
+        own.start()  # same address: the plugin finds it again by itself
+        doc.wait_for("'Connected' in dock().connection.text()", timeout=30)
+        assert len(generate(doc, "back again")) == len(before) + 1
+    finally:
+        _connect(doc, daemon.address)
+
+
+def test_address_is_remembered_in_krita_settings(krita, daemon):
+    stored = krita.eval("app.readSetting('sdbridge', 'address', '')")
+    assert stored == daemon.address == krita.eval("dock().address.text()")
+
+
+def test_screenshot_of_the_docker_with_a_generated_layer(doc, tmp_path):
+    new_document(doc, 512, 384)
+    doc.run("s = Selection(); s.select(128, 96, 256, 192, 255); state['doc'].setSelection(s)")
+    generate(doc, "a lighthouse on a cliff at sunset", steps=20, strength=100)
+    shot = tmp_path / "krita.png"
+    assert doc.eval(f"app.activeWindow().qwindow().grab().save({str(shot)!r})")
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("SDBRIDGE_UPDATE_SCREENSHOT"):
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(shot, SCREENSHOT)
+
+
+def _connect(krita, address: str) -> None:
+    krita.run(f"dock().address.setText({address!r}); dock().address.returnPressed.emit()")
+    krita.wait_for(f"'Connected to {address}' in dock().connection.text()", timeout=30)
+
+
+def _daemon_hello(daemon) -> dict:
+    with Client(daemon.address, timeout=10) as client:
+        client.wait_connected(10)
+        return client.hello()
