@@ -14,6 +14,7 @@ import os
 import queue
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,17 +251,22 @@ class Params:
         seed = config.get_property("seed")
         return Params(
             settings=canvas.Settings(
-                prompt=config.get_property("prompt").strip(),
-                negative_prompt=config.get_property("negative-prompt").strip(),
+                prompt=text_property(config, "prompt"),
+                negative_prompt=text_property(config, "negative-prompt"),
                 steps=config.get_property("steps"),
                 guidance_scale=config.get_property("guidance"),
                 strength=config.get_property("strength"),
                 seed=None if seed < 0 else seed,
-                model=config.get_property("model").strip() or None,
+                model=text_property(config, "model") or None,
             ),
-            address=config.get_property("address").strip() or saved_address(),
+            address=text_property(config, "address") or saved_address(),
             timeout=config.get_property("timeout"),
         )
+
+
+def text_property(config: Gimp.ProcedureConfig, name: str) -> str:
+    # The PDB hands an empty string argument over as None.
+    return (config.get_property(name) or "").strip()
 
 
 def plan(image: Gimp.Image, repaint: bool) -> canvas.JobPlan:
@@ -362,7 +368,7 @@ def run(
             parameters.destroy()
             if not accepted:
                 raise Cancelled()
-            save_address(config.get_property("address").strip())
+            save_address(text_property(config, "address"))
             dialog = ProgressDialog(procedure.get_menu_label().rstrip("."))
         paint(image, drawables, Params.from_config(config), repaint, dialog)
     except Cancelled:
@@ -370,6 +376,12 @@ def run(
     except PluginError as exc:
         Gimp.progress_end()
         return procedure.new_return_values(exc.status, GLib.Error(str(exc)))
+    except Exception as exc:  # a bug must still end as a PDB error, never a dead plug-in
+        traceback.print_exc()
+        Gimp.progress_end()
+        return procedure.new_return_values(
+            Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(f"sdbridge: internal error: {exc!r}")
+        )
     finally:
         if dialog is not None:
             dialog.close()

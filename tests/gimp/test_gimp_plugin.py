@@ -1,0 +1,275 @@
+"""The GIMP 3 plug-in inside the real GIMP 3.0.4 (chroot), against a real daemon on the host."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from gimp_runner import Gimp
+from PIL import Image
+
+from sdbridge import protocol
+from sdbridge.canvas import layer_name
+
+pytestmark = pytest.mark.gimp
+
+GENERATE = "python-fu-sdbridge-generate"
+REPAINT = "python-fu-sdbridge-repaint-selection"
+W, H = 96, 64
+
+
+def rgba(path: Path) -> bytes:
+    with Image.open(path) as image:
+        assert image.size == (W, H)
+        return image.convert("RGBA").tobytes()
+
+
+def test_both_procedures_are_registered_under_filters_sdbridge(gimp: Gimp) -> None:
+    markers = gimp.run(
+        """
+        found = {}
+        for name in ("python-fu-sdbridge-generate", "python-fu-sdbridge-repaint-selection"):
+            procedure = Gimp.get_pdb().lookup_procedure(name)
+            found[name] = None if procedure is None else {
+                "menu": list(procedure.get_menu_paths()),
+                "label": procedure.get_menu_label(),
+                "arguments": [spec.name for spec in procedure.get_arguments()],
+            }
+        mark(found=found)
+        """
+    ).checked()
+    expected_arguments = ["run-mode", "image", "num-drawables", "drawables", "prompt"]
+    expected_arguments += ["negative-prompt", "steps", "guidance", "seed", "strength", "model"]
+    expected_arguments += ["address", "timeout"]
+    for name, label in ((GENERATE, "_Generate..."), (REPAINT, "_Repaint selection...")):
+        info = markers["found"][name]
+        assert info is not None, f"{name} is not registered"
+        assert info["menu"] == ["<Image>/Filters/sdbridge"] and info["label"] == label
+        assert [a for a in info["arguments"] if a != "num-drawables"] == [
+            a for a in expected_arguments if a != "num-drawables"
+        ]
+
+
+def test_generate_adds_one_layer_over_the_selection_or_the_whole_image(gimp: Gimp, daemon) -> None:
+    markers = gimp.run(
+        f"""
+        grey = bytes([128, 128, 128]) * ({W} * {H})
+        image, background = new_image({W}, {H}, grey)
+        image.select_rectangle(Gimp.ChannelOps.REPLACE, 10, 8, 40, 30)
+        status, error, seconds = call(
+            {GENERATE!r}, image, [background], prompt="a red circle", seed=5, steps=4,
+            address={daemon.address!r}, timeout=60.0,
+        )
+        mark(selection={{"status": status, "error": error, "layers": layers(image)}})
+        export(image, "generate-selection.png")
+
+        image, background = new_image({W}, {H}, grey)
+        status, error, seconds = call(
+            {GENERATE!r}, image, [background], prompt="a blue square", seed=6, steps=4,
+            address={daemon.address!r}, timeout=60.0,
+        )
+        mark(whole={{"status": status, "error": error, "layers": layers(image)}})
+        """
+    ).checked()
+    selection = markers["selection"]
+    assert (selection["status"], selection["error"]) == ("success", None)
+    assert selection["layers"] == [
+        {"name": layer_name("a red circle", 5), "offsets": [10, 8], "size": [40, 30]},
+        {"name": "background", "offsets": [0, 0], "size": [W, H]},
+    ]
+    pixels = rgba(gimp.host("generate-selection.png"))
+    inside, outside = set(), set()
+    for y in range(H):
+        for x in range(W):
+            i = (y * W + x) * 4
+            in_box = 10 <= x < 50 and 8 <= y < 38
+            (inside if in_box else outside).add(pixels[i : i + 4])
+    assert outside == {bytes([128, 128, 128, 255])}
+    assert len(inside) > 50, "the generated layer is empty or flat"
+
+    whole = markers["whole"]
+    assert (whole["status"], whole["error"]) == ("success", None)
+    assert whole["layers"][0] == {
+        "name": layer_name("a blue square", 6),
+        "offsets": [0, 0],
+        "size": [W, H],
+    }
+    assert len(whole["layers"]) == 2
+
+
+def test_repaint_selection_changes_only_selected_pixels(gimp: Gimp, daemon) -> None:
+    markers = gimp.run(
+        f"""
+        pattern = bytes(
+            v for y in range({H}) for x in range({W})
+            for v in ((x * 5) % 256, (y * 7) % 256, ((x + y) * 3) % 256)
+        )
+        image, background = new_image({W}, {H}, pattern)
+        image.select_ellipse(Gimp.ChannelOps.REPLACE, 20, 12, 48, 36)
+        save_selection(image, "repaint-mask.bin")
+        export(image, "repaint-before.png")
+        status, error, seconds = call(
+            {REPAINT!r}, image, [background], prompt="a green blob", seed=3, steps=6,
+            strength=0.9, address={daemon.address!r}, timeout=60.0,
+        )
+        export(image, "repaint-after.png")
+        mark(status=status, error=error, layers=layers(image))
+        """
+    ).checked()
+    assert (markers["status"], markers["error"]) == ("success", None)
+    assert markers["layers"][0]["name"] == layer_name("a green blob", 3)
+    # The layer covers the selection's bounds; its alpha is the selection mask.
+    assert markers["layers"][0]["offsets"] == [20, 12]
+    assert markers["layers"][0]["size"] == [48, 36]
+    mask = gimp.host("repaint-mask.bin").read_bytes()
+    before, after = rgba(gimp.host("repaint-before.png")), rgba(gimp.host("repaint-after.png"))
+    unselected = [i for i, m in enumerate(mask) if m == 0]
+    selected = [i for i, m in enumerate(mask) if m == 255]
+    assert len(unselected) > 2000 and len(selected) > 1000
+    moved = [i for i in unselected if before[i * 4 : i * 4 + 4] != after[i * 4 : i * 4 + 4]]
+    assert moved == [], f"{len(moved)} unselected pixels changed"
+    changed = sum(before[i * 4 : i * 4 + 3] != after[i * 4 : i * 4 + 3] for i in selected)
+    assert changed > 0.8 * len(selected), f"only {changed}/{len(selected)} selected changed"
+
+
+class StalledDaemon:
+    """Answers `hello` and accepts jobs, then never finishes them: a hung daemon."""
+
+    def __init__(self) -> None:
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        port = self.socket.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.requests: list[dict] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            if not self.socket.poll(100):
+                continue
+            peer, body = self.socket.recv_multipart()
+            request = protocol.unpack(body)
+            self.requests.append(request)
+            answer = {"hello": "hello", "generate": "accepted"}.get(request["op"])
+            if answer:
+                event = protocol.event(answer, request["id"], position=0)
+                self.socket.send_multipart([peer, protocol.pack(event)])
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self.socket.close()
+
+
+@pytest.fixture
+def stalled_daemon() -> Iterator[StalledDaemon]:
+    stub = StalledDaemon()
+    yield stub
+    stub.close()
+
+
+def test_errors_come_back_as_pdb_messages_within_the_timeout(
+    gimp: Gimp, daemon, daemon_factory: Callable, stalled_daemon: StalledDaemon
+) -> None:
+    stopped = daemon_factory()
+    stopped.stop()
+    cases = {
+        "stopped": {"address": stopped.address, "timeout": 30.0},
+        "stalled": {"address": stalled_daemon.address, "timeout": 2.0},
+        "refused": {"address": daemon.address, "model": "no-such-model", "timeout": 30.0},
+        "bad_address": {"address": "localhost:7878", "timeout": 30.0},
+        "no_prompt": {"address": daemon.address, "prompt": "  ", "timeout": 30.0},
+    }
+    markers = gimp.run(
+        f"""
+        image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
+        for label, arguments in {cases!r}.items():
+            arguments = {{"prompt": "a cat", "steps": 2, **arguments}}
+            status, error, seconds = call({GENERATE!r}, image, [background], **arguments)
+            mark(**{{label: {{"status": status, "error": error, "seconds": seconds}}}})
+        mark(layers=len(image.get_layers()))
+        """,
+        timeout=90,
+    ).checked()
+    stopped_case = markers["stopped"]
+    assert stopped_case["status"] == "execution-error"
+    assert stopped.address in stopped_case["error"] and "sdbridge serve" in stopped_case["error"]
+    assert stopped_case["seconds"] < 10
+
+    stalled = markers["stalled"]
+    assert stalled["status"] == "execution-error"
+    assert "within 2 s" in stalled["error"] and "cancelled" in stalled["error"]
+    assert 2 <= stalled["seconds"] < 10
+    job = next(r for r in stalled_daemon.requests if r["op"] == "generate")
+    assert {"op": "cancel", "job": job["id"]}.items() <= stalled_daemon.requests[-1].items()
+
+    refused = markers["refused"]
+    assert refused["status"] == "execution-error" and "unknown_model" in refused["error"]
+    assert markers["bad_address"]["status"] == "calling-error"
+    assert "tcp://" in markers["bad_address"]["error"]
+    assert markers["no_prompt"] == {
+        "status": "calling-error",
+        "error": "sdbridge: the prompt is empty",
+        "seconds": pytest.approx(0, abs=2),
+    }
+    assert markers["layers"] == 1, "a failed call must not leave a layer behind"
+
+
+def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
+    gimp: Gimp, daemon
+) -> None:
+    markers = gimp.run(
+        f"""
+        gi.require_version("GimpUi", "3.0")
+        gi.require_version("Gtk", "3.0")
+        from gi.repository import GimpUi, GLib, Gtk
+
+        plugin = load_plugin_module()
+        GimpUi.init("sdbridge-test")
+        dialogs = {{}}
+        for name in (plugin.GENERATE, plugin.REPAINT):
+            procedure = Gimp.get_pdb().lookup_procedure(name)
+            config = procedure.create_config()
+            dialog = plugin.build_dialog(procedure, config)
+            dialog.show_all()
+            while Gtk.events_pending():
+                Gtk.main_iteration()
+            prompt = dialog.get_widget("prompt", Gtk.TextView)
+            dialogs[name] = {{
+                "title": dialog.get_title(),
+                "prompt": type(prompt).__name__,
+                "prompt_shown": prompt.get_mapped(),
+                "address": config.get_property("address"),
+                "strength": config.get_property("strength"),
+            }}
+            dialog.destroy()
+        mark(dialogs=dialogs)
+
+        client = plugin.Client({daemon.address!r}, timeout=10)
+        job = client.generate(prompt="a long job", num_inference_steps=150)
+        progress = plugin.ProgressDialog("Generate")
+        cancel = progress.dialog.get_widget_for_response(Gtk.ResponseType.CANCEL)
+        GLib.idle_add(cancel.clicked)
+        try:
+            plugin.wait_for_result(job, {daemon.address!r}, 60, progress)
+            outcome = "finished"
+        except plugin.Cancelled:
+            outcome = "cancelled"
+        progress.close()
+        mark(outcome=outcome, terminal=job.wait(10)["event"])
+        client.close()
+        """,
+        display=True,
+    ).checked()
+    generate, repaint = markers["dialogs"][GENERATE], markers["dialogs"][REPAINT]
+    assert generate["title"] == "_Generate..." or generate["title"] == "Generate..."
+    for info in (generate, repaint):
+        assert info["prompt"] == "TextView" and info["prompt_shown"]
+        assert info["address"] == protocol.DEFAULT_ADDRESS  # prefilled: nothing saved yet
+    assert (generate["strength"], repaint["strength"]) == (1.0, 0.75)
+    assert (markers["outcome"], markers["terminal"]) == ("cancelled", "cancelled")
