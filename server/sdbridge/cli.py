@@ -26,6 +26,15 @@ def serve(args: argparse.Namespace) -> int:
     if model is None:
         print("sdbridge: no model given and the embedded default model is missing", file=sys.stderr)
         return 2
+    from .security import TokenError, check_listen, read_token
+
+    try:  # before loading the model: a refusal should not take a minute to arrive
+        token = read_token(args.token_file)
+        check_listen(args.listen, token)
+        limits = protocol.Limits(**{name: getattr(args, name) for name in _LIMIT_NAMES})
+    except (TokenError, ValueError) as exc:
+        print(f"sdbridge: {exc}", file=sys.stderr)
+        return 2
     # Heavy imports only here: client commands must start fast.
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -52,7 +61,14 @@ def serve(args: argparse.Namespace) -> int:
     )
     outputs = OutputFolder(Path(args.output_dir) if args.output_dir else default_output_dir())
     try:
-        daemon = Daemon(engine, outputs, address=args.listen, heartbeat_ms=args.heartbeat_ms)
+        daemon = Daemon(
+            engine,
+            outputs,
+            address=args.listen,
+            limits=limits,
+            heartbeat_ms=args.heartbeat_ms,
+            token=token,
+        )
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint
         print(f"sdbridge: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         return 2
@@ -61,6 +77,16 @@ def serve(args: argparse.Namespace) -> int:
     daemon.serve_forever()
     logging.info("stopped")
     return 0
+
+
+_LIMIT_NAMES = tuple(protocol.Limits().to_dict())
+
+
+def _add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """One option per limit (`--max-queue`, ...), defaults from `protocol.Limits`."""
+    group = parser.add_argument_group("limits (reported by hello; see docs/protocol.md)")
+    for name, default in protocol.Limits().to_dict().items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, metavar="N")
 
 
 def _progress_bar(event: dict[str, Any], started: float) -> str:
@@ -167,6 +193,29 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def install_plugin(args: argparse.Namespace) -> int:
+    from . import install
+
+    try:
+        lines = install.install(args.target, plugins_dir=args.plugins_dir)
+    except (ValueError, OSError) as exc:
+        print(f"sdbridge: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+def package_plugin(args: argparse.Namespace) -> int:
+    from . import install
+
+    try:
+        print(install.package(args.target, Path(args.output)))
+    except (ValueError, OSError) as exc:
+        print(f"sdbridge: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
@@ -204,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-dir", help="where finished images are saved (default ~/Pictures/sdbridge)"
     )
+    p.add_argument(
+        "--token-file",
+        help=f"file holding the secret clients must present (or set ${protocol.TOKEN_ENV}); "
+        "required to listen beyond loopback",
+    )
+    _add_limit_options(p)
     p.add_argument("--heartbeat-ms", type=int, default=5000, help=argparse.SUPPRESS)
     p.set_defaults(run=serve)
 
@@ -227,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("status", help="show the daemon's device, model and queue")
     _add_client_options(p)
     p.set_defaults(run=status)
+
+    from .install import TARGETS
+
+    p = commands.add_parser("install", help="install an editor plugin for this user")
+    p.add_argument("target", choices=sorted(TARGETS))
+    p.add_argument("--plugins-dir", type=Path, help="install here instead of the editor's folder")
+    p.set_defaults(run=install_plugin)
+
+    p = commands.add_parser("package", help="write an editor plugin as a zip to import")
+    p.add_argument("target", choices=sorted(TARGETS))
+    p.add_argument("-o", "--output", default=".", help="folder for the zip")
+    p.set_defaults(run=package_plugin)
     return parser
 
 

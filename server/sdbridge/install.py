@@ -40,6 +40,7 @@ class Target:
     extra_files: tuple[str, ...] = ()  # files beside `source` that go beside the folder
     executable: str | None = None  # a file in the folder that needs the run bit
     enable: Callable[[], str] | None = None  # switches the plugin on; returns what it did
+    next_step: str = ""  # what the user does after installing
 
 
 def _home() -> Path:
@@ -120,6 +121,7 @@ TARGETS: dict[str, Target] = {
         plugins_dir=krita_plugins_dir,
         extra_files=("sdbridge_krita.desktop",),
         enable=enable_krita_plugin,
+        next_step="Restart Krita, then open Settings > Dockers > sdbridge.",
     ),
     # GIMP registers plug-ins/<name>/<name>.py only if it is executable; no switch to flip.
     "gimp": Target(
@@ -182,6 +184,8 @@ def install(target: str, plugins_dir: Path | None = None, enable: bool = True) -
     done = [f"installed the {target} plugin in {folder}"]
     if enable and spec.enable:
         done.append(spec.enable())
+    if spec.next_step:
+        done.append(spec.next_step)
     return done
 
 

@@ -1,0 +1,117 @@
+"""`sdbridge install` / `sdbridge package`: the plugin lands where the editor looks, switched on,
+with everything it imports."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sdbridge import cli, install
+
+KRITA_IMPORTER = Path("/usr/share/krita/pykrita/plugin_importer/plugin_importer.py")
+
+
+@pytest.fixture
+def linux_home(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    return tmp_path
+
+
+def test_install_krita_puts_the_plugin_in_pykrita_and_enables_it(linux_home, capsys):
+    kritarc = linux_home / "config" / "kritarc"
+    kritarc.parent.mkdir(parents=True)
+    kritarc.write_text("[General]\nfoo=1\n\n[python]\nenable_sdbridge_krita=false\nenable_x=true\n")
+    assert cli.main(["install", "krita"]) == 0
+    assert "Restart Krita" in capsys.readouterr().out
+    pykrita = linux_home / "data" / "krita" / "pykrita"
+    assert (pykrita / "sdbridge_krita.desktop").is_file()
+    for name in (
+        "__init__.py",
+        "docker.py",
+        "vendor/sdbridge/client.py",
+        "vendor/msgpack/fallback.py",
+    ):
+        assert (pykrita / "sdbridge_krita" / name).is_file(), name
+    text = kritarc.read_text()
+    assert "[General]\nfoo=1\n" in text and "enable_x=true" in text
+    assert text.count("enable_sdbridge_krita") == 1 and "enable_sdbridge_krita=true" in text
+    # Installing again replaces the old copy and keeps kritarc as it is.
+    assert cli.main(["install", "krita"]) == 0
+    assert kritarc.read_text() == text
+
+
+def test_kritarc_without_a_python_section_gets_one(linux_home):
+    install.enable_krita_plugin()
+    assert (linux_home / "config" / "kritarc").read_text() == (
+        "[python]\nenable_sdbridge_krita=true\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("platform", "env", "plugins", "kritarc"),
+    [
+        ("win32", {"APPDATA": "C:/U/AppData/Roaming", "LOCALAPPDATA": "C:/U/AppData/Local"},
+         "C:/U/AppData/Roaming/krita/pykrita", "C:/U/AppData/Local/kritarc"),
+        ("darwin", {}, "~/Library/Application Support/krita/pykrita",
+         "~/Library/Preferences/kritarc"),
+        ("linux", {}, "~/.local/share/krita/pykrita", "~/.config/kritarc"),
+    ],
+)  # fmt: skip
+def test_krita_folders_per_platform(monkeypatch, platform, env, plugins, kritarc):
+    monkeypatch.setattr(sys, "platform", platform)
+    for name in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "APPDATA", "LOCALAPPDATA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert install.krita_plugins_dir() == Path(plugins).expanduser()
+    assert install.kritarc_path() == Path(kritarc).expanduser()
+
+
+def test_vendored_client_runs_on_pure_python_msgpack_alone(tmp_path):
+    folder = Path(install.install("krita", plugins_dir=tmp_path, enable=False)[0].split()[-1])
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import msgpack, sdbridge.client, sdbridge.canvas\n"
+        "from sdbridge import protocol\n"
+        "assert msgpack.Packer.__module__ == 'msgpack.fallback', msgpack.Packer.__module__\n"
+        "assert protocol.unpack(protocol.pack({'a': b'x' * 300})) == {'a': b'x' * 300}\n"
+        "print(sdbridge.client.__file__)\n"
+    )
+    # -I -S: no site-packages, so nothing but the vendor folder and the standard library.
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, str(folder / "vendor")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(str(folder / "vendor"))
+
+
+def test_package_is_a_zip_that_krita_can_import(tmp_path):
+    assert cli.main(["package", "krita", "-o", str(tmp_path)]) == 0
+    (archive,) = tmp_path.glob("sdbridge_krita-*.zip")
+    names = zipfile.ZipFile(archive).namelist()
+    assert "sdbridge_krita.desktop" in names and "sdbridge_krita/" in names
+    assert "sdbridge_krita/vendor/sdbridge/client.py" in names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".so")]
+    if not KRITA_IMPORTER.is_file():
+        pytest.skip("Krita is not installed: its plugin importer cannot be tried")
+    # Krita's own "Import Python Plugin from File" logic, run as the script it also is.
+    resources = tmp_path / "resources"
+    resources.mkdir()
+    out = subprocess.run(
+        ["python3", str(KRITA_IMPORTER), str(archive), str(resources)],
+        capture_output=True,
+        text=True,
+    )
+    assert "Imported plugin: sdbridge" in out.stdout, out.stderr
+    assert (resources / "pykrita" / "sdbridge_krita" / "vendor" / "msgpack" / "ext.py").is_file()
+
+
+def test_unknown_target_is_refused():
+    with pytest.raises(ValueError, match="krita"):
+        install.install("photoshop")
