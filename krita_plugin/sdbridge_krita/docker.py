@@ -11,12 +11,14 @@ from PyQt5.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -25,7 +27,7 @@ from PyQt5.QtWidgets import (
 from .model import Model
 
 DOCKER_ID = "sdbridge_docker"
-PREVIEW_SIZE = 192
+PREVIEW_SIZE = 160
 
 
 class SdbridgeDocker(DockWidget):
@@ -33,9 +35,14 @@ class SdbridgeDocker(DockWidget):
         super().__init__()
         self.setWindowTitle("sdbridge")
         self.model = Model()
-        root = QWidget(self)
+        root = QWidget()
         layout = QVBoxLayout(root)
-        self.setWidget(root)
+        # A short docker scrolls instead of squeezing the preview over the message.
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setWidget(root)
+        self.setWidget(scroll)
 
         self.connection = QLabel("Connecting …")
         self.connection.setObjectName("sdbridge_connection")
@@ -90,7 +97,7 @@ class SdbridgeDocker(DockWidget):
         self.reuse_seed.setToolTip("Fix the seed of the last result, to vary it with the prompt")
         seed_row = QHBoxLayout()
         seed_row.addWidget(self.fixed_seed)
-        seed_row.addWidget(self.seed)
+        seed_row.addWidget(self.seed, 1)
         seed_row.addWidget(self.reuse_seed)
         form.addRow("Model", self.models)
         form.addRow("Steps", self.steps)

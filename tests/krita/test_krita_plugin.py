@@ -166,6 +166,21 @@ def test_screenshot_of_the_docker_with_a_generated_layer(doc, tmp_path):
     new_document(doc, 512, 384)
     doc.run("s = Selection(); s.select(128, 96, 256, 192, 255); state['doc'].setSelection(s)")
     generate(doc, "a lighthouse on a cliff at sunset", steps=20, strength=100)
+    # Room for the docker: only the layers and sdbridge dockers stay, in a larger window.
+    doc.run(
+        """
+        from PyQt5.QtCore import Qt
+        from PyQt5.QtWidgets import QDockWidget
+        window = app.activeWindow().qwindow()
+        for d in window.findChildren(QDockWidget):
+            if d.objectName() not in ("sdbridge_docker", "KisLayerBox"):
+                d.hide()
+        window.resize(1400, 960)
+        layers = window.findChild(QDockWidget, "KisLayerBox")
+        window.resizeDocks([layers, dock()], [150, 800], Qt.Vertical)
+        """
+    )
+    time.sleep(1)  # let Krita lay the window out again before grabbing it
     shot = tmp_path / "krita.png"
     assert doc.eval(f"app.activeWindow().qwindow().grab().save({str(shot)!r})")
     assert shot.stat().st_size > 10_000
