@@ -73,6 +73,7 @@ unmount_all() {
     done < <(awk -v r="$ROOT/" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r)
 }
 trap unmount_all EXIT
+trap 'exit 1' INT TERM HUP  # so that EXIT runs on Ctrl-C or a CI timeout as well
 
 unmount_all
 rm -f "$STAMP"

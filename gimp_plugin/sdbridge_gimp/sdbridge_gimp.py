@@ -324,8 +324,8 @@ def paint(
 # --- the procedures ------------------------------------------------------------------------------
 
 DIALOG_FIELDS = [
-    "prompt",
-    "negative-prompt",
+    "prompt-frame",
+    "negative-prompt-frame",
     "steps",
     "guidance",
     "seed",
@@ -341,10 +341,13 @@ def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> Gim
     if not config.get_property("address"):
         config.set_property("address", saved_address())
     dialog = GimpUi.ProcedureDialog.new(procedure, config, procedure.get_menu_label())
-    for name in ("prompt", "negative-prompt"):
+    # Prompts are often long: multi-line text boxes, titled since a text box has no label.
+    for name, title in (("prompt", "_Prompt"), ("negative-prompt", "_Negative prompt")):
         view = dialog.get_widget(name, Gtk.TextView)
         view.set_wrap_mode(Gtk.WrapMode.WORD)
         view.set_size_request(360, 60)
+        dialog.get_label(f"{name}-title", title, False, True)
+        dialog.fill_frame(f"{name}-frame", f"{name}-title", False, name)
     dialog.fill(DIALOG_FIELDS)
     return dialog
 
