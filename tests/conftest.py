@@ -29,10 +29,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ask(address: str, message: dict, timeout: float = 5.0) -> dict | None:
+def ask(address: str, message: dict, timeout: float = 5.0, token: str | None = None) -> dict | None:
     """One request over a fresh pyzmq DEALER; None if nothing answers in time."""
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
+    if token is not None:
+        dealer.plain_username = protocol.TOKEN_USERNAME
+        dealer.plain_password = token.encode()
     try:
         dealer.connect(address)
         dealer.send(protocol.pack(message))
@@ -46,10 +49,25 @@ def ask(address: str, message: dict, timeout: float = 5.0) -> dict | None:
 class DaemonProcess:
     """`sdbridge serve` in a subprocess, as a user starts it."""
 
-    def __init__(self, model: Path | str, workdir: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        model: Path | str,
+        workdir: Path,
+        *extra: str,
+        token: str | None = None,
+        listen_host: str = "127.0.0.1",
+    ) -> None:
+        """With a ``token`` the daemon reads it from a file and requires it of every peer."""
         self.model = str(model)
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
+        self.listen = f"tcp://{listen_host}:{self.port}"
+        self.token = token
+        if token is not None:
+            token_file = workdir / f"token-{self.port}"
+            token_file.write_text(token + "\n")
+            token_file.chmod(0o600)
+            extra = (*extra, "--token-file", str(token_file))
         self.output_dir = workdir / "outputs"
         self.log_path = workdir / f"daemon-{self.port}.log"
         self.extra = extra
@@ -57,14 +75,14 @@ class DaemonProcess:
 
     def start(self) -> DaemonProcess:
         command = [sys.executable, "-m", "sdbridge", "serve", "--model", self.model]
-        command += ["--listen", self.address, "--output-dir", str(self.output_dir), *self.extra]
+        command += ["--listen", self.listen, "--output-dir", str(self.output_dir), *self.extra]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
-            if ask(self.address, {"v": 1, "op": "hello", "id": "ready"}, timeout=1.0):
+            if ask(self.address, {"v": 1, "op": "hello", "id": "r"}, timeout=1.0, token=self.token):
                 return self
         raise RuntimeError(f"daemon not ready in {READY_TIMEOUT} s:\n{self.log()}")
 
@@ -109,8 +127,8 @@ def daemon_factory(pipeline_dir: Path, tmp_path: Path) -> Iterator:
     """Daemons of a test's own, for tests that stop, kill or restart them."""
     started: list[DaemonProcess] = []
 
-    def start(*extra: str, model: Path | str | None = None) -> DaemonProcess:
-        process = DaemonProcess(model or pipeline_dir, tmp_path, *extra).start()
+    def start(*extra: str, model: Path | str | None = None, **options: str) -> DaemonProcess:
+        process = DaemonProcess(model or pipeline_dir, tmp_path, *extra, **options).start()
         started.append(process)
         return process
 

@@ -27,6 +27,8 @@ from .protocol import (
     DEFAULT_ADDRESS,
     PROTOCOL_VERSION,
     TERMINAL_EVENTS,
+    TOKEN_ENV,
+    TOKEN_USERNAME,
     ErrorCode,
     Image,
     ProtocolError,
@@ -34,7 +36,7 @@ from .protocol import (
     pack,
     unpack,
 )
-from .zmtp import Frame, ZmtpConnection, ZmtpError, parse_address
+from .zmtp import Frame, ZmtpAuthError, ZmtpConnection, ZmtpError, parse_address
 
 __all__ = [
     "Client",
@@ -56,6 +58,9 @@ DEFAULT_CLIENT_NAME = f"sdbridge-client/{__version__}"
 CONNECT_TIMEOUT = 5.0
 RECONNECT_MIN_DELAY = 0.1
 RECONNECT_MAX_DELAY = 2.0
+# A daemon that refused the token will refuse it again until someone changes a token: retry
+# slowly, so a forgotten editor does not fill the daemon's log.
+AUTH_RETRY_DELAY = 10.0
 _RESERVED_FIELDS = frozenset({"v", "op", "id"})
 
 _log = logging.getLogger(__name__)
@@ -240,7 +245,8 @@ def _call_back(callback: Callable[..., None], *args: Any) -> None:
 class Client:
     """A connection to the sdbridge daemon that keeps itself up.
 
-    ``address`` defaults to ``$SDBRIDGE_ADDRESS``, then ``tcp://127.0.0.1:7878``. ``timeout``
+    ``address`` defaults to ``$SDBRIDGE_ADDRESS``, then ``tcp://127.0.0.1:7878``; ``token``
+    (the daemon's secret, needed when it requires one) defaults to ``$SDBRIDGE_TOKEN``. ``timeout``
     bounds `hello` and `status` (and connecting). The first connection attempt happens in the
     constructor, which never raises for an absent daemon: requests then raise `Disconnected`
     while the reader thread keeps retrying (0.1 s .. 2 s apart). ``on_state(connected, message)``
@@ -253,9 +259,17 @@ class Client:
         timeout: float = 30.0,
         client_name: str = DEFAULT_CLIENT_NAME,
         on_state: StateCallback | None = None,
+        token: str | bytes | None = None,
     ) -> None:
         self.address = address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
         parse_address(self.address)  # a malformed address is a caller's bug: say so now
+        token = token or os.environ.get(TOKEN_ENV) or None
+        if isinstance(token, str):
+            token = token.encode()
+        if token is not None and len(token) > 255:
+            raise ValueError("an sdbridge token is at most 255 bytes")
+        self._plain = (TOKEN_USERNAME, token) if token else None
+        self._auth_failed = False  # the last attempt failed on the token, not the network
         self.timeout = timeout
         self.client_name = client_name
         self._on_state = on_state
@@ -381,7 +395,8 @@ class Client:
         with self._lock:
             conn = self._conn
             if conn is None:
-                raise Disconnected(ErrorCode.CONNECTION_LOST, self._state_message)
+                code = ErrorCode.UNAUTHORIZED if self._auth_failed else ErrorCode.CONNECTION_LOST
+                raise Disconnected(code, self._state_message)
             if isinstance(route, Job):
                 self._jobs[request_id] = route
             elif route is not None:
@@ -417,9 +432,12 @@ class Client:
             if conn is None:
                 if self._closed.wait(delay):
                     return
-                delay = (
-                    RECONNECT_MIN_DELAY if self._connect() else min(delay * 2, RECONNECT_MAX_DELAY)
-                )
+                if self._connect():
+                    delay = RECONNECT_MIN_DELAY
+                elif self._auth_failed:
+                    delay = AUTH_RETRY_DELAY
+                else:
+                    delay = min(delay * 2, RECONNECT_MAX_DELAY)
                 continue
             try:
                 frames = conn.recv()
@@ -430,8 +448,17 @@ class Client:
 
     def _connect(self) -> bool:
         try:
-            conn = ZmtpConnection.connect(self.address, min(self.timeout, CONNECT_TIMEOUT))
+            conn = ZmtpConnection.connect(
+                self.address, min(self.timeout, CONNECT_TIMEOUT), plain=self._plain
+            )
+        except ZmtpAuthError as exc:
+            with self._lock:
+                self._auth_failed = True
+            self._set_state(False, self._auth_message(exc))
+            return False
         except ZmtpError as exc:
+            with self._lock:
+                self._auth_failed = False
             self._set_state(
                 False, f"no sdbridge daemon at {self.address} ({exc}); is `sdbridge serve` running?"
             )
@@ -441,8 +468,17 @@ class Client:
                 conn.close()
                 return False
             self._conn = conn
+            self._auth_failed = False
         self._set_state(True, f"connected to the sdbridge daemon at {self.address}")
         return True
+
+    def _auth_message(self, exc: ZmtpAuthError) -> str:
+        daemon = f"the sdbridge daemon at {self.address}"
+        if self._plain is None:
+            return f"{daemon} requires a token: set {TOKEN_ENV} (or pass the token to the client)"
+        if exc.refused:
+            return f"{daemon} refused the token: check {TOKEN_ENV} against its token file"
+        return f"{daemon} takes no token (it listens on loopback only): connect without one"
 
     def _lose(self, conn: ZmtpConnection, exc: ZmtpError) -> None:
         """The connection broke: end every live job and pending call with `connection_lost`."""

@@ -8,6 +8,7 @@ with the ROUTER: no polling intervals, no copies of result images on the way out
 
 from __future__ import annotations
 
+import hmac
 import logging
 import signal
 import threading
@@ -28,6 +29,9 @@ log = logging.getLogger("sdbridge.daemon")
 HEARTBEAT_IVL_MS = 5_000
 HEARTBEAT_TIMEOUT_MS = 30_000
 CAPABILITIES = ["txt2img", "img2img", "inpaint", "preview", "cancel", "png"]
+# libzmq asks the socket bound here (in the same context) to authenticate PLAIN peers (RFC 27).
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"sdbridge"
 
 
 @dataclass(eq=False)
@@ -51,13 +55,26 @@ class Daemon:
         address: str = protocol.DEFAULT_ADDRESS,
         limits: Limits | None = None,
         heartbeat_ms: int = HEARTBEAT_IVL_MS,
+        token: bytes | None = None,
     ) -> None:
+        """With a ``token`` every peer must log in with ZMTP PLAIN and that token as password;
+        a peer that does not never reaches the ROUTER (libzmq answers it with ERROR)."""
         self.engine = engine
         self.address = address
         self.outputs = outputs
         self.limits = limits or Limits()
+        self.token = token
         self.context = zmq.Context.instance()
+        self.zap: zmq.Socket | None = None
+        if token is not None:
+            # Bound before the ROUTER, so no peer can connect before authentication is in place.
+            self.zap = self.context.socket(zmq.REP)
+            self.zap.setsockopt(zmq.LINGER, 0)
+            self.zap.bind(ZAP_ENDPOINT)
         self.router = self.context.socket(zmq.ROUTER)
+        if token is not None:
+            self.router.setsockopt(zmq.PLAIN_SERVER, 1)
+            self.router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         self.router.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
@@ -84,9 +101,13 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.events_in, zmq.POLLIN)
-        log.info("listening on %s", self.address)
+        if self.zap is not None:
+            poller.register(self.zap, zmq.POLLIN)
+        log.info("listening on %s%s", self.address, " (token required)" if self.token else "")
         while not self.stopping.is_set():
             ready = dict(poller.poll(200))
+            if self.zap is not None and self.zap in ready:
+                self._authenticate()
             if self.events_in in ready:
                 self._forward_events()
             if self.router in ready:
@@ -99,6 +120,23 @@ class Daemon:
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop())
+
+    def _authenticate(self) -> None:
+        """Answer one ZAP request: version, request id, domain, address, identity, mechanism,
+        then for PLAIN the username and password. Only the password (the token) counts."""
+        assert self.zap is not None and self.token is not None
+        request = self.zap.recv_multipart()
+        request_id = request[1] if len(request) > 1 else b""
+        allowed = (
+            len(request) == 8
+            and request[0] == b"1.0"
+            and request[5] == b"PLAIN"
+            and hmac.compare_digest(request[7], self.token)
+        )
+        if not allowed:
+            log.warning("refused a peer from %s: wrong or missing token", _zap_address(request))
+        status = (b"200", b"OK") if allowed else (b"400", b"wrong token")
+        self.zap.send_multipart([b"1.0", request_id, *status, b"", b""])
 
     def _forward_events(self) -> None:
         while True:
@@ -131,6 +169,10 @@ class Daemon:
                 message = protocol.unpack(body[0])
                 self._handle(peer, message)
             except ProtocolError as error:
+                self._send(peer, protocol.error_event(protocol.request_id(message), error))
+            except Exception as exc:  # a bug handling one message must not take the daemon down
+                log.exception("failed to handle a message")
+                error = ProtocolError(ErrorCode.INTERNAL, f"the daemon failed on it: {exc}")
                 self._send(peer, protocol.error_event(protocol.request_id(message), error))
 
     def _handle(self, peer: bytes, message: dict[str, Any]) -> None:
@@ -202,6 +244,14 @@ class Daemon:
                     ErrorCode.BUSY,
                     f"the queue is full ({self.limits.max_queue} jobs); try again later",
                 )
+            # Live jobs count, queued or running: one connection cannot hold the daemon alone.
+            mine = sum(1 for job in self.jobs.values() if job.peer == peer)
+            if mine >= self.limits.max_queue_per_client:
+                raise ProtocolError(
+                    ErrorCode.BUSY,
+                    f"this connection already has {mine} live jobs, the most allowed "
+                    f"(max_queue_per_client); wait for one to finish",
+                )
             job = Job(peer, rid, request)
             self.jobs[job.key] = job
             self.queue.append(job)
@@ -240,6 +290,8 @@ class Daemon:
         self._forward_events()
         self.router.close(linger=1000)
         self.events_in.close()
+        if self.zap is not None:
+            self.zap.close()
 
     # --- worker thread -----------------------------------------------------------------------
 
@@ -328,3 +380,7 @@ class Daemon:
             parameters=images[0].info.to_parameters(),
             elapsed=elapsed,
         )
+
+
+def _zap_address(request: list[bytes]) -> str:
+    return request[3].decode("ascii", "replace") if len(request) > 3 else "an unknown address"

@@ -18,6 +18,10 @@ SUPPORTED_VERSIONS = (1,)
 DEFAULT_PORT = 7878
 DEFAULT_ADDRESS = f"tcp://127.0.0.1:{DEFAULT_PORT}"
 ADDRESS_ENV = "SDBRIDGE_ADDRESS"
+# The secret a daemon beyond loopback requires (docs/security.md); never on a command line.
+TOKEN_ENV = "SDBRIDGE_TOKEN"
+# PLAIN carries a username too; the daemon ignores it.
+TOKEN_USERNAME = b"sdbridge"
 
 TERMINAL_EVENTS = frozenset({"result", "error", "cancelled"})
 IMAGE_FORMATS = ("raw", "png")
@@ -46,6 +50,7 @@ class ErrorCode:
     # Made by clients, never sent by the daemon.
     CONNECTION_LOST = "connection_lost"
     TIMEOUT = "timeout"
+    UNAUTHORIZED = "unauthorized"
 
 
 class ProtocolError(Exception):
@@ -69,6 +74,12 @@ class Limits:
     max_images: int = 8
     max_prompt_chars: int = 4000
     max_queue: int = 64
+    max_queue_per_client: int = 16
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -128,9 +139,10 @@ class Image:
             )
         unknown = set(value) - {"width", "height", "format", "data"}
         if unknown:
-            name = sorted(unknown)[0]
+            # Keys may mix str and bytes, which do not sort together.
+            name = sorted(map(repr, unknown))[0]
             raise ProtocolError(
-                ErrorCode.UNKNOWN_FIELD, f"{field_name} has an unknown field {name!r}", field_name
+                ErrorCode.UNKNOWN_FIELD, f"{field_name} has an unknown field {name}", field_name
             )
         width = _int_in(value, "width", 1, limits.max_side, field_name)
         height = _int_in(value, "height", 1, limits.max_side, field_name)
@@ -267,7 +279,7 @@ def validate_envelope(message: dict[str, Any]) -> tuple[str, str]:
     if not 0 < len(rid) <= MAX_ID_CHARS:
         raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"id must be 1..{MAX_ID_CHARS} chars", "id")
     op = message.get("op")
-    if op not in OP_FIELDS:
+    if not isinstance(op, str) or op not in OP_FIELDS:  # an unhashable op cannot be looked up
         raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}", "op")
     for name in message:
         if name not in COMMON_FIELDS and name not in OP_FIELDS[op]:

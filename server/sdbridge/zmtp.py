@@ -1,9 +1,10 @@
-"""ZMTP 3.1 (ZeroMQ RFC 23/37) as a DEALER over a plain TCP socket, NULL mechanism.
+"""ZMTP 3.1 (ZeroMQ RFC 23/37) as a DEALER over a plain TCP socket, NULL or PLAIN mechanism.
 
 Pure Python (stdlib only) because Krita's and GIMP's Python cannot load pyzmq. It covers what a
-DEALER talking to the daemon's ROUTER needs: greeting, NULL handshake, multi-frame messages with
-short and long frames, and PING -> PONG. `ZmtpConnection` is safe for one reader thread plus any
-number of sending threads; it does no reconnecting (that is `sdbridge.client`'s job).
+DEALER talking to the daemon's ROUTER needs: greeting, NULL handshake or PLAIN login (RFC 24),
+multi-frame messages with short and long frames, and PING -> PONG. `ZmtpConnection` is safe
+for one reader thread plus any number of sending threads; it does no reconnecting (that is
+`sdbridge.client`'s job).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "Frame",
+    "ZmtpAuthError",
     "ZmtpConnection",
     "ZmtpError",
     "parse_address",
@@ -38,7 +40,9 @@ _SHORT_MAX = 255
 _COALESCE_MAX = 64 * 1024
 _READ_CHUNK = 64 * 1024
 _GREETING_SIZE = 64
-_MECHANISM = b"NULL"
+_SIGNATURE_SIZE = 10
+_NULL = b"NULL"
+_PLAIN = b"PLAIN"
 _SOCKET_TYPE = b"DEALER"
 _PEER_SOCKET_TYPE = b"ROUTER"
 # Without this a write to a closed peer raises SIGPIPE in hosts that do not ignore it (Python
@@ -48,6 +52,15 @@ _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 
 class ZmtpError(ConnectionError):
     """The connection is unusable: the peer went away or broke the ZMTP framing."""
+
+
+class ZmtpAuthError(ZmtpError):
+    """The peer and we disagree about credentials: it refused ours (``refused``), or it wants
+    some and we have none, or the other way round."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -65,9 +78,9 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _greeting() -> bytes:
+def _greeting(mechanism: bytes) -> bytes:
     # signature (FF, 8 padding, 7F), version 3.1, mechanism, as-server = 0, filler
-    return b"\xff" + bytes(8) + b"\x7f\x03\x01" + _MECHANISM.ljust(20, b"\0") + bytes(32)
+    return b"\xff" + bytes(8) + b"\x7f\x03\x01" + mechanism.ljust(20, b"\0") + bytes(32)
 
 
 def _frame_header(flags: int, size: int) -> bytes:
@@ -115,13 +128,22 @@ class ZmtpConnection:
 
     @classmethod
     def connect(
-        cls, address: str, timeout: float, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+        cls,
+        address: str,
+        timeout: float,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        plain: tuple[bytes, bytes] | None = None,
     ) -> ZmtpConnection:
         """Connect and handshake within ``timeout`` seconds; raise `ZmtpError` if that fails.
 
+        ``plain`` is a (username, password) pair, each up to 255 bytes, for a peer that uses
+        the PLAIN mechanism; without it the mechanism is NULL. A peer that refuses the
+        credentials, or expects the other mechanism, raises `ZmtpAuthError`.
         After the handshake the socket blocks without a timeout: the caller keeps a thread
         reading, and `close` from another thread wakes it.
         """
+        if plain is not None and any(len(part) > 255 for part in plain):
+            raise ValueError("a PLAIN username or password is at most 255 bytes")
         host, port = parse_address(address)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -132,8 +154,11 @@ class ZmtpConnection:
         conn = cls(sock, max_frame_bytes)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn._handshake()
+            conn._handshake(plain)
             sock.settimeout(None)
+        except ZmtpAuthError:
+            conn.close()
+            raise
         except TimeoutError as exc:
             conn.close()
             raise ZmtpError(
@@ -145,20 +170,50 @@ class ZmtpConnection:
             raise ZmtpError(f"{address}: the ZMTP handshake failed: {exc}") from exc
         return conn
 
-    def _handshake(self) -> None:
-        self._sendall([_greeting(), _command(b"READY", self._ready_properties())])
-        peer = self._read_exact(_GREETING_SIZE)
-        if peer[0] != 0xFF or not peer[9] & 0x01:
+    def _handshake(self, plain: tuple[bytes, bytes] | None) -> None:
+        # The greetings are exchanged before anything else is sent: a peer that dislikes our
+        # mechanism closes the connection, and unread data of ours would turn that into a reset
+        # that can swallow its greeting, which says what it wanted.
+        ours = _PLAIN if plain else _NULL
+        self._sendall([_greeting(ours)])
+        signature = self._read_exact(_SIGNATURE_SIZE)
+        if signature[0] != 0xFF or not signature[9] & 0x01:
             raise ZmtpError("the peer does not speak ZMTP (bad greeting signature)")
+        try:
+            peer = signature + self._read_exact(_GREETING_SIZE - _SIGNATURE_SIZE)
+        except ZmtpError as exc:
+            # libzmq sends its signature, reads our greeting, and closes without another byte
+            # when our mechanism is not the one it is configured for.
+            raise ZmtpAuthError(
+                f"the peer closed the connection on seeing mechanism {ours.decode()}; it "
+                "expects another one (with or without a username and password)"
+            ) from exc
         if peer[10] < 3:
             raise ZmtpError(f"the peer speaks ZMTP {peer[10]}.{peer[11]}, 3.x is required")
         mechanism = bytes(peer[12:32]).rstrip(b"\0")
-        if mechanism != _MECHANISM:
-            raise ZmtpError(f"the peer wants security mechanism {mechanism!r}, only NULL works")
-        flags, body = self._read_frame()
-        if not flags & _FLAG_COMMAND:
-            raise ZmtpError("the peer sent a message before its READY command")
-        name, data = self._split_command(body)
+        if mechanism == _PLAIN and plain is None:
+            raise ZmtpAuthError("the peer requires a username and password (PLAIN)")
+        if mechanism == _NULL and plain is not None:
+            raise ZmtpAuthError("the peer takes no username and password (NULL)")
+        if mechanism != ours:
+            raise ZmtpError(f"the peer wants security mechanism {mechanism!r}, not NULL or PLAIN")
+        if plain is not None:
+            username, password = plain
+            hello = bytes((len(username),)) + username + bytes((len(password),)) + password
+            self._sendall([_command(b"HELLO", hello)])
+            # libzmq answers refused credentials with ERROR (or just closes): both mean "no".
+            try:
+                name, data = self._read_command()
+            except ZmtpError as exc:
+                raise ZmtpAuthError(f"the peer refused the credentials ({exc})", True) from exc
+            if name == b"ERROR":
+                raise ZmtpAuthError(f"the peer refused the credentials: {self._error_reason(data)}")
+            if name != b"WELCOME":
+                raise ZmtpError(f"expected WELCOME from the peer, got {name!r}")
+            self._sendall([_command(b"INITIATE", self._ready_properties())])
+        else:
+            self._sendall([_command(b"READY", self._ready_properties())])
+        name, data = self._read_command()
         if name == b"ERROR":
             raise ZmtpError(f"the peer refused the handshake: {self._error_reason(data)}")
         if name != b"READY":
@@ -167,6 +222,12 @@ class ZmtpConnection:
         if socket_type != _PEER_SOCKET_TYPE:
             shown = socket_type.decode("ascii", "replace") if socket_type else "untyped"
             raise ZmtpError(f"the peer is a {shown} socket, expected a ROUTER")
+
+    def _read_command(self) -> tuple[bytes, bytes]:
+        flags, body = self._read_frame()
+        if not flags & _FLAG_COMMAND:
+            raise ZmtpError("the peer sent a message before completing the handshake")
+        return self._split_command(body)
 
     @staticmethod
     def _ready_properties() -> bytes:
