@@ -23,8 +23,8 @@ CLIENT_NAME = f"sdbridge-krita/{__version__}"
 
 
 class Connection(QObject):
-    # (connected, message for the artist)
-    state_changed = pyqtSignal(bool, str)
+    # (connected, a sentence for the artist, the technical detail)
+    state_changed = pyqtSignal(bool, str, str)
     # the daemon's hello event
     hello_received = pyqtSignal(object)
     # (the plugin's job key, one event of that job as on the wire)
@@ -66,19 +66,29 @@ class Connection(QObject):
         self._jobs.clear()
         try:
             self._client = Client(
-                address, timeout=10.0, client_name=CLIENT_NAME, on_state=self._on_state
+                address,
+                timeout=10.0,
+                client_name=CLIENT_NAME,
+                on_state=lambda up, detail: self._on_state(address, up, detail),
             )
         except ValueError as exc:
-            self.state_changed.emit(False, f"That is not a daemon address: {exc}")
+            text = f"“{address}” is not a daemon address; use tcp://HOST:PORT."
+            self.state_changed.emit(False, text, str(exc))
             return
         if self._client.connected:
             self._hello()
 
-    def _on_state(self, connected: bool, message: str) -> None:
+    def _on_state(self, address: str, connected: bool, detail: str) -> None:
         # Runs on the client's reader thread, which must not wait for answers: hand over.
-        self.state_changed.emit(connected, message)
         if connected:
+            self.state_changed.emit(True, f"Connected to {address}", detail)
             self._tasks.put(self._hello)
+        else:
+            text = (
+                f"No sdbridge daemon at {address}. Start it with `sdbridge serve`; "
+                "the plugin keeps trying."
+            )
+            self.state_changed.emit(False, text, detail)
 
     def _hello(self) -> None:
         if self._client is None:
@@ -86,7 +96,8 @@ class Connection(QObject):
         try:
             self.hello_received.emit(self._client.hello())
         except ClientError as exc:
-            self.state_changed.emit(False, f"The daemon did not answer: {exc.message}")
+            text = f"The daemon at {self._client.address} does not answer."
+            self.state_changed.emit(False, text, exc.message)
 
     def _generate(self, key: str, fields: dict[str, Any]) -> None:
         if self._client is None:

@@ -177,10 +177,10 @@ class SdbridgeDocker(DockWidget):
         self.fixed_seed.setChecked(True)
         self.seed.setText(str(self.model.seed))
 
-    def _on_connection(self, connected: bool, message: str) -> None:
+    def _on_connection(self, connected: bool, message: str, detail: str) -> None:
         colour = "#3a3" if connected else "#c33"
         self.connection.setText(f"<span style='color:{colour}'>●</span> {message}")
-        self.connection.setToolTip(message)
+        self.connection.setToolTip(detail)
 
     def _on_models(self, names: list, current: str) -> None:
         self.models.blockSignals(True)

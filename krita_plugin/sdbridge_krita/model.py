@@ -48,7 +48,7 @@ def qimage(image: dict[str, Any]) -> QImage:
 
 
 class Model(QObject):
-    connection_changed = pyqtSignal(bool, str)  # connected, message
+    connection_changed = pyqtSignal(bool, str, str)  # connected, message, technical detail
     models_changed = pyqtSignal(list, str)  # names, the loaded one
     running_changed = pyqtSignal(bool)
     progress_changed = pyqtSignal(int, int)  # step, total (0, 0: idle)
@@ -85,7 +85,7 @@ class Model(QObject):
         self.address = address.strip() or DEFAULT_ADDRESS
         Krita.instance().writeSetting(SETTINGS_GROUP, "address", self.address)
         self.connected = False
-        self.connection_changed.emit(False, f"Connecting to {self.address} …")
+        self.connection_changed.emit(False, f"Connecting to {self.address} …", "")
         self._connection.set_address(self.address)
 
     def settings(self) -> Settings:
@@ -148,16 +148,9 @@ class Model(QObject):
 
     # --- news from the connection (GUI thread, via queued signals) -------------------------------
 
-    def _on_state(self, connected: bool, message: str) -> None:
+    def _on_state(self, connected: bool, text: str, detail: str) -> None:
         self.connected = connected
-        if connected:
-            message = f"Connected to {self.address}"
-        else:
-            message = (
-                f"No sdbridge daemon at {self.address}. Start it with `sdbridge serve`; "
-                f"the plugin keeps trying. ({message})"
-            )
-        self.connection_changed.emit(connected, message)
+        self.connection_changed.emit(connected, text, detail)
 
     def _on_hello(self, hello: dict[str, Any]) -> None:
         models = [str(m) for m in hello.get("models") or [hello.get("model", "")]]
@@ -165,9 +158,8 @@ class Model(QObject):
         if self.model_name not in models:
             self.model_name = loaded
         self.models_changed.emit(models, self.model_name)
-        self.connection_changed.emit(
-            True, f"Connected to {self.address}: {loaded} on {hello.get('device', '?')}"
-        )
+        text = f"Connected to {self.address}: {loaded} on {hello.get('device', '?')}"
+        self.connection_changed.emit(True, text, f"sdbridge daemon {hello.get('server', '?')}")
 
     def _on_job_event(self, key: str, event: dict[str, Any]) -> None:
         job = self.job

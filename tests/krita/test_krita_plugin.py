@@ -45,6 +45,8 @@ def pixels(krita, node: str, rect: list[int]) -> bytes:
 
 def test_docker_loads_and_lists_the_daemons_models(krita, daemon):
     assert krita.eval("dock() is not None and dock().windowTitle()") == "sdbridge"
+    # The session's kritarc names the daemon: the docker starts with that address.
+    assert krita.eval("dock().address.text()") == daemon.address
     krita.wait_for("'Connected' in dock().connection.text()", timeout=30)
     hello = krita.eval("[dock().models.itemText(i) for i in range(dock().models.count())]")
     expected = _daemon_hello(daemon)
@@ -72,26 +74,47 @@ def test_generate_without_selection_adds_one_canvas_sized_layer(doc):
 
 
 def test_selection_changes_only_the_selected_pixels(doc):
-    width, height, rect = 128, 96, [40, 30, 32, 24]
+    width, height, rect, notch = 128, 96, [40, 30, 32, 24], [56, 42, 16, 12]
     before = new_document(doc, width, height)
     original = pixels(doc, "state['doc']", [0, 0, width, height])
-    doc.run(f"s = Selection(); s.select(*{rect}, 255); state['doc'].setSelection(s)")
+    # An L shape: the selection's bounds hold pixels that are not selected.
+    doc.run(
+        f"s = Selection(); s.select(*{rect}, 255); cut = Selection(); cut.select(*{notch}, 255)\n"
+        "s.subtract(cut); state['doc'].setSelection(s)"
+    )
     after = generate(doc, "a small house")
     added = [layer for layer in after if layer not in before]
     assert len(added) == 1 and added[0][1] == "paintlayer"
     assert added[0][2] == rect, "the result is placed exactly over the selection"
     merged = pixels(doc, "state['doc']", [0, 0, width, height])
-    x0, y0, w, h = rect
     changed = 0
     for y in range(height):
         for x in range(width):
             i = (y * width + x) * 4
-            inside = x0 <= x < x0 + w and y0 <= y < y0 + h
-            if not inside:
+            if _inside(rect, x, y) and not _inside(notch, x, y):
+                changed += merged[i : i + 4] != original[i : i + 4]
+            else:
                 assert merged[i : i + 4] == original[i : i + 4], f"pixel {x},{y} outside changed"
-            elif merged[i : i + 4] != original[i : i + 4]:
-                changed += 1
-    assert changed > w * h // 2, "most of the selection is repainted"
+    assert changed > (32 * 24 - 16 * 12) // 2, "most of the selection is repainted"
+
+
+def test_strength_below_100_repaints_the_canvas(doc, daemon):
+    """Strength 100 % paints from scratch; lower sends the canvas along as the init image, which
+    the daemon records as A1111's "Denoising strength" in the PNG it saves."""
+    from PIL import Image
+
+    new_document(doc, 64, 64)
+    recorded = []
+    try:
+        for strength in (100, 30):
+            generate(doc, "a blue lake", steps=10, strength=strength)
+            newest = max(daemon.output_dir.rglob("*.png"), key=lambda p: p.stat().st_mtime_ns)
+            recorded.append(Image.open(newest).text["parameters"])
+    finally:
+        doc.run("dock().strength.setValue(100)")
+    assert "Denoising strength" not in recorded[0]
+    assert "Denoising strength: 0.3" in recorded[1]
+    assert recorded[1].startswith("a blue lake")
 
 
 def test_several_images_become_layers_in_one_group_with_consecutive_seeds(doc):
@@ -139,6 +162,7 @@ def test_stopped_daemon_is_reported_krita_stays_responsive_and_it_reconnects(
     own = daemon_factory()
     before = new_document(doc, 64, 64)
     _connect(doc, own.address)
+    assert doc.eval("app.readSetting('sdbridge', 'address', '')") == own.address
     try:
         own.stop()
         doc.wait_for("'No sdbridge daemon' in dock().connection.text()", timeout=15)
@@ -157,9 +181,12 @@ def test_stopped_daemon_is_reported_krita_stays_responsive_and_it_reconnects(
         _connect(doc, daemon.address)
 
 
-def test_address_is_remembered_in_krita_settings(krita, daemon):
-    stored = krita.eval("app.readSetting('sdbridge', 'address', '')")
-    assert stored == daemon.address == krita.eval("dock().address.text()")
+def test_a_malformed_address_is_explained(krita, daemon):
+    try:
+        krita.run("dock().address.setText('localhost:7878'); dock().address.returnPressed.emit()")
+        krita.wait_for("'not a daemon address' in dock().connection.text()", timeout=10)
+    finally:
+        _connect(krita, daemon.address)
 
 
 def test_screenshot_of_the_docker_with_a_generated_layer(doc, tmp_path):
@@ -187,6 +214,10 @@ def test_screenshot_of_the_docker_with_a_generated_layer(doc, tmp_path):
     if os.environ.get("SDBRIDGE_UPDATE_SCREENSHOT"):
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(shot, SCREENSHOT)
+
+
+def _inside(rect: list[int], x: int, y: int) -> bool:
+    return rect[0] <= x < rect[0] + rect[2] and rect[1] <= y < rect[1] + rect[3]
 
 
 def _connect(krita, address: str) -> None:
