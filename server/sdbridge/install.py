@@ -130,6 +130,7 @@ TARGETS: dict[str, Target] = {
         folder="sdbridge_gimp",
         plugins_dir=gimp_plugins_dir,
         executable="sdbridge_gimp.py",
+        next_step="Restart GIMP, then use Filters > sdbridge (with `sdbridge serve` running).",
     ),
 }
 

@@ -17,12 +17,13 @@ PLUGIN = "sdbridge_gimp/sdbridge_gimp.py"
 
 
 def test_install_gimp_puts_an_executable_plugin_in_the_gimp3_profile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.delenv("GIMP3_DIRECTORY", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     assert cli.main(["install", "gimp"]) == 0
+    assert "Filters > sdbridge" in capsys.readouterr().out
     plugins = tmp_path / "config" / "GIMP" / "3.0" / "plug-ins"
     script = plugins / PLUGIN
     # GIMP silently skips a plug-in that is not executable.
