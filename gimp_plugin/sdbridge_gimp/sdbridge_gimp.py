@@ -306,10 +306,8 @@ def paint(
         try:
             client.hello()
             job = client.generate(**fields)
-        except ClientError as exc:
-            raise execution_error(
-                f"sdbridge: cannot reach the daemon at {params.address}: {exc.message}"
-            ) from exc
+        except ClientError as exc:  # its message names the address and what to do
+            raise execution_error(f"sdbridge: {exc.message}") from exc
         result = wait_for_result(job, params.address, params.timeout, dialog)
     image_map = result["images"][0]
     placement = canvas.place_result(image_map, job_plan)
