@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from sdbridge.canvas import Bounds, Extent, job_bounds
 from sdbridge.client import Client
 
 pytestmark = pytest.mark.krita
@@ -43,6 +45,16 @@ def pixels(krita, node: str, rect: list[int]) -> bytes:
     return bytes.fromhex(krita.eval(f"bytes({node}.pixelData({x}, {y}, {w}, {h})).hex()"))
 
 
+def newest_output(daemon) -> Image.Image:
+    """The PNG the daemon saved last: the job's image exactly as it was sent."""
+    return Image.open(max(daemon.output_dir.rglob("*.png"), key=lambda p: p.stat().st_mtime_ns))
+
+
+def as_bgra(image: Image.Image, box: tuple[int, int, int, int]) -> bytes:
+    r, g, b, a = image.convert("RGBA").crop(box).split()
+    return Image.merge("RGBA", (b, g, r, a)).tobytes()
+
+
 def test_docker_loads_and_lists_the_daemons_models(krita, daemon):
     assert krita.eval("dock() is not None and dock().windowTitle()") == "sdbridge"
     # The session's kritarc names the daemon: the docker starts with that address.
@@ -54,7 +66,7 @@ def test_docker_loads_and_lists_the_daemons_models(krita, daemon):
     assert krita.eval("dock().models.currentText()") == expected["model"]
 
 
-def test_generate_without_selection_adds_one_canvas_sized_layer(doc):
+def test_generate_without_selection_adds_one_canvas_sized_layer(doc, daemon):
     before = new_document(doc, 96, 64)
     after = generate(doc, "a red circle on a blue sky", steps=6)
     assert len(after) == len(before) + 1
@@ -64,6 +76,7 @@ def test_generate_without_selection_adds_one_canvas_sized_layer(doc):
     layer = pixels(doc, "state['doc'].rootNode().childNodes()[-1]", [0, 0, 96, 64])
     assert set(layer[3::4]) == {255}, "the layer must be opaque everywhere"
     assert len({layer[i : i + 3] for i in range(0, len(layer), 4)}) > 10, "a real picture"
+    assert layer == as_bgra(newest_output(daemon), (0, 0, 96, 64)), "the daemon's pixels"
     seen = doc.eval("state['seen']")
     assert [6, 6] in seen["progress"] and seen["previews"] >= 1
     assert doc.eval("dock().progress.isTextVisible()") is False  # idle again
@@ -73,7 +86,7 @@ def test_generate_without_selection_adds_one_canvas_sized_layer(doc):
     doc.wait_for(f"len(layers()) == {len(before)}", timeout=10)
 
 
-def test_selection_changes_only_the_selected_pixels(doc):
+def test_selection_changes_only_the_selected_pixels(doc, daemon):
     width, height, rect, notch = 128, 96, [40, 30, 32, 24], [56, 42, 16, 12]
     before = new_document(doc, width, height)
     original = pixels(doc, "state['doc']", [0, 0, width, height])
@@ -86,6 +99,18 @@ def test_selection_changes_only_the_selected_pixels(doc):
     added = [layer for layer in after if layer not in before]
     assert len(added) == 1 and added[0][1] == "paintlayer"
     assert added[0][2] == rect, "the result is placed exactly over the selection"
+    # The daemon painted the selection plus context; the layer holds the selection's part.
+    job = job_bounds(Extent(width, height), Bounds(*rect))
+    saved = as_bgra(newest_output(daemon), (0, 0, job.width, job.height))
+    layer = pixels(doc, "state['doc'].rootNode().childNodes()[-1]", rect)
+    for y in range(rect[3]):
+        for x in range(rect[2]):
+            i = (y * rect[2] + x) * 4
+            if _inside(notch, rect[0] + x, rect[1] + y):
+                assert layer[i + 3] == 0, "an unselected pixel of the layer is transparent"
+            else:
+                j = ((rect[1] + y - job.y) * job.width + rect[0] + x - job.x) * 4
+                assert layer[i : i + 4] == saved[j : j + 4], f"layer pixel {x},{y}"
     merged = pixels(doc, "state['doc']", [0, 0, width, height])
     changed = 0
     for y in range(height):
@@ -101,15 +126,12 @@ def test_selection_changes_only_the_selected_pixels(doc):
 def test_strength_below_100_repaints_the_canvas(doc, daemon):
     """Strength 100 % paints from scratch; lower sends the canvas along as the init image, which
     the daemon records as A1111's "Denoising strength" in the PNG it saves."""
-    from PIL import Image
-
     new_document(doc, 64, 64)
     recorded = []
     try:
         for strength in (100, 30):
             generate(doc, "a blue lake", steps=10, strength=strength)
-            newest = max(daemon.output_dir.rglob("*.png"), key=lambda p: p.stat().st_mtime_ns)
-            recorded.append(Image.open(newest).text["parameters"])
+            recorded.append(newest_output(daemon).text["parameters"])
     finally:
         doc.run("dock().strength.setValue(100)")
     assert "Denoising strength" not in recorded[0]
