@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
+
 from sdbridge.zmtp import ZmtpConnection, ZmtpError, parse_address
 
 HEARTBEAT_IVL_MS = 100
@@ -310,6 +311,21 @@ def test_ping_gets_pong_with_its_context_and_other_commands_are_skipped(
     assert conn.recv() == [b"one", b"two"]
     conn.close()
     assert pongs == [b"\x04PONGcontext-16-bytes"]
+
+
+def test_a_peer_silent_past_its_heartbeat_ttl_is_dead(
+    raw_peer: Callable[[Callable[[socket.socket], None]], str],
+) -> None:
+    def then(peer: socket.socket) -> None:
+        peer.sendall(_command(b"PING", b"\x00\x03"))  # TTL 0.3 s, then silence
+        assert _recv_exact(peer, 7) == b"\x04\x05\x04PONG"
+        peer.recv(1)  # until the client gives up and closes
+
+    conn = ZmtpConnection.connect(raw_peer(_zmtp_router_script(then)), timeout=5)
+    started = time.monotonic()
+    with pytest.raises(ZmtpError, match="nothing for 0.3 s"):
+        conn.recv()
+    assert time.monotonic() - started < 2
 
 
 @pytest.mark.parametrize(

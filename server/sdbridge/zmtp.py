@@ -10,6 +10,7 @@ for one reader thread plus any number of sending threads; it does no reconnectin
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import struct
 import threading
@@ -113,6 +114,15 @@ def _parse_properties(data: bytes) -> dict[bytes, bytes]:
     return properties
 
 
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``sock`` to have data (or EOF, or an error)."""
+    if hasattr(select, "poll"):  # select() cannot watch descriptors >= 1024 on Linux
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+    return bool(select.select([sock], [], [], timeout)[0])  # Windows: no poll, no such limit
+
+
 class ZmtpConnection:
     """One handshaken ZMTP connection to a ROUTER. Build it with `ZmtpConnection.connect`."""
 
@@ -125,6 +135,9 @@ class ZmtpConnection:
         self._start = 0  # unread bytes are self._buffer[self._start:self._end]
         self._end = 0
         self._closed = False
+        # From the peer's PINGs: after this long without a byte from it, the link is dead (a
+        # frozen daemon or a dropped network leaves a TCP connection open but silent).
+        self._peer_ttl: float | None = None
 
     @classmethod
     def connect(
@@ -303,7 +316,9 @@ class ZmtpConnection:
     def _handle_command(self, body: Frame) -> None:
         name, data = self._split_command(body)
         if name == b"PING":
-            # data: 2-byte TTL, then up to 16 bytes of context that the PONG echoes
+            # data: 2-byte TTL (deciseconds, 0 = none), then up to 16 bytes the PONG echoes
+            if len(data) >= 2 and (ttl := struct.unpack_from(">H", data)[0]):
+                self._peer_ttl = ttl / 10
             self._sendall([_command(b"PONG", data[2:18])])
         elif name == b"ERROR":
             raise ZmtpError(f"the peer reported an error: {self._error_reason(data)}")
@@ -352,6 +367,11 @@ class ZmtpConnection:
         return out
 
     def _recv_into(self, view: memoryview) -> int:
+        if self._peer_ttl is not None and not _readable(self._sock, self._peer_ttl):
+            raise ZmtpError(
+                f"the peer sent nothing for {self._peer_ttl:g} s (its heartbeat TTL): "
+                "the connection is dead"
+            )
         count = self._sock.recv_into(view)
         if count == 0:
             raise ZmtpError("the peer closed the connection")
