@@ -6,8 +6,8 @@ Phase 1 trains a narrow AutoencoderKL (x8, 4 latent channels) on crops of scenes
 encodes a pool of scenes once (the encoder is the costliest forward pass, so it is not re-run
 per step) and trains the CLIP text encoder and the UNet jointly with v-prediction on a cosine
 noise schedule, caption dropout for classifier-free guidance, min-SNR weighting and EMA.
-With --minutes-budget the step counts are fitted to the budget from measured speed and
-printed, so a run can be repeated exactly with --vae-steps/--unet-steps.
+Fixed step counts (the default) make a run reproducible; --minutes-budget instead trains
+each phase for a share of the wall time (VAE 20%, encoding at most 10%, the rest diffusion).
 """
 
 from __future__ import annotations
@@ -100,10 +100,9 @@ def params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 50) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def lr_at(step: int, progress: float, peak: float, warmup: int = 50) -> float:
+    """Linear warm-up over the first steps, then cosine decay over the phase's progress."""
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def to_tensor(images: Iterable[np.ndarray]) -> torch.Tensor:
@@ -111,40 +110,42 @@ def to_tensor(images: Iterable[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
-def fit_steps(
-    run_step: Callable[[int, int], float], default: int, seconds: float | None, label: str
+def run_phase(
+    run_step: Callable[[int, float], float], steps: int, seconds: float | None, label: str
 ) -> tuple[int, float]:
-    """Run all steps; with a time budget, measure steps 5-24 and fix the total from them."""
-    total = default
+    """Run a phase for a fixed number of steps, or, with a time budget, until it is spent.
+
+    With a budget, progress (which drives the learning rate) is the fraction of wall time
+    used: on a machine shared with other work the speed changes during a run, and a step
+    count fixed up front would overrun.
+    """
     started = time.monotonic()
-    mark = started
     step = 0
-    while step < total:
-        loss = run_step(step, total)
+    progress = 0.0
+    while progress < 1:
+        loss = run_step(step, progress)
         step += 1
-        if step == 5:
-            mark = time.monotonic()
-        if seconds is not None and step == 25:
-            per_step = (time.monotonic() - mark) / 20
-            total = max(step, int(seconds / per_step))
-            print(f"[{label}] {per_step:.3f} s/step -> {total} steps for the budget", flush=True)
-        if step % 50 == 0 or step == total:
+        elapsed = time.monotonic() - started
+        progress = elapsed / seconds if seconds is not None else step / steps
+        if step % 50 == 0 or progress >= 1:
             print(
-                f"[{label}] step {step}/{total} loss {loss:.4f} {time.monotonic() - started:.0f} s",
+                f"[{label}] step {step} progress {min(progress, 1):.0%} loss {loss:.4f} "
+                f"{elapsed:.0f} s",
                 flush=True,
             )
-    return total, time.monotonic() - started
+    return step, time.monotonic() - started
 
 
 def train_vae(vae: AutoencoderKL, steps: int, seconds: float | None) -> tuple[int, float]:
-    # 64 px crops: the VAE is convolutional, and crops give four times the steps per second.
+    # Small batches of 64 px crops: the VAE is convolutional, and on a shared 2-core CPU many
+    # cheap updates teach flat colours and sharp edges faster than few large ones.
     rng = np.random.default_rng(1)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    batch, crop = 16, 64
+    batch, crop = 8, 64
 
-    def step_fn(step: int, total: int) -> float:
+    def step_fn(step: int, progress: float) -> float:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, 1e-3)
+            group["lr"] = lr_at(step, progress, 1e-3)
         crops = []
         for _ in range(batch):
             image = render(sample_scene(int(rng.integers(2**31))))
@@ -161,7 +162,7 @@ def train_vae(vae: AutoencoderKL, steps: int, seconds: float | None) -> tuple[in
         return loss.item()
 
     vae.train()
-    result = fit_steps(step_fn, steps, seconds, "vae")
+    result = run_phase(step_fn, steps, seconds, "vae")
     vae.eval()
     return result
 
@@ -182,14 +183,21 @@ def mirrored(scene: Scene) -> Scene:
 
 
 @torch.no_grad()
-def encode_pool(vae: AutoencoderKL, count: int) -> tuple[list[Scene], torch.Tensor, torch.Tensor]:
+def encode_pool(
+    vae: AutoencoderKL, count: int, seconds: float | None
+) -> tuple[list[Scene], torch.Tensor, torch.Tensor]:
+    """Encode up to `count` scenes once (at least 2048), stopping early when `seconds` run out."""
+    started = time.monotonic()
     scenes = [sample_scene(100_000 + i) for i in range(count)]
     means, stds = [], []
     for start in range(0, count, 64):
+        if seconds is not None and start >= 2048 and time.monotonic() - started > seconds:
+            break
         dist = vae.encode(to_tensor(render(s) for s in scenes[start : start + 64])).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
-    return scenes, torch.cat(means), torch.cat(stds)
+    mean = torch.cat(means)
+    return scenes[: len(mean)], mean, torch.cat(stds)
 
 
 def train_diffusion(
@@ -213,9 +221,9 @@ def train_diffusion(
     opt = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.01)
     batch = 64
 
-    def step_fn(step: int, total: int) -> float:
+    def step_fn(step: int, progress: float) -> float:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, 1e-3)
+            group["lr"] = lr_at(step, progress, 1e-3)
         index = torch.from_numpy(rng.integers(0, len(scenes), size=batch))
         flip = torch.from_numpy(rng.random(batch) < 0.5)
         latents = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
@@ -253,7 +261,7 @@ def train_diffusion(
 
     unet.train()
     text_encoder.train()
-    result = fit_steps(step_fn, steps, seconds, "unet")
+    result = run_phase(step_fn, steps, seconds, "unet")
     with torch.no_grad():
         for p, e in zip(trained, ema, strict=True):
             p.copy_(e)
@@ -286,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
 
     budget = None if args.minutes_budget is None else args.minutes_budget * 60
     vae_steps, vae_s = train_vae(vae, args.vae_steps, None if budget is None else 0.2 * budget)
-    pool = encode_pool(vae, args.pool)
+    pool = encode_pool(vae, args.pool, None if budget is None else 0.1 * budget)
     scale = 1.0 / float((pool[1] + pool[2] * torch.randn_like(pool[1])).std())
     vae.register_to_config(scaling_factor=scale)
     print(
@@ -294,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{time.monotonic() - started:.0f} s",
         flush=True,
     )
-    remaining = None if budget is None else budget - (time.monotonic() - started) - 60
+    # What is left, less a minute for saving; at least a minute of diffusion training.
+    remaining = None if budget is None else max(60.0, budget - (time.monotonic() - started) - 60)
     unet_steps, unet_s = train_diffusion(
         vae, text_encoder, unet, tokenizer, pool, args.unet_steps, remaining
     )
@@ -325,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             "vae_seconds": round(vae_s),
             "unet_steps": unet_steps,
             "unet_seconds": round(unet_s),
-            "pool": args.pool,
+            "pool": len(pool[0]),
             "total_seconds": round(total_s),
             "threads": args.threads,
         },

@@ -1,0 +1,178 @@
+"""Evaluate the tiny model on captions it never saw, scored by the pixel analyser.
+
+    python -m sdbridge.tiny.evaluate [--model DIR] [--sheet held_out.png]
+
+Held-out captions pair each colour with the one shape it never appeared with in training, at
+every position and both sizes. Also reports the same scores on seen combinations, on an empty
+caption (should be near chance), the effect of guidance, and the time of one image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from . import MODEL_DIR
+from .analyse import ATTRIBUTES, analyse, score
+from .scenes import (
+    BACKGROUNDS,
+    HELD_OUT,
+    OBJECT_COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZE,
+    SIZES,
+    Obj,
+    Scene,
+    allowed,
+    caption,
+)
+
+TARGETS = {"colour": 0.9, "background": 0.9, "position": 0.8, "shape": 0.8}
+STEPS = 20
+GUIDANCE = 5.0
+
+
+def load(model: Path = MODEL_DIR, threads: int = 2) -> StableDiffusionPipeline:
+    torch.set_num_threads(threads)
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def eval_scenes(pairs: Iterable[tuple[str, str]], seed: int) -> list[Scene]:
+    """Every pair at every position and both sizes, on a random allowed background."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for colour, shape in sorted(pairs):
+        for position in POSITIONS:
+            for size in SIZES:
+                options = [b for b in BACKGROUNDS if allowed(colour, b)]
+                background = options[rng.integers(len(options))]
+                scene_seed = seed * 10_000 + len(scenes)
+                scenes.append(Scene((Obj(colour, shape, size, position),), background, scene_seed))
+    return scenes
+
+
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    guidance: float = GUIDANCE,
+    steps: int = STEPS,
+    batch: int = 10,
+) -> list[np.ndarray]:
+    images = []
+    for start in range(0, len(prompts), batch):
+        out = pipe(
+            prompts[start : start + batch],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=SIZE,
+            width=SIZE,
+            generator=[torch.Generator().manual_seed(s) for s in seeds[start : start + batch]],
+        )
+        images += [np.asarray(im.convert("RGB")) for im in out.images]
+    return images
+
+
+def accuracy(images: list[np.ndarray], scenes: list[Scene]) -> dict[str, float]:
+    results = [score(analyse(im), sc) for im, sc in zip(images, scenes, strict=True)]
+    return {a: sum(r[a] for r in results) / len(results) for a in ATTRIBUTES}
+
+
+def chance(scenes: list[Scene]) -> dict[str, float]:
+    """Accuracy of always answering the most frequent value (the best blind guess)."""
+    values = {
+        "colour": [s.objects[0].colour for s in scenes],
+        "background": [s.background for s in scenes],
+        "position": [s.objects[0].position for s in scenes],
+        "shape": [s.objects[0].shape for s in scenes],
+        "size": [s.objects[0].size for s in scenes],
+    }
+    return {a: max(v.count(x) for x in set(v)) / len(v) for a, v in values.items()}
+
+
+def time_one(pipe: StableDiffusionPipeline, runs: int = 7) -> float:
+    times = []
+    for i in range(runs + 1):
+        started = time.perf_counter()
+        generate(pipe, ["a small red circle at the top left on a blue background"], [i])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])  # the first call warms up allocations
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=MODEL_DIR)
+    parser.add_argument("--sheet", type=Path, help="save the held-out images as one PNG")
+    args = parser.parse_args(argv)
+
+    pipe = load(args.model)
+    held_out = eval_scenes(HELD_OUT, seed=1)
+    seen_pairs = [(c, s) for c in OBJECT_COLOURS for s in SHAPES if (c, s) not in HELD_OUT]
+    seen = eval_scenes(seen_pairs[::3], seed=2)
+    seeds = [s.seed for s in held_out]
+
+    images = generate(pipe, [caption(s) for s in held_out], seeds)
+    rows = {
+        "held-out captions": (accuracy(images, held_out), len(held_out)),
+        "seen combinations": (
+            accuracy(generate(pipe, [caption(s) for s in seen], [s.seed for s in seen]), seen),
+            len(seen),
+        ),
+        "empty caption": (
+            accuracy(generate(pipe, [""] * len(held_out), seeds), held_out),
+            len(held_out),
+        ),
+        "chance (best blind guess)": (chance(held_out), len(held_out)),
+    }
+    if args.sheet:
+        Image.fromarray(
+            np.concatenate(
+                [np.concatenate(images[i : i + 10], axis=1) for i in range(0, len(images), 10)]
+            )
+        ).save(args.sheet)
+
+    print(f"{'':28}" + "".join(f"{a:>12}" for a in ATTRIBUTES) + "       n")
+    for name, (acc, n) in rows.items():
+        print(f"{name:28}" + "".join(f"{acc[a]:>11.1%} " for a in ATTRIBUTES) + f"{n:>8}")
+    print(
+        f"{'target (held-out)':28}"
+        + "".join(
+            f"{'>= ' + format(TARGETS[a], '.0%'):>12}" if a in TARGETS else f"{'-':>12}"
+            for a in ATTRIBUTES
+        )
+    )
+    held = rows["held-out captions"][0]
+    print(
+        "held-out targets met: "
+        + ", ".join(f"{a} {'yes' if held[a] >= t else 'NO'}" for a, t in TARGETS.items())
+    )
+
+    prompts = [caption(s) for s in held_out[:10]]
+    g1 = generate(pipe, prompts, seeds[:10], guidance=1.0)
+    g5 = images[:10]
+    diff = np.mean(
+        [np.abs(a.astype(float) - b.astype(float)).mean() for a, b in zip(g1, g5, strict=True)]
+    )
+    print(
+        f"guidance 1 vs {GUIDANCE:g}, same seeds: mean absolute pixel difference "
+        f"{diff:.1f} / 255 over {len(prompts)} prompts"
+    )
+    print(
+        f"one {SIZE}x{SIZE} image, {STEPS} steps, guidance {GUIDANCE:g}: "
+        f"median {time_one(pipe):.3f} s of 7 ({torch.get_num_threads()} threads)"
+    )
+
+
+if __name__ == "__main__":
+    main()
