@@ -9,6 +9,7 @@ with the Krita plugin; this file only reads and writes GIMP's pixels and drives 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -234,9 +235,9 @@ def wait_for_result(
         elif kind == "cancelled":
             raise Cancelled()
         elif kind == "error":
+            field = f", field {event['field']}" if event.get("field") else ""
             raise execution_error(
-                f"sdbridge: the daemon refused the job: {event.get('message')} "
-                f"({event.get('code')}{', field ' + event['field'] if event.get('field') else ''})"
+                f"sdbridge: the job failed: {event.get('message')} ({event.get('code')}{field})"
             )
 
 
@@ -334,11 +335,15 @@ DIALOG_FIELDS = [
 ]
 
 
+def dialog_title(procedure: Gimp.Procedure) -> str:
+    return "sdbridge: " + procedure.get_menu_label().replace("_", "").rstrip(".")
+
+
 def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> GimpUi.Dialog:
     """The parameter dialog (GimpUi.init must have run)."""
-    if not config.get_property("address"):
-        config.set_property("address", saved_address())
-    dialog = GimpUi.ProcedureDialog.new(procedure, config, procedure.get_menu_label())
+    # GIMP restores each procedure's own last values; the address is the one both share.
+    config.set_property("address", saved_address())
+    dialog = GimpUi.ProcedureDialog.new(procedure, config, dialog_title(procedure))
     # Prompts are often long: multi-line text boxes, titled since a text box has no label.
     for name, title in (("prompt", "_Prompt"), ("negative-prompt", "_Negative prompt")):
         view = dialog.get_widget(name, Gtk.TextView)
@@ -350,27 +355,34 @@ def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> Gim
     return dialog
 
 
+def ask(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> None:
+    """Shows the parameter dialog; raises Cancelled when the user closes it."""
+    parameters = build_dialog(procedure, config)
+    accepted = parameters.run()
+    parameters.destroy()
+    if not accepted:
+        raise Cancelled()
+    save_address(text_property(config, "address"))
+
+
 def run(
     procedure: Gimp.Procedure,
     run_mode: Gimp.RunMode,
     image: Gimp.Image,
     drawables: list[Gimp.Drawable],
     config: Gimp.ProcedureConfig,
+    _data: Any,
     repaint: bool,
 ) -> Gimp.ValueArray:
     dialog = None
     try:
         if IMPORT_ERROR:
             raise execution_error(f"sdbridge: {IMPORT_ERROR}")
-        if run_mode == Gimp.RunMode.INTERACTIVE:
+        if run_mode != Gimp.RunMode.NONINTERACTIVE:  # the menu, or Filters > Repeat
             GimpUi.init(PLUG_IN_BINARY)
-            parameters = build_dialog(procedure, config)
-            accepted = parameters.run()
-            parameters.destroy()
-            if not accepted:
-                raise Cancelled()
-            save_address(text_property(config, "address"))
-            dialog = ProgressDialog(procedure.get_menu_label().rstrip("."))
+            if run_mode == Gimp.RunMode.INTERACTIVE:
+                ask(procedure, config)
+            dialog = ProgressDialog(dialog_title(procedure))
         paint(image, drawables, Params.from_config(config), repaint, dialog)
     except Cancelled:
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
@@ -389,33 +401,11 @@ def run(
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
 
 
-def run_generate(
-    procedure: Gimp.Procedure,
-    run_mode: Gimp.RunMode,
-    image: Gimp.Image,
-    drawables: list[Gimp.Drawable],
-    config: Gimp.ProcedureConfig,
-    _data: Any,
-) -> Gimp.ValueArray:
-    return run(procedure, run_mode, image, drawables, config, repaint=False)
-
-
-def run_repaint(
-    procedure: Gimp.Procedure,
-    run_mode: Gimp.RunMode,
-    image: Gimp.Image,
-    drawables: list[Gimp.Drawable],
-    config: Gimp.ProcedureConfig,
-    _data: Any,
-) -> Gimp.ValueArray:
-    return run(procedure, run_mode, image, drawables, config, repaint=True)
-
-
 RW = GObject.ParamFlags.READWRITE
 
 PROCEDURES = {
     GENERATE: (
-        run_generate,
+        False,
         "_Generate...",
         "A new layer painted from the prompt by the sdbridge daemon",
         "Sized to the selection's bounds (or the image) and placed there. With strength < 1 "
@@ -423,7 +413,7 @@ PROCEDURES = {
         1.0,
     ),
     REPAINT: (
-        run_repaint,
+        True,
         "_Repaint selection...",
         "Repaints the selection with the sdbridge daemon (img2img / inpainting)",
         "Sends the visible pixels around the selection and the selection as the mask; the "
@@ -442,7 +432,8 @@ class SdbridgePlugIn(Gimp.PlugIn):
         return list(PROCEDURES)
 
     def do_create_procedure(self, name: str) -> Gimp.Procedure:
-        callback, label, blurb, help_text, strength = PROCEDURES[name]
+        repaint, label, blurb, help_text, strength = PROCEDURES[name]
+        callback = functools.partial(run, repaint=repaint)
         procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, callback, None)
         procedure.set_image_types("RGB*, GRAY*")
         procedure.set_sensitivity_mask(

@@ -3,7 +3,8 @@
 Each run executes Python batch code inside GIMP (`python-fu-eval`), with gimp_batch.py's
 helpers in front of it, and reads back what that code recorded: a JSON file of markers and
 any files it exported. The chroot shares the host's network, so a daemon listening on the
-host's loopback is reachable from the plug-in. Headless runs need nothing mounted in the chroot.
+host's loopback is reachable from the plug-in. No run needs anything mounted in the chroot (GIMP's
+GUI only warns that /proc/mounts is missing), so there is nothing to unmount afterwards.
 """
 
 from __future__ import annotations

@@ -209,7 +209,8 @@ def test_errors_come_back_as_pdb_messages_within_the_timeout(
     assert {"op": "cancel", "job": job["id"]}.items() <= stalled_daemon.requests[-1].items()
 
     refused = markers["refused"]
-    assert refused["status"] == "execution-error" and "unknown_model" in refused["error"]
+    assert refused["status"] == "execution-error"
+    assert "the job failed" in refused["error"] and "unknown_model" in refused["error"]
     assert markers["bad_address"]["status"] == "calling-error"
     assert "tcp://" in markers["bad_address"]["error"]
     assert markers["no_prompt"] == {
@@ -235,6 +236,9 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
         for name in (plugin.GENERATE, plugin.REPAINT):
             procedure = Gimp.get_pdb().lookup_procedure(name)
             config = procedure.create_config()
+            if name == plugin.REPAINT:  # what the Generate dialog saved wins over last values
+                plugin.save_address("tcp://127.0.0.1:9")
+                config.set_property("address", "tcp://127.0.0.1:8")
             dialog = plugin.build_dialog(procedure, config)
             dialog.show_all()
             while Gtk.events_pending():
@@ -262,14 +266,27 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
             outcome = "cancelled"
         progress.close()
         mark(outcome=outcome, terminal=job.wait(10)["event"])
+
+        job = client.generate(prompt="a short job", num_inference_steps=3, seed=1)
+        progress = plugin.ProgressDialog("sdbridge: Generate")
+        result = plugin.wait_for_result(job, {daemon.address!r}, 60, progress)
+        shown, bar = progress.label.get_text(), progress.bar.get_fraction()
+        mark(result=result["event"], shown=shown, bar=bar)
+        progress.close()
         client.close()
         """,
         display=True,
     ).checked()
     generate, repaint = markers["dialogs"][GENERATE], markers["dialogs"][REPAINT]
-    assert generate["title"] == "_Generate..." or generate["title"] == "Generate..."
+    assert (generate["title"], repaint["title"]) == (
+        "sdbridge: Generate",
+        "sdbridge: Repaint selection",
+    )
     for info in (generate, repaint):
         assert info["prompt"] == "TextView" and info["prompt_shown"]
-        assert info["address"] == protocol.DEFAULT_ADDRESS  # prefilled: nothing saved yet
+    assert generate["address"] == protocol.DEFAULT_ADDRESS  # nothing saved yet
+    assert repaint["address"] == "tcp://127.0.0.1:9"
     assert (generate["strength"], repaint["strength"]) == (1.0, 0.75)
     assert (markers["outcome"], markers["terminal"]) == ("cancelled", "cancelled")
+    assert markers["result"] == "result" and markers["bar"] == 1.0
+    assert markers["shown"].startswith("sdbridge: step 3/3")
