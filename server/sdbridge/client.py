@@ -250,7 +250,8 @@ class Client:
     bounds `hello` and `status` (and connecting). The first connection attempt happens in the
     constructor, which never raises for an absent daemon: requests then raise `Disconnected`
     while the reader thread keeps retrying (0.1 s .. 2 s apart). ``on_state(connected, message)``
-    is called, on the reader thread, each time the connection comes up or goes down.
+    is called each time the connection comes up or goes down: for the first attempt on the
+    constructing thread, after that on the reader thread.
     """
 
     def __init__(
