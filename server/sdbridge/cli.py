@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sdbridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("serve", help="start the daemon")
+    # No abbreviations: `--token SECRET` must not pass for `--token-file`, leaving it in `ps`.
+    p = commands.add_parser("serve", help="start the daemon", allow_abbrev=False)
     p.add_argument(
         "--model",
         help="diffusers folder, hub id or .safetensors file (default: the embedded sdbridge-tiny)",

@@ -287,8 +287,14 @@ def validate_envelope(message: dict[str, Any]) -> tuple[str, str]:
     return op, rid
 
 
+# The default of a field that must be present: nil is then a wrong type, not "use the default".
+REQUIRED: Any = object()
+
+
 def _get(message: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
     value = message.get(name, default)
+    if value is REQUIRED:
+        raise ProtocolError(ErrorCode.MISSING_FIELD, f"{name} is required", name)
     if value is default:
         return value
     if isinstance(value, bool) or not isinstance(value, kind):
@@ -306,9 +312,7 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
 
 def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateRequest:
     """Turn a `generate` message into a request or raise a ProtocolError naming the field."""
-    if "prompt" not in message:
-        raise ProtocolError(ErrorCode.MISSING_FIELD, "prompt is required", "prompt")
-    prompt = _get(message, "prompt", str, None)
+    prompt = _get(message, "prompt", str, REQUIRED)
     negative = _get(message, "negative_prompt", str, "")
     for name, text in (("prompt", prompt), ("negative_prompt", negative)):
         if len(text) > limits.max_prompt_chars:
@@ -382,6 +386,4 @@ def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateReques
 
 
 def validate_cancel(message: dict[str, Any]) -> str:
-    if "job" not in message:
-        raise ProtocolError(ErrorCode.MISSING_FIELD, "job is required", "job")
-    return _get(message, "job", str, None)
+    return _get(message, "job", str, REQUIRED)

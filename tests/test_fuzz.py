@@ -1,0 +1,338 @@
+"""Property-based fuzzing: the protocol decoder, and a live daemon fed garbage at two layers.
+
+The decoder (msgpack + validation) may only ever raise `ProtocolError`. A live daemon fed random
+and mutated messages over libzmq, and broken ZMTP over raw TCP, must stay up, never answer
+`internal` (that would be a bug in its handling), and still give each well-formed job from a
+well-behaved client exactly one terminal event. The counts of inputs tried are printed at the
+end of the run (docs/reliability.md quotes them).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from conftest import DaemonProcess
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sdbridge import protocol
+from sdbridge.protocol import ProtocolError
+
+TRIED: collections.Counter[str] = collections.Counter()
+LIMITS = protocol.Limits()
+FUZZ_LIMITS = ["--max-steps", "2", "--max-side", "64", "--max-images", "2"]
+FUZZ_LIMITS += ["--max-message-bytes", str(1 << 20), "--max-queue-per-client", "64"]
+GOOD_JOB = {"prompt": "a red circle", "num_inference_steps": 2, "width": 32, "height": 32}
+LIVE = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if TRIED and capture is not None:
+        with capture.global_and_fixture_disabled():
+            print("\nfuzz inputs tried: " + ", ".join(f"{k} {v}" for k, v in sorted(TRIED.items())))
+
+
+# --- values and messages -------------------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
+values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.binary(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+image = st.fixed_dictionaries(
+    {"width": st.integers(1, 4), "height": st.integers(1, 4), "format": st.just("raw")}
+).map(lambda d: {**d, "data": bytes(d["width"] * d["height"] * 4)})
+good_generate = st.fixed_dictionaries(
+    {"v": st.just(1), "op": st.just("generate"), "id": st.text(min_size=1, max_size=8)},
+    optional={
+        "prompt": st.text(max_size=30),
+        "negative_prompt": st.text(max_size=10),
+        "num_inference_steps": st.integers(1, 2),
+        "guidance_scale": st.floats(0, 30),
+        "seed": st.integers(0, 2**32 - 1),
+        "width": st.integers(8, 64),
+        "height": st.integers(8, 64),
+        "num_images": st.integers(1, 2),
+        "init_image": image,
+        "mask_image": image,
+        "strength": st.floats(0.1, 1.0),
+        "preview_every": st.integers(0, 2),
+        "output_format": st.sampled_from(["raw", "png"]),
+        "model": st.text(max_size=10),
+    },
+)
+good_other = st.sampled_from(["hello", "status", "cancel"]).flatmap(
+    lambda op: st.fixed_dictionaries(
+        {"v": st.just(1), "op": st.just(op), "id": st.text(min_size=1, max_size=8)},
+        optional={"job": st.text(max_size=8)} if op == "cancel" else {},
+    )
+)
+FIELDS = sorted(protocol.COMMON_FIELDS | set().union(*protocol.OP_FIELDS.values()))
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> Any:
+    """A plausible request with a few fields replaced, removed or added, or wrapped in junk."""
+    message = dict(draw(good_generate | good_other))
+    for _ in range(draw(st.integers(1, 3))):
+        action = draw(st.sampled_from(["replace", "delete", "add", "wrap"]))
+        if action == "replace":
+            message[draw(st.sampled_from(FIELDS))] = draw(values)
+        elif action == "delete" and message:
+            del message[draw(st.sampled_from(list(message)))]
+        elif action == "add":
+            message[draw(st.text(max_size=8) | st.binary(max_size=8))] = draw(values)
+        elif action == "wrap":
+            return draw(st.sampled_from([[message], {"message": message}, (message, message)]))
+    return message
+
+
+@st.composite
+def message_bytes(draw: st.DrawFn) -> bytes:
+    """One message body: mutated or random values, packed, then possibly damaged."""
+    obj = draw(mutated() | values)
+    # Without the bin type, bytes go out as msgpack str: invalid UTF-8 for the decoder.
+    data = msgpack.packb(obj, use_bin_type=draw(st.booleans()))
+    damage = draw(st.sampled_from(["none", "truncate", "flip", "append", "random"]))
+    if damage == "truncate" and data:
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif damage == "flip" and data:
+        index = draw(st.integers(0, len(data) - 1))
+        data = data[:index] + bytes([data[index] ^ draw(st.integers(1, 255))]) + data[index + 1 :]
+    elif damage == "append":
+        data += draw(st.binary(min_size=1, max_size=8))
+    elif damage == "random":
+        data = draw(st.binary(max_size=64))
+    return data
+
+
+def decode(data: bytes) -> None:
+    """What the daemon does with one frame before anything reaches the queue."""
+    message = protocol.unpack(data)
+    op, _ = protocol.validate_envelope(message)
+    if op == "generate":
+        protocol.validate_generate(message, LIMITS)
+    elif op == "cancel":
+        protocol.validate_cancel(message)
+
+
+# --- the decoder -------------------------------------------------------------------------------
+
+
+@settings(max_examples=1500, deadline=None)
+@given(message_bytes())
+def test_the_decoder_raises_only_protocol_errors(data: bytes) -> None:
+    TRIED["decoder"] += 1
+    with contextlib.suppress(ProtocolError):
+        decode(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (msgpack.packb({"v": 1, "id": "x", "op": [1]}), "unknown_op"),
+        (msgpack.packb({"v": 1, "id": "x", "op": {"a": 1}}), "unknown_op"),
+        (
+            msgpack.packb(
+                {"v": 1, "id": "x", "op": "generate", "prompt": "", "init_image": {b"a": 1, "b": 2}}
+            ),
+            "unknown_field",
+        ),
+        (msgpack.packb({"v": 1, "id": "x", "op": "generate", "prompt": None}), "bad_type"),
+        (msgpack.packb({"v": 1, "id": "x", "op": "cancel", "job": None}), "bad_type"),
+        (b"\x91" * 100_000, "bad_message"),  # nested deeper than any stack
+        (b"\x81\xa2\xff\xfe\x01", "bad_message"),  # a map key that is not UTF-8
+        (b"\xdd\xff\xff\xff\xff", "bad_message"),  # an array claiming 4 billion items
+    ],
+)
+def test_inputs_the_fuzzer_found_or_that_must_stay_covered(data: bytes, code: str) -> None:
+    with pytest.raises(ProtocolError) as refused:
+        decode(data)
+    assert refused.value.code == code
+
+
+# --- a live daemon -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def target(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    process = DaemonProcess(pipeline_dir, tmp_path_factory.mktemp("fuzz"), *FUZZ_LIMITS).start()
+    yield process
+    process.stop()
+
+
+class Dealer:
+    def __init__(self, address: str) -> None:
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+
+    def drain(self, wait_ms: int = 0) -> list[dict[str, Any]]:
+        events = []
+        while self.socket.poll(wait_ms):
+            events.append(protocol.unpack(self.socket.recv()))
+            wait_ms = 0
+        return events
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class GoodClient(Dealer):
+    """A well-behaved client submitting jobs between the fuzzer's inputs."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.sent: list[str] = []
+        self.events: list[dict[str, Any]] = []
+
+    def submit(self) -> None:
+        rid = f"good-{len(self.sent)}"
+        self.socket.send(protocol.pack({"v": 1, "op": "generate", "id": rid, **GOOD_JOB}))
+        self.sent.append(rid)
+
+    def collect(self, timeout: float = 120.0) -> dict[str, list[str]]:
+        """Every event per job id, once each job has its terminal event."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.events += self.drain(200)
+            terminal = {e["id"] for e in self.events if e["event"] in protocol.TERMINAL_EVENTS}
+            if terminal >= set(self.sent):
+                break
+        self.events += self.drain(500)  # anything late would be a second terminal event
+        kinds: dict[str, list[str]] = collections.defaultdict(list)
+        for event in self.events:
+            kinds[event["id"]].append(event["event"])
+        return kinds
+
+
+def assert_serving(target: DaemonProcess, good: GoodClient) -> None:
+    assert target.process is not None and target.process.poll() is None, target.log()
+    kinds = good.collect()
+    assert set(kinds) == set(good.sent)
+    for rid, events in kinds.items():
+        terminal = [e for e in events if e in protocol.TERMINAL_EVENTS]
+        assert terminal == ["result"], (rid, events)
+        assert events[0] == "accepted", (rid, events)
+
+
+@pytest.fixture
+def good(target: DaemonProcess) -> Iterator[GoodClient]:
+    client = GoodClient(target.address)
+    yield client
+    client.close()
+
+
+def test_a_daemon_fed_random_messages_keeps_serving(target: DaemonProcess, good) -> None:
+    fuzzer = Dealer(target.address)
+    answers: list[dict[str, Any]] = []
+
+    @LIVE
+    @given(st.lists(message_bytes(), min_size=1, max_size=3))
+    def feed(frames: list[bytes]) -> None:
+        TRIED["live messages"] += 1
+        fuzzer.socket.send_multipart(frames)
+        if TRIED["live messages"] % 25 == 0:
+            good.submit()
+        answers.extend(fuzzer.drain())
+
+    try:
+        feed()
+        answers.extend(fuzzer.drain(2000))
+    finally:
+        fuzzer.close()
+    assert answers  # the daemon answered the fuzzer, it did not just drop everything
+    internal = [e for e in answers if e.get("code") == "internal"]
+    assert not internal, internal[:3]
+    assert_serving(target, good)
+
+
+def _greeting(mechanism: bytes = b"NULL") -> bytes:
+    return b"\xff" + bytes(8) + b"\x7f\x03\x01" + mechanism.ljust(20, b"\0") + bytes(32)
+
+
+def _frame(flags: int, body: bytes) -> bytes:
+    if len(body) > 255:
+        return struct.pack(">BQ", flags | 0x02, len(body)) + body
+    return struct.pack(">BB", flags, len(body)) + body
+
+
+READY = _frame(0x04, b"\x05READY\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER")
+HELLO = protocol.pack({"v": 1, "op": "hello", "id": "raw"})
+
+
+@st.composite
+def zmtp_streams(draw: st.DrawFn) -> bytes:
+    """A byte stream that is ZMTP up to some point and then goes wrong."""
+    broken = draw(
+        st.sampled_from(
+            ["greeting", "mechanism", "ready", "flags", "oversize", "truncated", "command"]
+        )
+    )
+    junk = draw(st.binary(max_size=80))
+    if broken == "greeting":
+        return draw(st.binary(max_size=64)) + junk
+    if broken == "mechanism":
+        return _greeting(draw(st.sampled_from([b"CURVE", b"PLAIN", b"GSSAPI", b"\xff\x00X"])))
+    stream = _greeting()
+    if broken == "ready":  # a handshake command that is not READY, or a READY that lies
+        return stream + draw(st.sampled_from([_frame(0x04, junk), _frame(0x00, junk), READY[:5]]))
+    stream += READY
+    if broken == "flags":
+        return stream + bytes([draw(st.integers(0x08, 0xFF))]) + junk
+    if broken == "oversize":  # bigger than MAXMSGSIZE, or than anything addressable
+        size = draw(st.sampled_from([(1 << 20) + 1, 1 << 40, 2**64 - 1]))
+        return stream + struct.pack(">BQ", 0x02, size) + junk
+    if broken == "truncated":
+        frame = _frame(draw(st.sampled_from([0x00, 0x01])), HELLO + junk)
+        return stream + frame[: draw(st.integers(1, len(frame) - 1))]
+    return stream + _frame(0x04, bytes([draw(st.integers(0, 255))]) + junk)  # broken command
+
+
+def test_a_daemon_fed_broken_zmtp_keeps_serving(target: DaemonProcess, good) -> None:
+    @LIVE
+    @given(zmtp_streams(), st.booleans())
+    def feed(stream: bytes, linger: bool) -> None:
+        TRIED["raw ZMTP streams"] += 1
+        # The daemon may hang up on us half-way: an OSError then is its right.
+        with (
+            socket.create_connection(("127.0.0.1", target.port), timeout=5) as raw,
+            contextlib.suppress(OSError),
+        ):
+            raw.sendall(stream)
+            if linger:  # read what it says back, if anything, before hanging up
+                raw.settimeout(0.02)
+                raw.recv(4096)
+        if TRIED["raw ZMTP streams"] % 25 == 0:
+            good.submit()
+
+    feed()
+    assert_serving(target, good)
