@@ -8,6 +8,7 @@ emitting thread is not the one this object lives in.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -16,10 +17,11 @@ from typing import Any
 from PyQt5.QtCore import QObject, pyqtSignal
 
 from sdbridge import __version__
-from sdbridge.client import Client, ClientError
+from sdbridge.client import Client, ClientError, Job
 from sdbridge.protocol import TERMINAL_EVENTS, ErrorCode, ProtocolError, error_event
 
 CLIENT_NAME = f"sdbridge-krita/{__version__}"
+_log = logging.getLogger(__name__)
 
 
 class Connection(QObject):
@@ -32,9 +34,9 @@ class Connection(QObject):
 
     def __init__(self) -> None:
         super().__init__()
-        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._client: Client | None = None
-        self._jobs: dict[str, Any] = {}  # job key -> sdbridge.client.Job, worker thread only
+        self._jobs: dict[str, Job] = {}  # by the plugin's job key; worker thread only
         self._worker = threading.Thread(target=self._run, name="sdbridge-krita", daemon=True)
         self._worker.start()
 
@@ -48,16 +50,16 @@ class Connection(QObject):
     def cancel(self, key: str) -> None:
         self._tasks.put(lambda: self._cancel(key))
 
-    def close(self) -> None:
-        self._tasks.put(None)
-
     # --- worker thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while (task := self._tasks.get()) is not None:
-            task()
-        if self._client is not None:
-            self._client.close()
+        # Lives as long as Krita (a daemon thread): the sockets close when Krita exits.
+        while True:
+            task = self._tasks.get()
+            try:
+                task()
+            except Exception:  # one failed request must not stop all later ones
+                _log.exception("sdbridge-krita: a connection task failed")
 
     def _open(self, address: str) -> None:
         if self._client is not None:

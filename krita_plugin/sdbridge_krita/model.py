@@ -143,9 +143,6 @@ class Model(QObject):
             self.fixed_seed = True
             self.seed = self.last_seed
 
-    def shutdown(self) -> None:
-        self._connection.close()
-
     # --- news from the connection (GUI thread, via queued signals) -------------------------------
 
     def _on_state(self, connected: bool, text: str, detail: str) -> None:

@@ -178,6 +178,21 @@ def test_daemon_error_is_shown_in_plain_words(doc):
     assert "does not have that model" in doc.eval("dock().message.text()")
 
 
+def test_an_image_that_is_not_8_bit_rgb_is_explained(doc):
+    doc.run(
+        """
+        d = app.createDocument(32, 32, "deep", "RGBA", "U16", "", 72.0)
+        app.activeWindow().addView(d)
+        state["doc"] = d
+        record(dock().model)
+        """
+    )
+    before = doc.eval("layers()")
+    assert generate(doc, "anything") == before
+    assert "8-bit RGB" in doc.eval("dock().message.text()")
+    assert doc.eval("state['seen']['progress']") == [], "no job was sent"
+
+
 def test_stopped_daemon_is_reported_krita_stays_responsive_and_it_reconnects(
     doc, daemon, daemon_factory
 ):
