@@ -193,6 +193,12 @@ def test_an_image_that_is_not_8_bit_rgb_is_explained(doc):
     assert doc.eval("state['seen']['progress']") == [], "no job was sent"
 
 
+def test_generate_without_an_image_asks_for_one(krita):
+    krita.run("close_documents(); dock().prompt.setPlainText('x'); dock().generate.click()")
+    assert krita.eval("dock().message.text()") == "Open or create an image first."
+    assert krita.eval("dock().model.job is None and dock().generate.isEnabled()")
+
+
 def test_stopped_daemon_is_reported_krita_stays_responsive_and_it_reconnects(
     doc, daemon, daemon_factory
 ):
