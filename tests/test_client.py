@@ -60,6 +60,7 @@ class ScriptedDaemon:
         self.port = port
         self.address = f"tcp://127.0.0.1:{port}"
         self.silent = False
+        self.max_message_bytes = 64 << 20
         self.peers: set[bytes] = set()
         self.live: dict[tuple[bytes, str], bool] = {}
         self._stop = threading.Event()
@@ -88,7 +89,8 @@ class ScriptedDaemon:
         op, rid = request["op"], request["id"]
         self._send(peer, "progress", "somebody-else", step=1, total=1)  # routed nowhere
         if op in ("hello", "status"):
-            self._send(peer, op, rid, protocol=[1], model="scripted")
+            limits = {"max_message_bytes": self.max_message_bytes}
+            self._send(peer, op, rid, protocol=[1], model="scripted", limits=limits)
         elif op == "cancel":
             if self.live.pop((peer, request["job"]), None):
                 self._send(peer, "progress", request["job"], step=1, total=PROGRESS_STEPS)
@@ -231,6 +233,21 @@ def test_a_refused_request_raises_job_failed_with_code_and_field(
         "no",
     )
     assert _names(list(job.events())) == ["error"]
+
+
+def test_a_request_over_the_daemons_limit_fails_alone(
+    scripted: ScriptedDaemon, client_factory
+) -> None:
+    states = StateLog()
+    client = client_factory(scripted.address, on_state=states)
+    live = client.generate(prompt="hang")
+    scripted.max_message_bytes = 1000
+    client.hello()
+    with pytest.raises(ClientError, match="over the daemon's limit of 1000") as refusal:
+        client.generate(prompt="x" * 1000)
+    assert refusal.value.code == "bad_message"
+    assert not live.done and states.states == [True]  # the connection and its jobs live on
+    assert client.generate(prompt="small").result(timeout=5)["event"] == "result"
 
 
 def test_timeouts_raise_a_timeout_error_and_leave_the_job_live(

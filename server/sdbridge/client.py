@@ -31,6 +31,7 @@ from .protocol import (
     TOKEN_USERNAME,
     ErrorCode,
     Image,
+    Limits,
     ProtocolError,
     error_event,
     pack,
@@ -285,6 +286,9 @@ class Client:
         # Ids never repeat within a client, so an event from an old connection matches nothing.
         self._id_prefix = secrets.token_hex(4)
         self._id_counter = itertools.count(1)
+        # The daemon closes the connection on a larger message, failing every live job with it;
+        # refusing such a request here fails only that request. `hello` tells the real limit.
+        self._max_request_bytes = Limits().max_message_bytes
         self._reader = threading.Thread(target=self._run, name="sdbridge-client", daemon=True)
         self._connect()
         self._reader.start()
@@ -323,7 +327,11 @@ class Client:
 
     def hello(self) -> JobEvent:
         """The daemon's `hello` event: versions, device, model, capabilities, limits."""
-        return self._call("hello", client=self.client_name)
+        answer = self._call("hello", client=self.client_name)
+        limit = answer.get("limits", {}).get("max_message_bytes")
+        if isinstance(limit, int) and limit > 0:
+            self._max_request_bytes = limit
+        return answer
 
     def status(self) -> JobEvent:
         """The daemon's `status` event: device, model, queue."""
@@ -392,6 +400,12 @@ class Client:
     def _send(self, request: JobEvent, route: Job | queue.SimpleQueue[JobEvent] | None) -> None:
         """Register where the answers go, then send; registering first means no event races."""
         data = pack(request)
+        if len(data) > self._max_request_bytes:
+            raise ClientError(
+                ErrorCode.BAD_MESSAGE,
+                f"the request is {len(data)} bytes, over the daemon's limit of "
+                f"{self._max_request_bytes} (limits.max_message_bytes); send smaller images",
+            )
         request_id = request["id"]
         with self._lock:
             conn = self._conn
