@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
-from pipelines import build_pipeline
+from diffusers import StableDiffusionPipeline
+from pipelines import build_lora, build_pipeline, build_sdxl_pipeline
 
 from sdbridge import protocol
 
 # Nothing may come from a model hub in tests.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Daemons started by tests read no config file and scan no models folder of the user's own.
+_USER_DIRS = tempfile.mkdtemp(prefix="sdbridge-test-home-")
+os.environ["XDG_CONFIG_HOME"] = os.path.join(_USER_DIRS, "config")
+os.environ["XDG_DATA_HOME"] = os.path.join(_USER_DIRS, "data")
 READY_TIMEOUT = 120.0
 
 
@@ -135,3 +142,41 @@ def daemon_factory(pipeline_dir: Path, tmp_path: Path) -> Iterator:
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture(scope="session")
+def library(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's models and loras folders as model sites fill them: an SDXL diffusers folder,
+    the test model as an original-format checkpoint, a few-step model known by its name, a
+    pickle checkpoint, and two LoRAs (one in a subfolder)."""
+    from checkpoints import write_single_file_checkpoint  # the SD 1.x converter of test_models
+
+    root = tmp_path_factory.mktemp("library")
+    models, loras = root / "models", root / "loras"
+    build_sdxl_pipeline(models / "xl" / "tiny-xl")
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir)
+    write_single_file_checkpoint(pipe, models / "tiny-sd-file.safetensors")
+    shutil.copytree(pipeline_dir, models / "tiny-sd-turbo")
+    (models / "old.ckpt").write_bytes(b"PK\x03\x04 a pickled checkpoint")
+    build_lora(pipe, loras / "ink.safetensors", seed=1)
+    build_lora(pipe, loras / "styles" / "paper.safetensors", seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def library_daemon(
+    library: Path, pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DaemonProcess]:
+    """A daemon serving the test model plus the library, set up by a config file."""
+    workdir = tmp_path_factory.mktemp("library-daemon")
+    config = workdir / "config.toml"
+    config.write_text(
+        f'models_dir = "{library / "models"}"\n'
+        f'loras_dir = "{library / "loras"}"\n'
+        "max_loaded_models = 2\n"
+        '[models."tiny-sd-file"]\n'
+        f'config = "{pipeline_dir}"\n'
+    )
+    process = DaemonProcess(pipeline_dir, workdir, "--config", str(config)).start()
+    yield process
+    process.stop()

@@ -15,9 +15,12 @@ from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # 64 px native: latents of 8x8 keep a 20-step CFG job around a tenth of a second on this CPU.
 NATIVE_SIZE = 64
@@ -50,23 +53,23 @@ def write_tokenizer(folder: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def build_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
-    torch.manual_seed(seed)
-    tokenizer = write_tokenizer(folder / "_tokenizer_source")
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+def _text_config(tokenizer: CLIPTokenizer, hidden: int, **extra: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
-    unet = UNet2DConditionModel(
+
+
+def _unet(**extra: object) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
         sample_size=NATIVE_SIZE // 8,
         in_channels=4,
         out_channels=4,
@@ -77,8 +80,12 @@ def build_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=8,
+        **extra,
     )
-    vae = AutoencoderKL(
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -89,21 +96,80 @@ def build_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
         norm_num_groups=8,
         sample_size=NATIVE_SIZE,
     )
-    scheduler = EulerDiscreteScheduler(
+
+
+def _scheduler() -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         steps_offset=1,
     )
+
+
+def build_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(folder / "_tokenizer_source")
+    text_encoder = CLIPTextModel(_text_config(tokenizer, 32))
+    unet = _unet()
     pipe = StableDiffusionPipeline(
-        vae=vae,
+        vae=_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
     return pipe
+
+
+def build_sdxl_pipeline(folder: Path, seed: int = 0) -> StableDiffusionXLPipeline:
+    """An SDXL-shaped model: two text encoders (the second with a projection) feeding a UNet with
+    `text_time` added embeddings, the layout `StableDiffusionXLPipeline.save_pretrained` writes."""
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(folder / "_tokenizer_source")
+    text_encoder = CLIPTextModel(_text_config(tokenizer, 16, projection_dim=16))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, 16, projection_dim=16))
+    # The UNet attends to both encoders' hidden states side by side (16 + 16) and adds the
+    # pooled projection (16) and six size/crop numbers (6 x 8) as `text_time` embeddings.
+    unet = _unet(
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def build_lora(pipe: StableDiffusionPipeline, path: Path, seed: int = 0, rank: int = 4) -> Path:
+    """A LoRA for `pipe`'s UNet attention, saved as diffusers writes one (`save_lora_weights`).
+
+    peft initialises LoRA's B matrices to zero (a LoRA that changes nothing); random ones make
+    a LoRA whose effect a test can see. The pipeline is left without the adapter.
+    """
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        init_lora_weights=False,
+    )
+    pipe.unet.add_adapter(config, adapter_name="build")
+    layers = get_peft_model_state_dict(pipe.unet, adapter_name="build")
+    pipe.unet.delete_adapters("build")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    type(pipe).save_lora_weights(path.parent, unet_lora_layers=layers, weight_name=path.name)
+    return path

@@ -13,42 +13,74 @@ from typing import Any
 from . import __version__, protocol
 
 
-def _default_model() -> str | None:
+def _tiny_present() -> bool:
     from . import tiny
 
-    return str(tiny.MODEL_DIR) if (tiny.MODEL_DIR / "model_index.json").is_file() else None
+    return (tiny.MODEL_DIR / "model_index.json").is_file()
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    """The effective settings for `serve` and `config`: flags over environment over file."""
+    from .settings import load_settings, options
+
+    names = [option.name for option in options()] + list(_LIMIT_NAMES)
+    return load_settings(args.config, {name: getattr(args, name) for name in names}, os.environ)
 
 
 def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbridge: %(message)s")
-    model = args.model or _default_model()
-    if model is None:
-        print("sdbridge: no model given and the embedded default model is missing", file=sys.stderr)
-        return 2
+    from . import tiny
     from .security import TokenError, check_listen, read_token
+    from .settings import SettingsError
 
     try:  # before loading the model: a refusal should not take a minute to arrive
-        token = read_token(args.token_file)
-        check_listen(args.listen, token)
-        limits = protocol.Limits(**{name: getattr(args, name) for name in _LIMIT_NAMES})
-    except (TokenError, ValueError) as exc:
+        settings = _settings(args)
+        token = read_token(settings.token_file)
+        check_listen(settings.listen, token)
+    except (SettingsError, TokenError, ValueError) as exc:
         print(f"sdbridge: {exc}", file=sys.stderr)
+        return 2
+    model = settings.model or (tiny.NAME if _tiny_present() else None)
+    if model is None:
+        print("sdbridge: no model given and the embedded default model is missing", file=sys.stderr)
         return 2
     # Heavy imports only here: client commands must start fast.
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     from .daemon import Daemon
-    from .engine import Engine
-    from .outputs import OutputFolder, default_output_dir
+    from .engine import Engine, MemoryOptions
+    from .loras import LoraRegistry
+    from .models import ModelRegistry, describe
+    from .outputs import OutputFolder
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     start = time.perf_counter()
     try:
-        engine = Engine(model, device=args.device, dtype=args.dtype, config=args.model_config)
+        embedded = [describe(str(tiny.MODEL_DIR), tiny.NAME)] if _tiny_present() else []
+        configs = {
+            name: table["config"] for name, table in settings.models.items() if "config" in table
+        }
+        registry = ModelRegistry(
+            embedded, settings.models_dir, settings.allow_pickle, configs=configs
+        )
+        engine = Engine(
+            model,
+            device=settings.device,
+            dtype=settings.dtype,
+            config=settings.model_config,
+            registry=registry,
+            loras=LoraRegistry(settings.loras_dir),
+            memory=MemoryOptions(
+                settings.attention_slicing, settings.vae_tiling, settings.cpu_offload
+            ),
+            max_loaded=settings.max_loaded_models,
+            model_settings=settings.models,
+            allow_pickle=settings.allow_pickle,
+        )
     except (ValueError, OSError) as exc:
         print(f"sdbridge: cannot load model {model!r}: {exc}", file=sys.stderr)
         return 2
@@ -59,18 +91,25 @@ def serve(args: argparse.Namespace) -> int:
         str(engine.dtype).removeprefix("torch."),
         time.perf_counter() - start,
     )
-    outputs = OutputFolder(Path(args.output_dir) if args.output_dir else default_output_dir())
+    logging.info(
+        "%d models (folder %s), %d LoRAs (folder %s)",
+        len(registry.names()),
+        settings.models_dir,
+        len(engine.loras.entries()),
+        settings.loras_dir,
+    )
+    outputs = OutputFolder(settings.output_dir)
     try:
         daemon = Daemon(
             engine,
             outputs,
-            address=args.listen,
-            limits=limits,
+            address=settings.listen,
+            limits=settings.limits,
             heartbeat_ms=args.heartbeat_ms,
             token=token,
         )
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint
-        print(f"sdbridge: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        print(f"sdbridge: cannot listen on {settings.listen}: {exc}", file=sys.stderr)
         return 2
     logging.info("images go to %s", outputs.root)
     daemon.install_signal_handlers()
@@ -86,7 +125,21 @@ def _add_limit_options(parser: argparse.ArgumentParser) -> None:
     """One option per limit (`--max-queue`, ...), defaults from `protocol.Limits`."""
     group = parser.add_argument_group("limits (reported by hello; see docs/protocol.md)")
     for name, default in protocol.Limits().to_dict().items():
-        group.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, metavar="N")
+        # None: not given, so that the config file's value stands.
+        group.add_argument(
+            f"--{name.replace('_', '-')}", type=int, metavar="N", help=f"default {default}"
+        )
+
+
+def show_config(args: argparse.Namespace) -> int:
+    from .settings import SettingsError
+
+    try:
+        print(_settings(args).render())
+    except SettingsError as exc:
+        print(f"sdbridge: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _progress_bar(event: dict[str, Any], started: float) -> str:
@@ -228,6 +281,24 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a job")
 
 
+def _add_settings_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (docs/models.md); every default is None so that an absent flag
+    leaves the environment's or the config file's value in place."""
+    from .settings import CONFIG_ENV, default_config_path, options
+
+    parser.add_argument(
+        "--config", help=f"TOML config file (default ${CONFIG_ENV} or {default_config_path()})"
+    )
+    for option in options():
+        flag = f"--{option.name.replace('_', '-')}"
+        if option.kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=option.help)
+        else:
+            kind = int if option.kind is int else str
+            parser.add_argument(flag, type=kind, choices=option.choices, help=option.help)
+    _add_limit_options(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdbridge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sdbridge {__version__}")
@@ -235,33 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     # No abbreviations: `--token SECRET` must not pass for `--token-file`, leaving it in `ps`.
     p = commands.add_parser("serve", help="start the daemon", allow_abbrev=False)
-    p.add_argument(
-        "--model",
-        help="diffusers folder, hub id or .safetensors file (default: the embedded sdbridge-tiny)",
-    )
-    p.add_argument(
-        "--model-config",
-        help="diffusers folder with the configs for a single-file checkpoint (offline loading)",
-    )
-    p.add_argument("--listen", default=protocol.DEFAULT_ADDRESS, help="tcp://HOST:PORT")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "fp16", "bf16", "fp32"],
-        default="auto",
-        help="auto: fp16 on CUDA, fp32 elsewhere",
-    )
-    p.add_argument(
-        "--output-dir", help="where finished images are saved (default ~/Pictures/sdbridge)"
-    )
-    p.add_argument(
-        "--token-file",
-        help=f"file holding the secret clients must present (or set ${protocol.TOKEN_ENV}); "
-        "required to listen beyond loopback",
-    )
-    _add_limit_options(p)
+    _add_settings_options(p)
     p.add_argument("--heartbeat-ms", type=int, default=5000, help=argparse.SUPPRESS)
     p.set_defaults(run=serve)
+
+    p = commands.add_parser(
+        "config",
+        help="print the effective daemon configuration and where each value came from",
+        allow_abbrev=False,
+    )
+    _add_settings_options(p)
+    p.set_defaults(run=show_config)
 
     p = commands.add_parser("generate", help="make images with a running daemon")
     p.add_argument("prompt")

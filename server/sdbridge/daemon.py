@@ -21,14 +21,15 @@ import zmq
 
 from . import __version__, protocol
 from .engine import Engine, GeneratedImage, JobCancelled
-from .outputs import OutputFolder
+from .outputs import OutputFolder, SavedImage
 from .protocol import ErrorCode, GenerateRequest, Limits, ProtocolError
+from .schedulers import SAMPLERS
 
 log = logging.getLogger("sdbridge.daemon")
 
 HEARTBEAT_IVL_MS = 5_000
 HEARTBEAT_TIMEOUT_MS = 30_000
-CAPABILITIES = ["txt2img", "img2img", "inpaint", "preview", "cancel", "png"]
+CAPABILITIES = ["txt2img", "img2img", "inpaint", "preview", "cancel", "png", "models", "loras"]
 # libzmq asks the socket bound here (in the same context) to authenticate PLAIN peers (RFC 27).
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"sdbridge"
@@ -181,6 +182,8 @@ class Daemon:
             self._send(peer, self._hello(rid))
         elif op == "status":
             self._send(peer, self._status(peer, rid))
+        elif op == "models":
+            self._send(peer, self._models(rid))
         elif op == "cancel":
             self._cancel(peer, rid, protocol.validate_cancel(message))
         else:
@@ -196,11 +199,29 @@ class Daemon:
             device=engine.device.type,
             dtype=str(engine.dtype).removeprefix("torch."),
             model=engine.model,
-            models=[engine.model],
+            models=engine.registry.names(),
             native_size=[engine.native_size, engine.native_size],
+            schedulers=list(SAMPLERS),
+            loras=[entry.name for entry in engine.loras.entries()],
             capabilities=CAPABILITIES,
             limits=self.limits.to_dict(),
         )
+
+    def _models(self, rid: str) -> dict[str, Any]:
+        """Every listed model and LoRA, the folders rescanned: new downloads appear here."""
+        engine = self.engine
+        engine.registry.refresh()
+        engine.loras.refresh()
+        loaded = set(engine.loaded_names())
+        models = [
+            {
+                **entry.to_dict(entry.name in loaded),
+                "defaults": engine.defaults(entry.name).to_dict(),
+            }
+            for entry in engine.registry.entries()
+        ]
+        loras = [entry.to_dict() for entry in engine.loras.entries()]
+        return protocol.event("models", rid, model=engine.model, models=models, loras=loras)
 
     def _status(self, peer: bytes, rid: str) -> dict[str, Any]:
         with self.lock:
@@ -228,12 +249,7 @@ class Daemon:
         )
 
     def _submit(self, peer: bytes, rid: str, request: GenerateRequest) -> None:
-        if request.model is not None and request.model != self.engine.model:
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_MODEL,
-                f"unknown model {request.model!r}; this daemon has {[self.engine.model]}",
-                "model",
-            )
+        self.engine.check(request)
         with self.lock:
             if (peer, rid) in self.jobs:
                 raise ProtocolError(
@@ -316,7 +332,7 @@ class Daemon:
             job = self.queue.popleft()
             job.running = True
             self.current = job
-            self.progress = (0, job.request.num_inference_steps)
+            self.progress = (0, job.request.num_inference_steps or 0)
             return job
 
     def _run(self, job: Job, out: zmq.Socket) -> None:
@@ -338,9 +354,11 @@ class Daemon:
         def on_preview(step: int, total: int, image: protocol.Image) -> None:
             emit(protocol.event("preview", job.id, step=step, total=total, image=image.to_dict()))
 
+        saved: list[SavedImage] = []
         try:
             images = self.engine.run(job.request, on_progress, on_preview, job.cancelled.is_set)
-            emit(self._result(job, images, time.perf_counter() - start), terminal=True)
+            result, saved = self._result(job, images, time.perf_counter() - start)
+            emit(result, terminal=True)
         except JobCancelled:
             emit(protocol.event("cancelled", job.id), terminal=True)
         except ProtocolError as error:
@@ -353,33 +371,39 @@ class Daemon:
             with self.lock:
                 self.current = None
                 self.progress = None
+        # The client has its result and the files exist: compressing them delays the next job
+        # only, not this one.
+        for image in saved:
+            self.outputs.compress(image)
 
-    def _result(self, job: Job, images: list[GeneratedImage], elapsed: float) -> dict[str, Any]:
-        encoded = []
+    def _result(
+        self, job: Job, images: list[GeneratedImage], elapsed: float
+    ) -> tuple[dict[str, Any], list[SavedImage]]:
+        encoded, saved = [], []
         for generated in images:
-            path = self.outputs.save(generated.image, generated.info)
             image = generated.image
-            if job.request.output_format == "png":
-                data = path.read_bytes()
-            else:
-                data = image.convert("RGBA").tobytes()
+            raw = job.request.output_format == "raw"
+            rgba = image.convert("RGBA").tobytes() if raw else None
+            stored = self.outputs.save(image, generated.info, rgba)
+            saved.append(stored)
             encoded.append(
                 {
                     "width": image.width,
                     "height": image.height,
                     "format": job.request.output_format,
-                    "data": data,
+                    "data": rgba if raw else stored.png,
                     "seed": generated.seed,
-                    "path": str(path),
+                    "path": str(stored.path),
                 }
             )
-        return protocol.event(
+        result = protocol.event(
             "result",
             job.id,
             images=encoded,
             parameters=images[0].info.to_parameters(),
             elapsed=elapsed,
         )
+        return result, saved
 
 
 def _zap_address(request: list[bytes]) -> str:

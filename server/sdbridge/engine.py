@@ -1,53 +1,47 @@
-"""The engine: one warm diffusers pipeline serving txt2img, img2img and inpainting jobs.
+"""The engine: warm diffusers pipelines serving txt2img, img2img and inpainting jobs.
 
 All three modes share the same weights (`from_pipe`); each job gets its own scheduler and its own
 seeded `torch.Generator`, so a job never sees another job's state and the same request with the
-same seed gives the same pixels.
+same seed gives the same pixels. A job may name any listed model: the engine loads it while
+queued jobs wait and keeps the most recently used ones resident, unloading the least recently
+used beyond a configured count.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import inspect
 import io
+import logging
 import math
 import secrets
-from collections.abc import Callable
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoPipelineForImage2Image,
-    AutoPipelineForInpainting,
-    AutoPipelineForText2Image,
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-)
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
 from PIL import Image, ImageFilter
 
+from . import loras as lora_loading
 from . import protocol
+from .loras import LoraEntry, LoraRegistry
+from .models import ModelEntry, ModelRegistry, describe, load_pipeline, pipeline_family
 from .outputs import GenerationInfo
+from .presets import PRESETS, JobDefaults, job_defaults, lora_preset
 from .previews import LatentPreviewer
 from .protocol import ErrorCode, GenerateRequest, ProtocolError
+from .resolution import SizeRange, refine_size, size_range
+from .schedulers import SAMPLERS, build_scheduler, sampler_name
 
-# The names AUTOMATIC1111 users know, for the PNG metadata.
-SAMPLER_NAMES = {
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "DDIMScheduler": "DDIM",
-    "PNDMScheduler": "PLMS",
-    "LMSDiscreteScheduler": "LMS",
-    "UniPCMultistepScheduler": "UniPC",
-    "DDPMScheduler": "DDPM",
-    "LCMScheduler": "LCM",
-    "HeunDiscreteScheduler": "Heun",
-}
+log = logging.getLogger("sdbridge.engine")
 
-# Generate at least at the native size and at most at 1.5x its side (by area), keeping the aspect
-# ratio: a small selection is not painted at 96x96, a huge canvas does not exhaust memory.
-NATIVE_MAX_FACTOR = 1.5
 # Inward feather of the inpainting mask, as a fraction of the mask's shorter side.
 FEATHER_FRACTION = 0.02
 
@@ -91,35 +85,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def model_name(spec: str) -> str:
+    """The name a model given by path or hub id is listed under."""
     path = Path(spec)
     if path.exists():
         return path.stem if path.is_file() else path.resolve().name
     return spec
-
-
-def load_pipeline(spec: str, dtype: torch.dtype, config: str | None = None) -> DiffusionPipeline:
-    """Load a diffusers folder, a single-file `.safetensors` checkpoint or a hub id."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ValueError(f"{path} is not a diffusers model folder (no model_index.json)")
-        return AutoPipelineForText2Image.from_pretrained(path, dtype=dtype)
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: only .safetensors checkpoints are loaded")
-        # Without `config` diffusers fetches the reference config from the hub.
-        return StableDiffusionPipeline.from_single_file(path, dtype=dtype, config=config)
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return AutoPipelineForText2Image.from_pretrained(spec, dtype=dtype)
-    raise ValueError(f"model {spec!r} not found: not a folder, a .safetensors file or a hub id")
-
-
-def generation_size(width: int, height: int, native: int) -> tuple[int, int]:
-    """A size near the model's native area with the target's aspect ratio, multiples of 8."""
-    area = width * height
-    low, high = native * native, (native * NATIVE_MAX_FACTOR) ** 2
-    scale = math.sqrt(low / area) if area < low else math.sqrt(high / area) if area > high else 1.0
-    return (max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8))
 
 
 def feathered_mask(mask: Image.Image) -> Image.Image:
@@ -155,8 +125,54 @@ def _options(pipe: DiffusionPipeline) -> dict[str, object]:
     return {k: v for k, v in pipe.config.items() if k in parameters and k not in pipe.components}
 
 
+def _generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def native_size(pipe: DiffusionPipeline) -> int:
+    """The side the model was trained at: its sample size in latents times the VAE factor."""
+    sample = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    sample = sample if isinstance(sample, int) else min(sample)
+    return sample * pipe.vae_scale_factor
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    attention_slicing: bool = False  # ~10% slower, less peak memory in attention
+    vae_tiling: bool = False  # decodes large images tile by tile
+    cpu_offload: bool = False  # CUDA only: each component moves to the GPU while it runs
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A resident model: its three pipelines over one set of weights, and what its jobs get."""
+
+    entry: ModelEntry
+    txt2img: DiffusionPipeline
+    img2img: DiffusionPipeline
+    inpaint: DiffusionPipeline
+    previewer: LatentPreviewer
+    native_size: int
+    sizes: SizeRange
+    defaults: JobDefaults
+
+    @property
+    def family(self) -> str:
+        return self.entry.family
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """A request resolved against its model: every field the request left out is filled."""
+
+    steps: int
+    guidance_scale: float
+    sampler: str | None
+    timestep_spacing: str | None
+
+
 class Engine:
-    """Loads one model once and runs jobs on it, one at a time."""
+    """Loads models on demand and runs jobs on them, one at a time (on the daemon's worker)."""
 
     def __init__(
         self,
@@ -164,31 +180,186 @@ class Engine:
         device: str = "auto",
         dtype: str = "auto",
         config: str | None = None,
+        *,
+        registry: ModelRegistry | None = None,
+        loras: LoraRegistry | None = None,
+        memory: MemoryOptions | None = None,
+        max_loaded: int = 1,
+        model_settings: Mapping[str, Mapping[str, Any]] | None = None,
+        allow_pickle: bool = False,
     ) -> None:
+        """`model` is served first: a name in `registry`, or else a diffusers folder, a
+        single-file checkpoint (`config`: a folder with its diffusers configs) or a hub id."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = model_name(model)
-        self.txt2img = load_pipeline(model, self.dtype, config).to(self.device)
-        self.img2img = AutoPipelineForImage2Image.from_pipe(self.txt2img)
-        self.inpaint = AutoPipelineForInpainting.from_pipe(self.txt2img)
-        sample = self.txt2img.unet.config.sample_size
-        sample = sample if isinstance(sample, int) else min(sample)
-        self.native_size = sample * self.txt2img.vae_scale_factor
-        self.previewer = LatentPreviewer.fit(self.txt2img.vae)
+        self.registry = registry or ModelRegistry([])
+        self.loras = loras or LoraRegistry(None)
+        self.memory = memory or MemoryOptions()
+        self.max_loaded = max(1, max_loaded)
+        self.model_settings = dict(model_settings or {})
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        # Guards `_loaded` between the worker (loading) and the socket thread (listing).
+        self._lock = threading.Lock()
+        if self.registry.get(model) is None:
+            self.registry.add(describe(model, model_name(model), config, allow_pickle))
+            model = model_name(model)
+        self.activate(model)
+
+    # --- models --------------------------------------------------------------------------------
 
     @property
-    def sampler(self) -> str:
-        name = type(self.txt2img.scheduler).__name__
-        return SAMPLER_NAMES.get(name, name)
+    def current(self) -> LoadedModel:
+        """The most recently used model: the one a job without `model` gets."""
+        with self._lock:
+            return next(reversed(self._loaded.values()))
 
-    def _pipeline_for(self, request: GenerateRequest) -> DiffusionPipeline:
+    @property
+    def model(self) -> str:
+        return self.current.entry.name
+
+    @property
+    def native_size(self) -> int:
+        return self.current.native_size
+
+    def loaded_names(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+    def defaults(self, name: str) -> JobDefaults:
+        """What a job on model `name` gets for the fields its request leaves out."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+        if loaded is not None:
+            return loaded.defaults
+        return job_defaults(name, "", self.model_settings.get(name))
+
+    def activate(self, name: str) -> LoadedModel:
+        """The model `name`, loaded if it is not resident; it becomes the most recently used."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+            if loaded is not None:
+                self._loaded.move_to_end(name)
+                return loaded
+        entry = self.registry.get(name)
+        if entry is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}", "model")
+        start = time.perf_counter()
+        # Read from disk before anything is unloaded: a broken file leaves the resident models
+        # serving. Only moving to the device comes after making room.
+        try:
+            pipe = load_pipeline(entry, self.dtype)
+        except Exception as exc:
+            if not self._loaded:
+                raise  # the first model: the daemon cannot start without it
+            log.warning("cannot load %s: %s", name, exc)
+            raise ProtocolError(
+                ErrorCode.MODEL_LOAD_FAILED, f"model {name!r} did not load: {exc}", "model"
+            ) from exc
+        self._evict(keep=self.max_loaded - 1)
+        loaded = self._prepare(entry, pipe)
+        with self._lock:
+            self._loaded[name] = loaded
+        log.info("loaded %s (%s) in %.1f s", name, loaded.family, time.perf_counter() - start)
+        return loaded
+
+    def _evict(self, keep: int) -> None:
+        with self._lock:
+            while len(self._loaded) > keep:
+                name, _ = self._loaded.popitem(last=False)
+                log.info("unloaded %s", name)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _prepare(self, entry: ModelEntry, pipe: DiffusionPipeline) -> LoadedModel:
+        if self.memory.cpu_offload and self.device.type == "cuda":
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        if self.memory.attention_slicing:
+            pipe.enable_attention_slicing()
+        if self.memory.vae_tiling:
+            pipe.vae.enable_tiling()
+        if entry.family == "unknown":  # a hub id that was not in the cache before loading
+            entry = dataclasses.replace(entry, family=pipeline_family(pipe))
+        native = native_size(pipe)
+        settings = self.model_settings.get(entry.name)
+        return LoadedModel(
+            entry=entry,
+            txt2img=pipe,
+            img2img=AutoPipelineForImage2Image.from_pipe(pipe),
+            inpaint=AutoPipelineForInpainting.from_pipe(pipe),
+            previewer=LatentPreviewer.fit(pipe.vae),
+            native_size=native,
+            sizes=size_range(entry.family, native),
+            defaults=job_defaults(entry.name, type(pipe.scheduler).__name__, settings),
+        )
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    def check(self, request: GenerateRequest) -> None:
+        """Refuse names that no model, scheduler or LoRA has, before the job is queued."""
+        if request.model is not None and self.registry.get(request.model) is None:
+            self.registry.refresh()  # a model downloaded since the last scan
+            if self.registry.get(request.model) is None:
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_MODEL,
+                    f"unknown model {request.model!r}; the models op lists them",
+                    "model",
+                )
+        if request.scheduler is not None and request.scheduler not in SAMPLERS:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_SCHEDULER,
+                f"unknown scheduler {request.scheduler!r}; choose one of {', '.join(SAMPLERS)}",
+                "scheduler",
+            )
+        missing = [lora.name for lora in request.loras if self.loras.get(lora.name) is None]
+        if missing:
+            self.loras.refresh()
+            missing = [name for name in missing if self.loras.get(name) is None]
+        if missing:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_LORA,
+                f"unknown lora {missing[0]!r}; the models op lists them",
+                "loras",
+            )
+
+    def plan(self, request: GenerateRequest, defaults: JobDefaults) -> JobPlan:
+        preset = lora_preset([lora.name for lora in request.loras])
+        if preset is not None and defaults == PRESETS["standard"]:
+            defaults = PRESETS[preset]
+        return JobPlan(
+            steps=request.num_inference_steps or defaults.num_inference_steps,
+            guidance_scale=(
+                defaults.guidance_scale
+                if request.guidance_scale is None
+                else request.guidance_scale
+            ),
+            sampler=request.scheduler or defaults.scheduler,
+            timestep_spacing=defaults.timestep_spacing,
+        )
+
+    def _lora_entries(self, request: GenerateRequest) -> list[tuple[LoraEntry, float]]:
+        entries = []
+        for lora in request.loras:
+            entry = self.loras.get(lora.name)
+            if entry is None:  # removed from the folder while the job was queued
+                raise ProtocolError(ErrorCode.UNKNOWN_LORA, f"lora {lora.name!r} is gone", "loras")
+            entries.append((entry, lora.weight))
+        return entries
+
+    def _pipeline_for(self, model: LoadedModel, mode: str, plan: JobPlan) -> DiffusionPipeline:
         """A pipeline over the shared weights with a scheduler of the job's own.
 
         Built directly rather than with `from_pipe`, which costs ~9 ms against ~1 ms here.
         """
-        base = {"txt2img": self.txt2img, "img2img": self.img2img, "inpaint": self.inpaint}
-        pipe = base[request.mode]
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        pipe = {"txt2img": model.txt2img, "img2img": model.img2img, "inpaint": model.inpaint}[mode]
+        config = pipe.scheduler.config
+        spacing = {"timestep_spacing": plan.timestep_spacing} if plan.timestep_spacing else {}
+        if plan.sampler is None:
+            scheduler = type(pipe.scheduler).from_config(config, **spacing)
+        else:
+            scheduler = build_scheduler(plan.sampler, config, **spacing)
         job_pipe = type(pipe)(**{**pipe.components, "scheduler": scheduler}, **_options(pipe))
         job_pipe.set_progress_bar_config(disable=True)
         return job_pipe
@@ -200,58 +371,91 @@ class Engine:
         on_preview: PreviewCallback,
         should_cancel: Callable[[], bool],
     ) -> list[GeneratedImage]:
+        model = self.activate(request.model or self.model)
+        plan = self.plan(request, model.defaults)
         width = request.width or (request.init_image.width if request.init_image else None)
         height = request.height or (request.init_image.height if request.init_image else None)
-        width, height = width or self.native_size, height or self.native_size
-        gen_width, gen_height = generation_size(width, height, self.native_size)
+        width, height = width or model.native_size, height or model.native_size
+        if request.exact_size:  # only the VAE's factor remains a constraint
+            first = dataclasses.replace(model.sizes, multiple=8).round(width, height)
+        else:
+            first = model.sizes.fit(width, height)
+        second = (
+            refine_size(first, (width, height), model.sizes) if request.refine_strength else None
+        )
         seed = request.seed if request.seed is not None else secrets.randbelow(protocol.MAX_SEED)
         seeds = [seed + i for i in range(request.num_images)]
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        loras = self._lora_entries(request)
+        refine_steps = max(plan.steps, math.ceil(1 / request.refine_strength)) if second else 0
+        # Progress counts on across both passes; the second's length is known once it starts.
+        done = 0
+        refine_estimate = max(1, int(refine_steps * request.refine_strength)) if second else 0
 
         def on_step_end(pipe: DiffusionPipeline, step: int, timestep, tensors: dict) -> dict:
             if should_cancel():
                 raise JobCancelled
-            total = pipe.num_timesteps
-            on_progress(step + 1, total)
+            total = done + pipe.num_timesteps + (0 if done else refine_estimate)
+            on_progress(done + step + 1, total)
             if request.preview_every and (step + 1) % request.preview_every == 0:
-                w, h, data = self.previewer.to_rgba(tensors["latents"])
-                on_preview(step + 1, total, protocol.Image(w, h, data))
+                w, h, data = model.previewer.to_rgba(tensors["latents"])
+                on_preview(done + step + 1, total, protocol.Image(w, h, data))
             return {}
 
-        arguments = dict(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            num_images_per_prompt=request.num_images,
-            generator=generators,
+        common = dict(
+            guidance_scale=plan.guidance_scale,
             callback_on_step_end=on_step_end,
             callback_on_step_end_tensor_inputs=["latents"],
+        )
+        first_pass = dict(
+            common,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=plan.steps,
+            num_images_per_prompt=request.num_images,
+            generator=_generators(seeds),
         )
         init = mask = None
         if request.init_image is not None:
             init = decode_image(request.init_image, "RGB").resize((width, height), Image.LANCZOS)
-            # At least one denoising step must remain after strength trims the schedule.
-            arguments["num_inference_steps"] = max(
-                request.num_inference_steps, math.ceil(1 / request.strength)
+            first_pass.update(
+                image=init.resize(first),
+                strength=request.strength,
+                # At least one denoising step must remain after strength trims the schedule.
+                num_inference_steps=max(plan.steps, math.ceil(1 / request.strength)),
             )
-            arguments.update(image=init.resize((gen_width, gen_height)), strength=request.strength)
         if request.mask_image is not None:
             mask = decode_image(request.mask_image, "L").resize((width, height), Image.BILINEAR)
-            arguments.update(mask_image=mask.resize((gen_width, gen_height), Image.BILINEAR))
+            first_pass.update(mask_image=mask.resize(first, Image.BILINEAR))
         if request.mode != "img2img":
-            arguments.update(width=gen_width, height=gen_height)
+            first_pass.update(width=first[0], height=first[1])
 
-        pipe = self._pipeline_for(request)
         try:
-            images = pipe(**arguments).images
+            pipe = self._pipeline_for(model, request.mode, plan)
+            with lora_loading.applied(pipe, loras):
+                images = pipe(**first_pass).images
+                if second is not None:
+                    done = pipe.num_timesteps
+                    count = len(images)
+                    images = self._pipeline_for(model, "img2img", plan)(
+                        **common,
+                        prompt=[request.prompt] * count,
+                        negative_prompt=[request.negative_prompt] * count
+                        if request.negative_prompt
+                        else None,
+                        num_inference_steps=refine_steps,
+                        generator=_generators(seeds),
+                        image=[image.resize(second, Image.LANCZOS) for image in images],
+                        strength=request.refine_strength,
+                    ).images
         except torch.OutOfMemoryError as exc:
+            size = second or first
             raise ProtocolError(
                 ErrorCode.OUT_OF_MEMORY,
-                f"the {self.device.type} device ran out of memory at {gen_width}x{gen_height}; "
+                f"the {self.device.type} device ran out of memory at {size[0]}x{size[1]}; "
                 "try a smaller size or fewer images",
             ) from exc
 
+        sampler = sampler_name(pipe.scheduler)
         results = []
         for image, image_seed in zip(images, seeds, strict=True):
             if image.size != (width, height):
@@ -262,13 +466,13 @@ class Engine:
             info = GenerationInfo(
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
-                steps=request.num_inference_steps,
-                sampler=self.sampler,
-                cfg_scale=request.guidance_scale,
+                steps=plan.steps,
+                sampler=sampler,
+                cfg_scale=plan.guidance_scale,
                 seed=image_seed,
                 width=width,
                 height=height,
-                model=self.model,
+                model=model.entry.name,
                 denoising_strength=request.strength if init is not None else None,
             )
             results.append(GeneratedImage(image, image_seed, info))

@@ -28,6 +28,9 @@ IMAGE_FORMATS = ("raw", "png")
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 30.0
 MAX_ID_CHARS = 128
+MAX_NAME_CHARS = 256  # model, LoRA and scheduler names
+MAX_LORAS = 8
+MAX_LORA_WEIGHT = 10.0
 
 
 class ErrorCode:
@@ -43,6 +46,9 @@ class ErrorCode:
     BAD_IMAGE = "bad_image"
     DUPLICATE_ID = "duplicate_id"
     UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_SCHEDULER = "unknown_scheduler"
+    UNKNOWN_LORA = "unknown_lora"
+    MODEL_LOAD_FAILED = "model_load_failed"
     UNKNOWN_JOB = "unknown_job"
     BUSY = "busy"
     OUT_OF_MEMORY = "out_of_memory"
@@ -201,14 +207,20 @@ def encode_png(width: int, height: int, rgba: bytes) -> bytes:
 # --- requests ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LoraWeight:
+    name: str
+    weight: float = 1.0
+
+
 @dataclass
 class GenerateRequest:
-    """A validated `generate` request; field names follow diffusers."""
+    """A validated `generate` request; field names follow diffusers. None: the model's default."""
 
     prompt: str
     negative_prompt: str = ""
-    num_inference_steps: int = 20
-    guidance_scale: float = 7.5
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     seed: int | None = None
     width: int | None = None
     height: int | None = None
@@ -219,6 +231,10 @@ class GenerateRequest:
     preview_every: int = 0
     output_format: str = "raw"
     model: str | None = None
+    scheduler: str | None = None
+    loras: tuple[LoraWeight, ...] = ()
+    exact_size: bool = False
+    refine_strength: float = 0.0
 
     @property
     def mode(self) -> str:
@@ -231,6 +247,7 @@ COMMON_FIELDS = frozenset({"v", "op", "id"})
 OP_FIELDS: dict[str, frozenset[str]] = {
     "hello": frozenset({"client"}),
     "status": frozenset(),
+    "models": frozenset(),
     "cancel": frozenset({"job"}),
     "generate": frozenset(
         {
@@ -248,6 +265,10 @@ OP_FIELDS: dict[str, frozenset[str]] = {
             "preview_every",
             "output_format",
             "model",
+            "scheduler",
+            "loras",
+            "exact_size",
+            "refine_strength",
         }
     ),
 }
@@ -321,10 +342,13 @@ def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateReques
                 f"{name} is longer than {limits.max_prompt_chars} characters",
                 name,
             )
-    steps = _get(message, "num_inference_steps", int, 20)
-    _check_range("num_inference_steps", steps, 1, limits.max_steps)
-    guidance = float(_get(message, "guidance_scale", (int, float), 7.5))
-    _check_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
+    steps = _get(message, "num_inference_steps", int, None)
+    if steps is not None:
+        _check_range("num_inference_steps", steps, 1, limits.max_steps)
+    guidance = _get(message, "guidance_scale", (int, float), None)
+    if guidance is not None:
+        guidance = float(guidance)
+        _check_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
     seed = _get(message, "seed", int, None)
     if seed is not None:
         _check_range("seed", seed, 0, MAX_SEED)
@@ -348,7 +372,14 @@ def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateReques
         raise ProtocolError(
             ErrorCode.OUT_OF_RANGE, "output_format must be 'raw' or 'png'", "output_format"
         )
-    model = _get(message, "model", str, None)
+    model = _name(message, "model")
+    scheduler = _name(message, "scheduler")
+    loras = _loras(message)
+    exact_size = message.get("exact_size", False)
+    if not isinstance(exact_size, bool):
+        raise ProtocolError(ErrorCode.BAD_TYPE, "exact_size must be a boolean", "exact_size")
+    refine_strength = float(_get(message, "refine_strength", (int, float), 0.0))
+    _check_range("refine_strength", refine_strength, 0.0, 1.0)
 
     init_image = None
     if message.get("init_image") is not None:
@@ -382,7 +413,51 @@ def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateReques
         preview_every=preview_every,
         output_format=output_format,
         model=model,
+        scheduler=scheduler,
+        loras=loras,
+        exact_size=exact_size,
+        refine_strength=refine_strength,
     )
+
+
+def _name(message: dict[str, Any], field_name: str) -> str | None:
+    """A model, LoRA or scheduler name: the daemon looks it up, never opens it as a path."""
+    name = _get(message, field_name, str, None)
+    if name is not None and not 0 < len(name) <= MAX_NAME_CHARS:
+        raise ProtocolError(
+            ErrorCode.OUT_OF_RANGE, f"{field_name} must be 1..{MAX_NAME_CHARS} chars", field_name
+        )
+    return name
+
+
+def _loras(message: dict[str, Any]) -> tuple[LoraWeight, ...]:
+    items = _get(message, "loras", list, [])
+    if len(items) > MAX_LORAS:
+        raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"at most {MAX_LORAS} loras", "loras")
+    loras = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError(ErrorCode.BAD_TYPE, "each of loras must be a map", "loras")
+        unknown = [key for key in item if key not in ("name", "weight")]
+        if unknown:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_FIELD, f"loras has an unknown field {unknown[0]!r}", "loras"
+            )
+        if "name" not in item:
+            raise ProtocolError(ErrorCode.MISSING_FIELD, "each of loras needs a name", "loras")
+        name = _get(item, "name", str, REQUIRED)
+        weight = _get(item, "weight", (int, float), 1.0)
+        if not 0 < len(name) <= MAX_NAME_CHARS or not (
+            math.isfinite(weight) and abs(weight) <= MAX_LORA_WEIGHT
+        ):
+            raise ProtocolError(
+                ErrorCode.OUT_OF_RANGE,
+                f"a lora name is 1..{MAX_NAME_CHARS} chars, its weight in "
+                f"-{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g}",
+                "loras",
+            )
+        loras.append(LoraWeight(name, float(weight)))
+    return tuple(loras)
 
 
 def validate_cancel(message: dict[str, Any]) -> str:

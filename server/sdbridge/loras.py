@@ -1,0 +1,78 @@
+"""LoRAs: `.safetensors` files in a loras folder, applied to one job and removed after it.
+
+diffusers converts the formats found on model sites (kohya, A1111, diffusers/peft) when loading.
+Each job loads its LoRAs as named peft adapters on the shared base weights, weights them with
+`set_adapters`, and unloads them afterwards, which leaves the base layers exactly as they were:
+the next job, with or without LoRAs, sees the base model's own pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+log = logging.getLogger("sdbridge.loras")
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    name: str
+    path: Path
+    size_bytes: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "size_bytes": self.size_bytes}
+
+
+class LoraRegistry:
+    """The LoRAs of a folder by name (relative path without `.safetensors`), rescanned on
+    request; names are keys, never paths."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._entries: dict[str, LoraEntry] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        entries: dict[str, LoraEntry] = {}
+        if self.folder and self.folder.is_dir():
+            for path in sorted(self.folder.rglob("*.safetensors")):
+                if any(part.startswith(".") for part in path.relative_to(self.folder).parts):
+                    continue
+                name = path.relative_to(self.folder).with_suffix("").as_posix()
+                entries[name] = LoraEntry(name, path, path.stat().st_size)
+        with self._lock:
+            self._entries = entries
+
+    def get(self, name: str) -> LoraEntry | None:
+        with self._lock:
+            return self._entries.get(name)
+
+    def entries(self) -> list[LoraEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+
+@contextlib.contextmanager
+def applied(pipe: DiffusionPipeline, loras: list[tuple[LoraEntry, float]]) -> Iterator[None]:
+    """The pipeline's shared components carry these LoRAs at these weights inside the block."""
+    if not loras:
+        yield
+        return
+    adapters = [f"sdbridge_{i}" for i in range(len(loras))]
+    try:
+        for adapter, (entry, _) in zip(adapters, loras, strict=True):
+            # A state dict, not a path: diffusers would treat a path it cannot open as a hub id.
+            pipe.load_lora_weights(load_file(str(entry.path)), adapter_name=adapter)
+        pipe.set_adapters(adapters, [weight for _, weight in loras])
+        yield
+    finally:
+        pipe.unload_lora_weights()

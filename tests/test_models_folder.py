@@ -1,0 +1,197 @@
+"""A models folder as artists fill it: listed with families and sizes, chosen per job, switched
+at run time while queued jobs wait, kept resident up to a count, broken files refused per job."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_daemon import Peer, result_image
+
+from sdbridge import models
+from sdbridge.models import ModelRegistry, scan
+
+JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 4, "seed": 42}
+
+
+@pytest.fixture
+def peer(library_daemon) -> Peer:
+    connection = Peer(library_daemon.address)
+    yield connection
+    connection.close()
+
+
+def listing(peer: Peer) -> dict[str, dict]:
+    event = peer.answer("models")
+    assert event["event"] == "models", event
+    return {entry["name"]: entry for entry in event["models"]}
+
+
+# --- families and the folder scan, without a daemon --------------------------------------------
+
+
+def test_the_scan_finds_folders_and_checkpoints_with_families_and_sizes(library: Path) -> None:
+    entries = {entry.name: entry for entry in scan(library / "models")}
+    assert set(entries) == {"xl/tiny-xl", "tiny-sd-file", "tiny-sd-turbo"}
+    assert entries["xl/tiny-xl"].family == "sdxl"
+    assert entries["tiny-sd-file"].family == "sd1"
+    assert entries["tiny-sd-turbo"].family == "sd1"
+    checkpoint = library / "models" / "tiny-sd-file.safetensors"
+    assert entries["tiny-sd-file"].size_bytes == checkpoint.stat().st_size
+    folder = library / "models" / "xl" / "tiny-xl"
+    on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert entries["xl/tiny-xl"].size_bytes == on_disk > 0
+
+
+def test_pickle_checkpoints_are_listed_only_when_the_operator_allows_them(
+    library: Path, tmp_path: Path
+) -> None:
+    assert not any(entry.name == "old" for entry in scan(library / "models"))
+    # The stand-in pickle holds no model, so with permission it is read and then refused as such.
+    folder = tmp_path / "models"
+    folder.mkdir()
+    state = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}
+    torch.save(state, folder / "sd.ckpt")
+    assert scan(folder) == []
+    [entry] = scan(folder, allow_pickle=True)
+    assert (entry.name, entry.family) == ("sd", "sd1")
+
+
+def _header_only_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    save_file({key: torch.zeros(shape) for key, shape in shapes.items()}, str(path))
+    return path
+
+
+def test_checkpoint_families_come_from_the_keys_diffusers_checks(tmp_path: Path) -> None:
+    """Key names and shapes as in real SD 2.x and SDXL checkpoints (tiny tensors: only the
+    header is read)."""
+    unet = "model.diffusion_model."
+    sd2 = {
+        f"{unet}input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+        "cond_stage_model.model.token_embedding.weight": (8, 1024),
+    }
+    sdxl = {
+        f"{unet}input_blocks.0.0.weight": (320, 4, 3, 3),
+        "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,),
+    }
+    vae_only = {"encoder.conv_in.weight": (128, 3, 3, 3)}
+    assert (
+        models.checkpoint_family(_header_only_checkpoint(tmp_path / "a.safetensors", sd2)) == "sd2"
+    )
+    assert (
+        models.checkpoint_family(_header_only_checkpoint(tmp_path / "b.safetensors", sdxl))
+        == "sdxl"
+    )
+    assert (
+        models.checkpoint_family(_header_only_checkpoint(tmp_path / "c.safetensors", vae_only))
+        is None
+    )
+
+
+def test_folder_families_come_from_model_index_and_the_unet(tmp_path: Path, pipeline_dir) -> None:
+    sd2 = tmp_path / "sd2"
+    shutil.copytree(pipeline_dir, sd2)
+    unet_config = json.loads((sd2 / "unet" / "config.json").read_text())
+    (sd2 / "unet" / "config.json").write_text(
+        json.dumps({**unet_config, "cross_attention_dim": 1024})
+    )
+    assert models.folder_family(pipeline_dir) == "sd1"
+    assert models.folder_family(sd2) == "sd2"
+    index = json.loads((sd2 / "model_index.json").read_text())
+    (sd2 / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    assert models.folder_family(sd2) == "flux"
+
+
+def test_a_name_is_a_registry_key_never_a_path(library: Path) -> None:
+    registry = ModelRegistry([], library / "models")
+    assert registry.get("xl/tiny-xl") is not None
+    for name in (
+        "../models/xl/tiny-xl",
+        str(library / "models" / "xl" / "tiny-xl"),
+        "xl/../xl/tiny-xl",
+    ):
+        assert registry.get(name) is None
+
+
+# --- the daemon --------------------------------------------------------------------------------
+
+
+def test_hello_lists_every_model_by_name(peer: Peer) -> None:
+    hello = peer.answer("hello")
+    assert {"tiny-sd", "xl/tiny-xl", "tiny-sd-file", "tiny-sd-turbo"} == set(hello["models"])
+    assert "models" in hello["capabilities"]
+
+
+def test_the_models_op_lists_family_size_and_what_is_loaded(peer: Peer, library: Path) -> None:
+    peer.generate(**JOB, model="tiny-sd")
+    listed = listing(peer)
+    assert listed["tiny-sd"]["loaded"] is True
+    assert listed["xl/tiny-xl"]["family"] == "sdxl"
+    assert (
+        listed["tiny-sd-file"]["size_bytes"]
+        == (library / "models" / "tiny-sd-file.safetensors").stat().st_size
+    )
+    assert {"name", "family", "size_bytes", "loaded", "defaults"} <= set(listed["tiny-sd"])
+
+
+def test_a_job_names_its_model_and_the_daemon_switches_while_later_jobs_wait(peer: Peer) -> None:
+    """Three jobs queued at once on two models run in order; each reports its own model."""
+    ids = [
+        peer.send("generate", **JOB, model="xl/tiny-xl"),
+        peer.send("generate", **JOB, model="tiny-sd"),
+        peer.send("generate", **JOB, model="xl/tiny-xl"),
+    ]
+    results = [peer.until(rid)[-1] for rid in ids]
+    assert [r["event"] for r in results] == ["result"] * 3
+    assert ["Model: xl/tiny-xl" in r["parameters"] for r in results] == [True, False, True]
+    assert results[1]["parameters"].endswith("Model: tiny-sd")
+    first, third = (
+        np.frombuffer(r["images"][0]["data"], np.uint8) for r in (results[0], results[2])
+    )
+    assert np.array_equal(first, third)  # the SDXL model again, not whatever ran last
+
+
+def test_the_single_file_checkpoint_gives_the_pixels_of_its_diffusers_folder(peer: Peer) -> None:
+    folder = result_image(peer.generate(**JOB, model="tiny-sd"))
+    checkpoint = result_image(peer.generate(**JOB, model="tiny-sd-file"))
+    assert np.array_equal(folder, checkpoint)
+
+
+def test_the_least_recently_used_model_is_unloaded_beyond_the_count(peer: Peer) -> None:
+    """max_loaded_models = 2 in the library daemon's config file."""
+    for name in ("tiny-sd", "xl/tiny-xl", "tiny-sd-file"):
+        assert peer.generate(**JOB, model=name)[-1]["event"] == "result"
+    loaded = {name for name, entry in listing(peer).items() if entry["loaded"]}
+    assert loaded == {"xl/tiny-xl", "tiny-sd-file"}
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "../models/xl/tiny-xl", "/etc/passwd", "old"])
+def test_unknown_names_and_paths_are_unknown_model(peer: Peer, name: str) -> None:
+    events = peer.generate(**JOB, model=name)
+    assert [e["event"] for e in events] == ["error"]
+    assert (events[0]["code"], events[0]["field"]) == ("unknown_model", "model")
+
+
+def test_a_model_that_fails_to_load_fails_its_job_and_the_previous_model_serves_on(
+    peer: Peer, library: Path
+) -> None:
+    before = result_image(peer.generate(**JOB, model="tiny-sd"))
+    # SD-shaped keys, so it is listed as SD 1.x, but no weights the UNet can take.
+    broken = library / "models" / "broken.safetensors"
+    save_file(
+        {f"{models.SD_UNET_PREFIX}input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, str(broken)
+    )
+    try:
+        assert listing(peer)["broken"]["family"] == "sd1"  # rescanned: no restart needed
+        events = peer.generate(**JOB, model="broken")
+        assert [e["event"] for e in events] == ["accepted", "started", "error"]
+        assert (events[-1]["code"], events[-1]["field"]) == ("model_load_failed", "model")
+        assert np.array_equal(result_image(peer.generate(**JOB)), before)
+        assert listing(peer)["broken"]["loaded"] is False
+    finally:
+        broken.unlink()
