@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sdbridge.zmtp import ZmtpConnection, ZmtpError, parse_address
 
@@ -101,6 +103,44 @@ def test_multi_frame_messages(router: tuple[zmq.Socket, str], conn: ZmtpConnecti
     sock.send_multipart([identity, b"next"])
     assert conn.recv() == received
     assert conn.recv() == [b"next"]
+
+
+# Sizes around the short/long frame boundary and the 64 KiB buffer/coalescing boundary.
+_EDGE_SIZES = [0, 1, 254, 255, 256, 257, 65535, 65536, 65537, 131073]
+_FRAMES = st.lists(
+    st.one_of(
+        st.binary(max_size=600),
+        st.sampled_from(_EDGE_SIZES).map(lambda n: bytes([n % 251]) * n),
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+def test_any_message_round_trips_through_libzmq() -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)  # no heartbeats: hypothesis may pause between examples
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    conn = ZmtpConnection.connect(
+        f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}", 5
+    )
+    try:
+        identity = _peer_identity(sock, conn)
+
+        @settings(max_examples=150, deadline=None)
+        @given(_FRAMES)
+        def round_trip(frames: list[bytes]) -> None:
+            conn.send(frames)
+            assert sock.recv_multipart() == [identity, *frames]
+            sock.send_multipart([identity, *frames])
+            assert conn.recv() == frames
+
+        round_trip()
+    finally:
+        conn.close()
+        sock.close()
+        ctx.term()
 
 
 def test_concurrent_senders_never_interleave(
@@ -373,7 +413,7 @@ def test_wrong_peer_fails_fast_with_a_clear_error(
 
 
 def test_silent_peer_times_out(raw_peer: Callable[[Callable[[socket.socket], None]], str]) -> None:
-    address = raw_peer(lambda peer: peer.recv(1000) and time.sleep(1))
+    address = raw_peer(lambda peer: peer.recv(1000) and peer.recv(1))  # read, then stall
     with pytest.raises(ZmtpError, match="did not complete a ZMTP handshake within 0.2 s"):
         ZmtpConnection.connect(address, timeout=0.2)
 
