@@ -76,9 +76,8 @@ class Connection(QObject):
         except ValueError as exc:
             text = f"“{address}” is not a daemon address; use tcp://HOST:PORT."
             self.state_changed.emit(False, text, str(exc))
-            return
-        if self._client.connected:
-            self._hello()
+        # No hello here: the client reports its first connection through on_state, which
+        # queues one.
 
     def _on_state(self, address: str, connected: bool, detail: str) -> None:
         # Runs on the client's reader thread, which must not wait for answers: hand over.
