@@ -9,6 +9,7 @@ with the Krita plugin; this file only reads and writes GIMP's pixels and drives 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -16,7 +17,6 @@ import queue
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
 import gi
@@ -25,7 +25,8 @@ gi.require_version("Gimp", "3.0")
 gi.require_version("GimpUi", "3.0")
 gi.require_version("Gegl", "0.4")
 gi.require_version("Gtk", "3.0")
-from gi.repository import Gegl, Gimp, GimpUi, GLib, GObject, Gtk  # noqa: E402
+gi.require_version("GdkPixbuf", "2.0")
+from gi.repository import GdkPixbuf, Gegl, Gimp, GimpUi, GLib, GObject, Gtk  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "vendor"))
 try:
@@ -48,6 +49,7 @@ SETTINGS_FILE = "sdbridge.json"  # in the GIMP profile: the address both procedu
 RGBA = "R'G'B'A u8"  # the wire's 8-bit RGBA; babl converts from any image precision
 MASK = "Y u8"
 HELLO_TIMEOUT = 10.0  # a daemon that accepts but never answers must not hang GIMP
+PREVIEW_SIDE = 192  # px, the longer side of the live preview in the progress window
 POLL_INTERVAL = 0.05  # how often the progress dialog handles clicks while waiting
 G_MAXINT = 2**31 - 1
 
@@ -153,7 +155,8 @@ def add_result_layer(
 
 
 class ProgressDialog:
-    """Step count and a Cancel button while the daemon works (interactive runs only)."""
+    """Step count, the daemon's live preview and a Cancel button while it works (runs from
+    the menu only)."""
 
     def __init__(self, title: str) -> None:
         self.cancel_requested = False
@@ -163,9 +166,11 @@ class ProgressDialog:
         self.dialog.connect("delete-event", self._on_cancel)
         self.label = Gtk.Label(label="Connecting to the sdbridge daemon...")
         self.bar = Gtk.ProgressBar()
+        self.preview = Gtk.Image()
         box = self.dialog.get_content_area()
         box.set_spacing(8)
         box.set_border_width(12)
+        box.pack_start(self.preview, False, False, 0)
         box.pack_start(self.label, False, False, 0)
         box.pack_start(self.bar, False, False, 0)
         self.dialog.show_all()
@@ -179,6 +184,27 @@ class ProgressDialog:
         self.label.set_text(text)
         if fraction is not None:
             self.bar.set_fraction(fraction)
+
+    def show_preview(self, image: dict[str, Any]) -> None:
+        """A preview is 1/8 of the generation size: shown enlarged to PREVIEW_SIDE."""
+        width, height = image["width"], image["height"]
+        pixbuf = GdkPixbuf.Pixbuf.new_from_bytes(
+            GLib.Bytes.new(image["data"]),
+            GdkPixbuf.Colorspace.RGB,
+            True,
+            8,
+            width,
+            height,
+            width * 4,
+        )
+        scale = PREVIEW_SIDE / max(width, height)
+        self.preview.set_from_pixbuf(
+            pixbuf.scale_simple(
+                max(1, round(width * scale)),
+                max(1, round(height * scale)),
+                GdkPixbuf.InterpType.BILINEAR,
+            )
+        )
 
     def pump(self) -> None:
         while Gtk.events_pending():
@@ -230,6 +256,8 @@ def wait_for_result(
             step, total = event["step"], event["total"]
             text = f"sdbridge: step {step}/{total}, {event.get('eta', 0):.0f} s left"
             show_progress(text, step / total, dialog)
+        elif kind == "preview" and dialog is not None:
+            dialog.show_preview(event["image"])
         elif kind == "result":
             return event
         elif kind == "cancelled":
@@ -241,7 +269,7 @@ def wait_for_result(
             )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Params:
     settings: canvas.Settings
     address: str
@@ -297,6 +325,8 @@ def paint(
     job_plan = plan(image, repaint)
     needs_pixels = settings.strength < 1.0 or job_plan.mask is not None
     rgba = visible_pixels(image, job_plan.bounds) if needs_pixels else None
+    if dialog is not None:  # someone is watching: ask for a preview at every step
+        settings = dataclasses.replace(settings, preview_every=1)
     fields = canvas.generate_fields(settings, job_plan, rgba)
     try:
         client = Client(params.address, timeout=HELLO_TIMEOUT, client_name="gimp-sdbridge")
@@ -315,7 +345,6 @@ def paint(
     layer = add_result_layer(
         image, drawables, placement, canvas.layer_name(settings.prompt, image_map["seed"])
     )
-    Gimp.progress_end()
     Gimp.displays_flush()
     return layer
 
@@ -343,7 +372,11 @@ def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> Gim
     """The parameter dialog (GimpUi.init must have run)."""
     # GIMP restores each procedure's own last values; the address is the one both share.
     config.set_property("address", saved_address())
+    # An empty string argument comes back as None, which a text entry refuses.
+    config.set_property("model", text_property(config, "model"))
     dialog = GimpUi.ProcedureDialog.new(procedure, config, dialog_title(procedure))
+    # A slider: the default spin box cannot step through a range narrower than 1.
+    dialog.get_spin_scale("strength", 1.0)
     # Prompts are often long: multi-line text boxes, titled since a text box has no label.
     for name, title in (("prompt", "_Prompt"), ("negative-prompt", "_Negative prompt")):
         view = dialog.get_widget(name, Gtk.TextView)
@@ -387,15 +420,14 @@ def run(
     except Cancelled:
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     except PluginError as exc:
-        Gimp.progress_end()
         return procedure.new_return_values(exc.status, GLib.Error(str(exc)))
     except Exception as exc:  # a bug must still end as a PDB error, never a dead plug-in
         traceback.print_exc()
-        Gimp.progress_end()
         return procedure.new_return_values(
             Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(f"sdbridge: internal error: {exc!r}")
         )
     finally:
+        Gimp.progress_end()
         if dialog is not None:
             dialog.close()
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())

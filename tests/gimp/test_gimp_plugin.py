@@ -267,11 +267,13 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
         progress.close()
         mark(outcome=outcome, terminal=job.wait(10)["event"])
 
-        job = client.generate(prompt="a short job", num_inference_steps=3, seed=1)
+        job = client.generate(prompt="a short job", num_inference_steps=3, seed=1, preview_every=1)
         progress = plugin.ProgressDialog("sdbridge: Generate")
         result = plugin.wait_for_result(job, {daemon.address!r}, 60, progress)
         shown, bar = progress.label.get_text(), progress.bar.get_fraction()
+        preview = progress.preview.get_pixbuf()
         mark(result=result["event"], shown=shown, bar=bar)
+        mark(preview=None if preview is None else [preview.get_width(), preview.get_height()])
         progress.close()
         client.close()
         """,
@@ -290,3 +292,4 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
     assert (markers["outcome"], markers["terminal"]) == ("cancelled", "cancelled")
     assert markers["result"] == "result" and markers["bar"] == 1.0
     assert markers["shown"].startswith("sdbridge: step 3/3")
+    assert markers["preview"] == [192, 192]  # the live preview, enlarged
