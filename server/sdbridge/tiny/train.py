@@ -137,11 +137,11 @@ def run_phase(
 
 
 def train_vae(vae: AutoencoderKL, steps: int, seconds: float | None) -> tuple[int, float]:
-    # Small batches of 64 px crops: the VAE is convolutional, and on a shared 2-core CPU many
+    # Small batches of 48 px crops: the VAE is convolutional, and on a shared 2-core CPU many
     # cheap updates teach flat colours and sharp edges faster than few large ones.
     rng = np.random.default_rng(1)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    batch, crop = 8, 64
+    batch, crop = 8, 48
 
     def step_fn(step: int, progress: float) -> float:
         for group in opt.param_groups:
@@ -219,7 +219,7 @@ def train_diffusion(
     trained = [*unet.parameters(), *text_encoder.parameters()]
     ema = [p.detach().clone() for p in trained]
     opt = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.01)
-    batch = 64
+    batch = 32  # more, smaller updates: the budget buys only a few thousand steps
 
     def step_fn(step: int, progress: float) -> float:
         for group in opt.param_groups:

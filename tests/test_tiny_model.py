@@ -1,0 +1,135 @@
+"""The embedded tiny model: scenes, tokenizer, analyser, and the packaged weights themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdbridge.tiny import MODEL_DIR, NAME
+from sdbridge.tiny.analyse import ATTRIBUTES, analyse, score
+from sdbridge.tiny.scenes import HELD_OUT, SIZE, caption, render, sample_scene, vocabulary
+from sdbridge.tiny.tokenizer import MAX_LENGTH, build_tokenizer
+
+trained = pytest.mark.skipif(
+    not (MODEL_DIR / "model_index.json").exists(), reason="the tiny model is not trained yet"
+)
+
+
+def test_package_import_stays_light() -> None:
+    code = "import sys, sdbridge.tiny as t; assert 'torch' not in sys.modules; print(t.MODEL_DIR)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(MODEL_DIR)
+    assert NAME == "sdbridge-tiny"
+
+
+def test_held_out_pairs_never_reach_training() -> None:
+    for seed in range(300):
+        pairs = {(o.colour, o.shape) for o in sample_scene(seed).objects}
+        assert not pairs & HELD_OUT
+        held = sample_scene(seed, "heldout")
+        assert {(o.colour, o.shape) for o in held.objects} <= HELD_OUT
+
+
+def test_scenes_are_deterministic_images() -> None:
+    scene = sample_scene(7)
+    image = render(scene)
+    assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
+    assert np.array_equal(image, render(sample_scene(7)))
+    assert caption(scene) == caption(sample_scene(7))
+
+
+def test_every_grammar_word_is_one_token_and_captions_fit() -> None:
+    tokenizer = build_tokenizer()
+    for word in vocabulary():
+        assert len(tokenizer.tokenize(word)) == 1, word
+    longest = max((caption(sample_scene(s)) for s in range(500)), key=lambda c: len(c.split()))
+    assert len(tokenizer(longest).input_ids) <= MAX_LENGTH
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_analyser_reads_procedural_scenes(split: str) -> None:
+    for seed in range(25):
+        scene = sample_scene(seed, split, two_objects=0)
+        result = score(analyse(render(scene)), scene)
+        assert result == dict.fromkeys(ATTRIBUTES, True), (scene, result)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(2)
+    pipeline = StableDiffusionPipeline.from_pretrained(MODEL_DIR)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@trained
+def test_packaged_folder_is_small_and_describes_itself() -> None:
+    weights = sum(p.stat().st_size for p in MODEL_DIR.rglob("*.safetensors"))
+    assert 0 < weights <= 20 * 1024 * 1024
+    info = json.loads((MODEL_DIR / "sdbridge.json").read_text())
+    assert info["name"] == NAME and info["native_size"] == SIZE
+
+
+@trained
+def test_generates_the_object_colour_asked_for(pipe) -> None:
+    import torch
+
+    prompts = {
+        "red": "a large red circle in the center on a white background",
+        "blue": "a large blue square in the center on a black background",
+        "yellow": "a large yellow triangle in the center on a gray background",
+    }
+    images = pipe(
+        list(prompts.values()),
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        height=SIZE,
+        width=SIZE,
+        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+    ).images
+    colours = [analyse(np.asarray(im.convert("RGB"))).colour for im in images]
+    assert colours == list(prompts)
+
+
+@trained
+def test_img2img_and_inpainting_share_the_model(pipe) -> None:
+    import torch
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    start = Image.fromarray(render(sample_scene(3, two_objects=0)))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (0, 0, SIZE // 2, SIZE // 2))
+    i2i = AutoPipelineForImage2Image.from_pipe(pipe)
+    out = i2i(
+        "a large green star in the center on a white background",
+        image=start,
+        strength=0.6,
+        num_inference_steps=10,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert out.size == (SIZE, SIZE)
+    inpaint = AutoPipelineForInpainting.from_pipe(pipe)
+    assert inpaint.unet is pipe.unet
+    out = inpaint(
+        "a small red circle at the top left",
+        image=start,
+        mask_image=mask,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=10,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert out.size == (SIZE, SIZE)
+    kept = np.abs(np.asarray(out, dtype=float) - np.asarray(start, dtype=float))
+    # Outside the mask the picture only passes through the VAE, so it stays close.
+    assert kept[SIZE // 2 :, SIZE // 2 :].mean() < 20
