@@ -411,7 +411,7 @@ def run(
     try:
         if IMPORT_ERROR:
             raise execution_error(f"sdbridge: {IMPORT_ERROR}")
-        if run_mode != Gimp.RunMode.NONINTERACTIVE:  # the menu, or Filters > Repeat
+        if run_mode != Gimp.RunMode.NONINTERACTIVE:  # the menu, or Filters > Repeat Last
             GimpUi.init(PLUG_IN_BINARY)
             if run_mode == Gimp.RunMode.INTERACTIVE:
                 ask(procedure, config)
