@@ -232,12 +232,30 @@ def test_a_malformed_address_is_explained(krita, daemon):
         _connect(krita, daemon.address)
 
 
-def test_screenshot_of_the_docker_with_a_generated_layer(doc, tmp_path):
+def test_screenshot_of_the_docker_with_a_generated_layer(doc, daemon, tmp_path):
+    """SDBRIDGE_UPDATE_SCREENSHOT=1 writes docs/images/krita.png; SDBRIDGE_SCREENSHOT_DAEMON
+    names a daemon with a real model to paint it (the suite's pipeline paints noise)."""
+    address = os.environ.get("SDBRIDGE_SCREENSHOT_DAEMON")
     new_document(doc, 512, 384)
     doc.run("s = Selection(); s.select(128, 96, 256, 192, 255); state['doc'].setSelection(s)")
-    generate(doc, "a lighthouse on a cliff at sunset", steps=20, strength=100)
+    if address:
+        _connect(doc, address)
+    try:
+        generate(doc, "a large yellow star at the center on a blue background", steps=20)
+        assert doc.eval("'Added' in dock().message.text()")
+        shot = _screenshot(doc, tmp_path / "krita.png")
+    finally:
+        if address:
+            _connect(doc, daemon.address)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("SDBRIDGE_UPDATE_SCREENSHOT"):
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(shot, SCREENSHOT)
+
+
+def _screenshot(krita, path: Path) -> Path:
     # Room for the docker: only the layers and sdbridge dockers stay, in a larger window.
-    doc.run(
+    krita.run(
         """
         from PyQt5.QtCore import Qt
         from PyQt5.QtWidgets import QDockWidget
@@ -251,12 +269,8 @@ def test_screenshot_of_the_docker_with_a_generated_layer(doc, tmp_path):
         """
     )
     time.sleep(1)  # let Krita lay the window out again before grabbing it
-    shot = tmp_path / "krita.png"
-    assert doc.eval(f"app.activeWindow().qwindow().grab().save({str(shot)!r})")
-    assert shot.stat().st_size > 10_000
-    if os.environ.get("SDBRIDGE_UPDATE_SCREENSHOT"):
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(shot, SCREENSHOT)
+    assert krita.eval(f"app.activeWindow().qwindow().grab().save({str(path)!r})")
+    return path
 
 
 def _inside(rect: list[int], x: int, y: int) -> bool:
