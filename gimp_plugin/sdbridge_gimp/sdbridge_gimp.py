@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import queue
+import random
 import sys
 import time
 import traceback
@@ -285,7 +286,9 @@ class Params:
                 steps=config.get_property("steps"),
                 guidance_scale=config.get_property("guidance"),
                 strength=config.get_property("strength"),
-                seed=None if seed < 0 else seed,
+                # Picked here, not by the daemon, so that the seed in the layer name fits
+                # this argument's range and can be typed back in to repeat a picture.
+                seed=random.randint(0, G_MAXINT) if seed < 0 else seed,
                 model=text_property(config, "model") or None,
             ),
             address=text_property(config, "address") or saved_address(),
@@ -416,7 +419,7 @@ def run(
             if run_mode == Gimp.RunMode.INTERACTIVE:
                 ask(procedure, config)
             dialog = ProgressDialog(dialog_title(procedure))
-        paint(image, drawables, Params.from_config(config), repaint, dialog)
+        layer = paint(image, drawables, Params.from_config(config), repaint, dialog)
     except Cancelled:
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     except PluginError as exc:
@@ -430,7 +433,10 @@ def run(
         Gimp.progress_end()
         if dialog is not None:
             dialog.close()
-    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+    values = procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+    values.remove(1)
+    values.insert(1, GObject.Value(Gimp.Layer, layer))
+    return values
 
 
 RW = GObject.ParamFlags.READWRITE
@@ -498,6 +504,7 @@ class SdbridgePlugIn(Gimp.PlugIn):
         procedure.add_double_argument(
             "timeout", "_Timeout (s)", "Give up after this long", 1.0, 3600.0, 600.0, RW
         )
+        procedure.add_layer_return_value("layer", "Layer", "The new layer", False, RW)
         return procedure
 
 

@@ -37,7 +37,8 @@ def new_image(width, height, pixels):
 
 
 def call(name, image, drawables, **arguments):
-    """Runs a procedure non-interactively; returns (status nick, error text or None, seconds)."""
+    """Runs a procedure non-interactively; returns (status nick, error text or the name of the
+    returned layer, seconds)."""
     procedure = Gimp.get_pdb().lookup_procedure(name)
     config = procedure.create_config()
     config.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
@@ -49,8 +50,10 @@ def call(name, image, drawables, **arguments):
     result = procedure.run(config)
     seconds = time.monotonic() - start
     status = result.index(0)
-    error = None if status == Gimp.PDBStatusType.SUCCESS else result.index(1)
-    return status.value_nick, error, seconds
+    value = result.index(1)
+    if status == Gimp.PDBStatusType.SUCCESS:
+        value = value.get_name()
+    return status.value_nick, value, seconds
 
 
 def export(image, name):

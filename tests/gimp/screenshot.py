@@ -31,11 +31,11 @@ W, H = 512, 320
 sky = bytes(v for y in range(H) for x in range(W) for v in (40 + y // 3, 90 + y // 4, 160))
 image, background = new_image(W, H, sky)
 image.select_rectangle(Gimp.ChannelOps.REPLACE, 96, 48, 320, 224)
-status, error, seconds = call(
+status, value, seconds = call(
     "python-fu-sdbridge-generate", image, [background], prompt=PROMPT, seed=7,
     steps=20, address=ADDRESS, timeout=300.0,
 )
-mark(status=status, error=error, layers=layers(image))
+mark(status=status, value=value, layers=layers(image))
 Gimp.Display.new(image)
 Gimp.displays_flush()
 time.sleep(4)  # GIMP's window paints asynchronously

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,23 +60,24 @@ def test_generate_adds_one_layer_over_the_selection_or_the_whole_image(gimp: Gim
         grey = bytes([128, 128, 128]) * ({W} * {H})
         image, background = new_image({W}, {H}, grey)
         image.select_rectangle(Gimp.ChannelOps.REPLACE, 10, 8, 40, 30)
-        status, error, seconds = call(
+        status, value, seconds = call(
             {GENERATE!r}, image, [background], prompt="a red circle", seed=5, steps=4,
             address={daemon.address!r}, timeout=60.0,
         )
-        mark(selection={{"status": status, "error": error, "layers": layers(image)}})
+        mark(selection={{"status": status, "value": value, "layers": layers(image)}})
         export(image, "generate-selection.png")
 
         image, background = new_image({W}, {H}, grey)
-        status, error, seconds = call(
-            {GENERATE!r}, image, [background], prompt="a blue square", seed=6, steps=4,
+        status, value, seconds = call(
+            {GENERATE!r}, image, [background], prompt="a blue square", seed=-1, steps=4,
             address={daemon.address!r}, timeout=60.0,
         )
-        mark(whole={{"status": status, "error": error, "layers": layers(image)}})
+        mark(whole={{"status": status, "value": value, "layers": layers(image)}})
         """
     ).checked()
     selection = markers["selection"]
-    assert (selection["status"], selection["error"]) == ("success", None)
+    # The procedure returns the new layer (here: its name) for scripts to use.
+    assert (selection["status"], selection["value"]) == ("success", layer_name("a red circle", 5))
     assert selection["layers"] == [
         {"name": layer_name("a red circle", 5), "offsets": [10, 8], "size": [40, 30]},
         {"name": "background", "offsets": [0, 0], "size": [W, H]},
@@ -91,13 +93,12 @@ def test_generate_adds_one_layer_over_the_selection_or_the_whole_image(gimp: Gim
     assert len(inside) > 50, "the generated layer is empty or flat"
 
     whole = markers["whole"]
-    assert (whole["status"], whole["error"]) == ("success", None)
-    assert whole["layers"][0] == {
-        "name": layer_name("a blue square", 6),
-        "offsets": [0, 0],
-        "size": [W, H],
-    }
+    assert whole["status"] == "success"
+    assert whole["layers"][0] == {"name": whole["value"], "offsets": [0, 0], "size": [W, H]}
     assert len(whole["layers"]) == 2
+    # A random seed (-1) fits the seed argument, so the user can type it back in.
+    seed = int(re.fullmatch(r"a blue square \((\d+)\)", whole["value"]).group(1))
+    assert 0 <= seed <= 2**31 - 1
 
 
 def test_repaint_selection_changes_only_selected_pixels(gimp: Gimp, daemon) -> None:
@@ -111,15 +112,15 @@ def test_repaint_selection_changes_only_selected_pixels(gimp: Gimp, daemon) -> N
         image.select_ellipse(Gimp.ChannelOps.REPLACE, 20, 12, 48, 36)
         save_selection(image, "repaint-mask.bin")
         export(image, "repaint-before.png")
-        status, error, seconds = call(
+        status, value, seconds = call(
             {REPAINT!r}, image, [background], prompt="a green blob", seed=3, steps=6,
             strength=0.9, address={daemon.address!r}, timeout=60.0,
         )
         export(image, "repaint-after.png")
-        mark(status=status, error=error, layers=layers(image))
+        mark(status=status, value=value, layers=layers(image))
         """
     ).checked()
-    assert (markers["status"], markers["error"]) == ("success", None)
+    assert (markers["status"], markers["value"]) == ("success", layer_name("a green blob", 3))
     assert markers["layers"][0]["name"] == layer_name("a green blob", 3)
     # The layer covers the selection's bounds; its alpha is the selection mask.
     assert markers["layers"][0]["offsets"] == [20, 12]
