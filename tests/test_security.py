@@ -129,7 +129,7 @@ def test_the_right_token_gets_everything(guarded: DaemonProcess) -> None:
 def test_the_client_says_in_plain_words_what_is_wrong(guarded: DaemonProcess) -> None:
     for token, words in [
         ("wrong-token-wrong-token", "refused the token"),
-        (None, "requires a token: set SDBRIDGE_TOKEN"),
+        (None, "requires a token: set SDBRIDGE_TOKEN"),  # libzmq says PLAIN in its greeting
     ]:
         os.environ.pop("SDBRIDGE_TOKEN", None)
         with Client(guarded.address, timeout=5, token=token) as client:

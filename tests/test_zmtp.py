@@ -13,7 +13,7 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdbridge.zmtp import ZmtpConnection, ZmtpError, parse_address
+from sdbridge.zmtp import ZmtpAuthError, ZmtpConnection, ZmtpError, parse_address
 
 HEARTBEAT_IVL_MS = 100
 HEARTBEAT_TIMEOUT_MS = 400
@@ -388,17 +388,26 @@ def test_bad_framing_after_the_handshake(
         conn.recv()
 
 
+def _then_drain(reply: bytes) -> Callable[[socket.socket], None]:
+    """Send ``reply``, then read until the client hangs up: closing with its bytes unread
+    would reset the connection, and a reset can destroy the reply before the client reads it."""
+
+    def script(peer: socket.socket) -> None:
+        peer.sendall(reply)
+        while peer.recv(4096):
+            pass
+
+    return script
+
+
 @pytest.mark.parametrize(
     ("script", "match"),
     [
-        (lambda peer: peer.sendall(b"HTTP/1.1 400 Bad Request\r\n" * 4), "does not speak ZMTP"),
+        (_then_drain(b"HTTP/1.1 400 Bad Request\r\n" * 4), "does not speak ZMTP"),
         (lambda peer: peer.recv(1000), "closed the connection"),
         (lambda peer: None, "closed the connection|reset"),  # a reset when our data is unread
-        (lambda peer: peer.sendall(b"\xff" + bytes(8) + b"\x7f\x02" + bytes(53)), "ZMTP 2.0"),
-        (
-            lambda peer: peer.sendall(b"\xff" + bytes(8) + b"\x7f\x03\x01CURVE" + bytes(47)),
-            "CURVE",
-        ),
+        (_then_drain(b"\xff" + bytes(8) + b"\x7f\x02" + bytes(53)), "ZMTP 2.0"),
+        (_then_drain(b"\xff" + bytes(8) + b"\x7f\x03\x01CURVE" + bytes(47)), "CURVE"),
     ],
 )
 def test_wrong_peer_fails_fast_with_a_clear_error(
@@ -423,3 +432,89 @@ def test_nobody_listening() -> None:
         port = probe.getsockname()[1]
     with pytest.raises(ZmtpError, match="cannot connect to"):
         ZmtpConnection.connect(f"tcp://127.0.0.1:{port}", timeout=5)
+
+
+# --- PLAIN (RFC 24) --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plain_router() -> Iterator[str]:
+    """A libzmq ROUTER with PLAIN and a ZAP handler that lets in ("user", "secret") only."""
+    ctx = zmq.Context()
+    zap = ctx.socket(zmq.REP)
+    zap.bind("inproc://zeromq.zap.01")
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.PLAIN_SERVER, 1)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def authenticate() -> None:
+        while not stop.is_set():
+            if zap.poll(20):
+                request = zap.recv_multipart()
+                ok = request[6:8] == [b"user", b"secret"]
+                zap.send_multipart([b"1.0", request[1], b"200" if ok else b"400", b"", b"", b""])
+            if sock.poll(0):
+                identity, body = sock.recv_multipart()
+                sock.send_multipart([identity, b"echo " + body])
+
+    thread = threading.Thread(target=authenticate, daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{port}"
+    stop.set()
+    thread.join()
+    sock.close()
+    zap.close()
+    ctx.term()
+
+
+def test_plain_login_then_messages_flow(plain_router: str) -> None:
+    conn = ZmtpConnection.connect(plain_router, timeout=5, plain=(b"user", b"secret"))
+    conn.send([b"hi"])
+    assert conn.recv() == [b"echo hi"]
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("plain", "refused", "mechanism"),
+    [((b"user", b"wrong"), True, None), (None, False, "PLAIN")],
+)
+def test_plain_refusals_are_auth_errors(
+    plain_router: str, plain: tuple[bytes, bytes] | None, refused: bool, mechanism: str | None
+) -> None:
+    with pytest.raises(ZmtpAuthError) as failure:
+        ZmtpConnection.connect(plain_router, timeout=5, plain=plain)
+    assert (failure.value.refused, failure.value.mechanism) == (refused, mechanism)
+
+
+def test_plain_credentials_for_a_null_peer_are_an_auth_error(
+    router: tuple[zmq.Socket, str],
+) -> None:
+    with pytest.raises(ZmtpAuthError, match="takes no username") as failure:
+        ZmtpConnection.connect(router[1], timeout=5, plain=(b"user", b"secret"))
+    assert failure.value.mechanism == "NULL"
+
+
+def test_a_well_formed_error_command_carries_its_reason(
+    raw_peer: Callable[[Callable[[socket.socket], None]], str],
+) -> None:
+    def script(peer: socket.socket) -> None:
+        peer.sendall(b"\xff" + bytes(8) + b"\x7f\x03\x01" + b"PLAIN".ljust(20, b"\0") + bytes(32))
+        _recv_exact(peer, 64)
+        flags, size = _recv_exact(peer, 2)
+        assert _recv_exact(peer, size) == b"\x05HELLO\x04user\x05wrong"
+        peer.sendall(_command(b"ERROR", b"\x0dinvalid token"))
+        peer.recv(1)
+
+    with pytest.raises(ZmtpAuthError, match="refused the credentials: invalid token") as failure:
+        ZmtpConnection.connect(raw_peer(script), timeout=5, plain=(b"user", b"wrong"))
+    assert failure.value.refused
+
+
+def test_a_peer_that_hangs_up_during_the_greeting_may_want_another_mechanism(
+    raw_peer: Callable[[Callable[[socket.socket], None]], str],
+) -> None:
+    with pytest.raises(ZmtpAuthError, match="closed the connection during the greeting") as failure:
+        ZmtpConnection.connect(raw_peer(lambda peer: peer.recv(11)), timeout=5)
+    assert failure.value.mechanism is None and not failure.value.refused

@@ -489,11 +489,16 @@ class Client:
 
     def _auth_message(self, exc: ZmtpAuthError) -> str:
         daemon = f"the sdbridge daemon at {self.address}"
-        if self._plain is None:
-            return f"{daemon} requires a token: set {TOKEN_ENV} (or pass the token to the client)"
         if exc.refused:
             return f"{daemon} refused the token: check {TOKEN_ENV} against its token file"
-        return f"{daemon} takes no token (it listens on loopback only): connect without one"
+        # A peer that hung up before naming its mechanism leaves this a guess.
+        unsure = "" if exc.mechanism else " or is not an sdbridge daemon"
+        if self._plain is None:
+            return (
+                f"{daemon} requires a token{unsure}: set {TOKEN_ENV} (or pass the token to "
+                "the client)"
+            )
+        return f"{daemon} takes no token{unsure} (it listens on loopback only): connect without one"
 
     def _lose(self, conn: ZmtpConnection, exc: ZmtpError) -> None:
         """The connection broke: end every live job and pending call with `connection_lost`."""

@@ -41,7 +41,7 @@ _SHORT_MAX = 255
 _COALESCE_MAX = 64 * 1024
 _READ_CHUNK = 64 * 1024
 _GREETING_SIZE = 64
-_SIGNATURE_SIZE = 10
+_GREETING_SPLIT = 11  # signature (10 bytes) and major version
 _NULL = b"NULL"
 _PLAIN = b"PLAIN"
 _SOCKET_TYPE = b"DEALER"
@@ -57,11 +57,12 @@ class ZmtpError(ConnectionError):
 
 class ZmtpAuthError(ZmtpError):
     """The peer and we disagree about credentials: it refused ours (``refused``), or it wants
-    some and we have none, or the other way round."""
+    some and we have none, or the other way round. ``mechanism`` is the peer's, if it said."""
 
-    def __init__(self, message: str, refused: bool = False) -> None:
+    def __init__(self, message: str, refused: bool = False, mechanism: str | None = None) -> None:
         super().__init__(message)
         self.refused = refused
+        self.mechanism = mechanism
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -184,48 +185,50 @@ class ZmtpConnection:
         return conn
 
     def _handshake(self, plain: tuple[bytes, bytes] | None) -> None:
-        # The greetings are exchanged before anything else is sent: a peer that dislikes our
-        # mechanism closes the connection, and unread data of ours would turn that into a reset
-        # that can swallow its greeting, which says what it wanted.
+        # Signature and major version first: libzmq then sends its whole greeting, naming its
+        # mechanism, before it sees ours and hangs up on a mismatch (RFC 23 allows this split).
         ours = _PLAIN if plain else _NULL
-        self._sendall([_greeting(ours)])
-        signature = self._read_exact(_SIGNATURE_SIZE)
-        if signature[0] != 0xFF or not signature[9] & 0x01:
-            raise ZmtpError("the peer does not speak ZMTP (bad greeting signature)")
+        greeting = _greeting(ours)
+        self._sendall([greeting[:_GREETING_SPLIT]])
         try:
-            peer = signature + self._read_exact(_GREETING_SIZE - _SIGNATURE_SIZE)
+            peer = self._read_exact(_GREETING_SIZE)
         except ZmtpError as exc:
-            # libzmq sends its signature, reads our greeting, and closes without another byte
-            # when our mechanism is not the one it is configured for.
+            if bytes(self._view[self._start : self._end][:1]) not in (b"", b"\xff"):
+                raise ZmtpError("the peer does not speak ZMTP (bad greeting signature)") from exc
             raise ZmtpAuthError(
-                f"the peer closed the connection on seeing mechanism {ours.decode()}; it "
-                "expects another one (with or without a username and password)"
+                "the peer closed the connection during the greeting, as libzmq does when it "
+                f"expects another mechanism than {ours.decode()}"
             ) from exc
+        if peer[0] != 0xFF or not peer[9] & 0x01:
+            raise ZmtpError("the peer does not speak ZMTP (bad greeting signature)")
         if peer[10] < 3:
             raise ZmtpError(f"the peer speaks ZMTP {peer[10]}.{peer[11]}, 3.x is required")
         mechanism = bytes(peer[12:32]).rstrip(b"\0")
         if mechanism == _PLAIN and plain is None:
-            raise ZmtpAuthError("the peer requires a username and password (PLAIN)")
+            raise ZmtpAuthError("the peer requires a username and password", mechanism="PLAIN")
         if mechanism == _NULL and plain is not None:
-            raise ZmtpAuthError("the peer takes no username and password (NULL)")
+            raise ZmtpAuthError("the peer takes no username and password", mechanism="NULL")
         if mechanism != ours:
             raise ZmtpError(f"the peer wants security mechanism {mechanism!r}, not NULL or PLAIN")
+        rest = greeting[_GREETING_SPLIT:]  # sent with our first command: one write, not two
         if plain is not None:
             username, password = plain
             hello = bytes((len(username),)) + username + bytes((len(password),)) + password
-            self._sendall([_command(b"HELLO", hello)])
+            self._sendall([rest, _command(b"HELLO", hello)])
             # libzmq answers refused credentials with ERROR (or just closes): both mean "no".
             try:
                 name, data = self._read_command()
             except ZmtpError as exc:
-                raise ZmtpAuthError(f"the peer refused the credentials ({exc})", True) from exc
+                refusal = f"the peer refused the credentials ({exc})"
+                raise ZmtpAuthError(refusal, refused=True) from exc
             if name == b"ERROR":
-                raise ZmtpAuthError(f"the peer refused the credentials: {self._error_reason(data)}")
+                reason = self._error_reason(data)
+                raise ZmtpAuthError(f"the peer refused the credentials: {reason}", refused=True)
             if name != b"WELCOME":
                 raise ZmtpError(f"expected WELCOME from the peer, got {name!r}")
             self._sendall([_command(b"INITIATE", self._ready_properties())])
         else:
-            self._sendall([_command(b"READY", self._ready_properties())])
+            self._sendall([rest, _command(b"READY", self._ready_properties())])
         name, data = self._read_command()
         if name == b"ERROR":
             raise ZmtpError(f"the peer refused the handshake: {self._error_reason(data)}")
