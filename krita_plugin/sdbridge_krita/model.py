@@ -180,9 +180,17 @@ class Model(QObject):
         elif kind == "result":
             self._finish()
             self._apply(job, event)
-        elif kind == "cancelled":
+        elif kind == "cancelled" and job.cancelling:
             self._finish()
             self.message_changed.emit("Cancelled; nothing was added.", False)
+        elif kind == "cancelled":
+            # Nobody here asked: the daemon cancels its jobs when it shuts down.
+            self._finish()
+            self.message_changed.emit(
+                "The daemon stopped this job before it finished (it may be shutting down); "
+                "nothing was added.",
+                True,
+            )
         elif kind == "error":
             self._finish()
             code = str(event.get("code", ""))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -199,7 +200,7 @@ def test_generate_without_an_image_asks_for_one(krita):
     assert krita.eval("dock().model.job is None and dock().generate.isEnabled()")
 
 
-def test_stopped_daemon_is_reported_krita_stays_responsive_and_it_reconnects(
+def test_daemon_stopping_mid_job_is_reported_krita_stays_responsive_and_it_reconnects(
     doc, daemon, daemon_factory
 ):
     own = daemon_factory()
@@ -207,7 +208,14 @@ def test_stopped_daemon_is_reported_krita_stays_responsive_and_it_reconnects(
     _connect(doc, own.address)
     assert doc.eval("app.readSetting('sdbridge', 'address', '')") == own.address
     try:
+        doc.run("dock().prompt.setPlainText('a long one'); dock().steps.setValue(150)")
+        doc.run("dock().generate.click()")
+        doc.wait_for("any(step >= 2 for step, total in state['seen']['progress'])", timeout=30)
         own.stop()
+        doc.wait_for("dock().model.job is None", timeout=30)
+        # A stopping daemon cancels its jobs (a killed one would just vanish): either way the
+        # artist reads that the daemon ended it.
+        assert re.search("daemon (stopped this job|went away)", doc.eval("dock().message.text()"))
         doc.wait_for("'No sdbridge daemon' in dock().connection.text()", timeout=15)
         for _ in range(10):  # the GUI thread answers at once while the plugin retries
             start = time.monotonic()
