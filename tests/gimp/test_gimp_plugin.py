@@ -38,20 +38,20 @@ def test_both_procedures_are_registered_under_filters_sdbridge(gimp: Gimp) -> No
                 "menu": list(procedure.get_menu_paths()),
                 "label": procedure.get_menu_label(),
                 "arguments": [spec.name for spec in procedure.get_arguments()],
+                "returns": [spec.name for spec in procedure.get_return_values()],
             }
         mark(found=found)
         """
     ).checked()
-    expected_arguments = ["run-mode", "image", "num-drawables", "drawables", "prompt"]
-    expected_arguments += ["negative-prompt", "steps", "guidance", "seed", "strength", "model"]
-    expected_arguments += ["address", "timeout"]
+    arguments = ["run-mode", "image", "drawables", "prompt", "negative-prompt", "steps"]
+    arguments += ["guidance", "seed", "strength", "model", "address", "timeout"]
     for name, label in ((GENERATE, "_Generate..."), (REPAINT, "_Repaint selection...")):
         info = markers["found"][name]
         assert info is not None, f"{name} is not registered"
         assert info["menu"] == ["<Image>/Filters/sdbridge"] and info["label"] == label
-        assert [a for a in info["arguments"] if a != "num-drawables"] == [
-            a for a in expected_arguments if a != "num-drawables"
-        ]
+        # GIMP 3.0 adds "num-drawables" before the drawables on its own.
+        assert [a for a in info["arguments"] if a != "num-drawables"] == arguments
+        assert info["returns"] == ["layer"]
 
 
 def test_generate_adds_one_layer_over_the_selection_or_the_whole_image(gimp: Gimp, daemon) -> None:
