@@ -40,9 +40,10 @@ class Connection(QObject):
         self._worker = threading.Thread(target=self._run, name="sdbridge-krita", daemon=True)
         self._worker.start()
 
-    def set_address(self, address: str) -> None:
-        """(Re)connects; call it after connecting the signals, or the first news is lost."""
-        self._tasks.put(lambda: self._open(address))
+    def set_address(self, address: str, token: str) -> None:
+        """(Re)connects; call it after connecting the signals, or the first news is lost.
+        `token`: the daemon's secret, when it requires one ("" for none)."""
+        self._tasks.put(lambda: self._open(address, token))
 
     def generate(self, key: str, fields: dict[str, Any]) -> None:
         self._tasks.put(lambda: self._generate(key, fields))
@@ -61,7 +62,7 @@ class Connection(QObject):
             except Exception:  # one failed request must not stop all later ones
                 _log.exception("sdbridge-krita: a connection task failed")
 
-    def _open(self, address: str) -> None:
+    def _open(self, address: str, token: str) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -71,7 +72,8 @@ class Connection(QObject):
                 address,
                 timeout=10.0,
                 client_name=CLIENT_NAME,
-                on_state=lambda up, detail: self._on_state(address, up, detail),
+                on_state=lambda up, detail: self._on_state(address, bool(token), up, detail),
+                token=token or None,
             )
         except ValueError as exc:
             text = f"“{address}” is not a daemon address; use tcp://HOST:PORT."
@@ -79,11 +81,18 @@ class Connection(QObject):
         # No hello here: the client reports its first connection through on_state, which
         # queues one.
 
-    def _on_state(self, address: str, connected: bool, detail: str) -> None:
+    def _on_state(self, address: str, has_token: bool, connected: bool, detail: str) -> None:
         # Runs on the client's reader thread, which must not wait for answers: hand over.
         if connected:
             self.state_changed.emit(True, f"Connected to {address}", detail)
             self._tasks.put(self._hello)
+        elif "token" in detail:  # the client's words when the daemon's security refused us
+            text = (
+                f"The daemon at {address} did not accept the token; check it and press Connect."
+                if has_token
+                else f"The daemon at {address} needs a token: type it below and press Connect."
+            )
+            self.state_changed.emit(False, text, detail)
         else:
             text = (
                 f"No sdbridge daemon at {address}. Start it with `sdbridge serve`; "

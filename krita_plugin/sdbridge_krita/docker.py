@@ -52,11 +52,16 @@ class SdbridgeDocker(DockWidget):
         self.address.setToolTip("Where `sdbridge serve` listens; remembered for next time")
         reconnect = QPushButton("Connect")
         reconnect.setObjectName("sdbridge_connect")
+        self.token = QLineEdit(self.model.token)
+        self.token.setObjectName("sdbridge_token")
+        self.token.setEchoMode(QLineEdit.Password)
+        self.token.setPlaceholderText("token (only if the daemon requires one)")
         address_row = QHBoxLayout()
         address_row.addWidget(self.address)
         address_row.addWidget(reconnect)
         layout.addWidget(self.connection)
         layout.addLayout(address_row)
+        layout.addWidget(self.token)
 
         self.prompt = QPlainTextEdit()
         self.prompt.setObjectName("sdbridge_prompt")
@@ -140,8 +145,13 @@ class SdbridgeDocker(DockWidget):
 
     def _bind(self, reconnect: QPushButton) -> None:
         m = self.model
-        self.address.returnPressed.connect(lambda: m.set_address(self.address.text()))
-        reconnect.clicked.connect(lambda: m.set_address(self.address.text()))
+
+        def apply_address() -> None:
+            m.set_address(self.address.text(), self.token.text())
+
+        self.address.returnPressed.connect(apply_address)
+        self.token.returnPressed.connect(apply_address)
+        reconnect.clicked.connect(apply_address)
         self.prompt.textChanged.connect(lambda: setattr(m, "prompt", self.prompt.toPlainText()))
         self.negative.textChanged.connect(
             lambda: setattr(m, "negative_prompt", self.negative.toPlainText())

@@ -68,6 +68,7 @@ class Model(QObject):
         self.num_images = 1
         self.model_name = ""
         self.address = Krita.instance().readSetting(SETTINGS_GROUP, "address", DEFAULT_ADDRESS)
+        self.token = Krita.instance().readSetting(SETTINGS_GROUP, "token", "")
         self.connected = False
         self.last_seed: int | None = None
         self.job: RunningJob | None = None
@@ -76,17 +77,20 @@ class Model(QObject):
         self._connection.state_changed.connect(self._on_state)
         self._connection.hello_received.connect(self._on_hello)
         self._connection.job_event.connect(self._on_job_event)
-        self._connection.set_address(self.address)
+        self._connection.set_address(self.address, self.token)
 
     # --- actions ---------------------------------------------------------------------------------
 
-    def set_address(self, address: str) -> None:
-        """Connect to another daemon and remember it for the next Krita session."""
+    def set_address(self, address: str, token: str) -> None:
+        """Connect to another daemon and remember it for the next Krita session. The token is
+        kept in kritarc like the daemon keeps it in a file: readable by this user only."""
         self.address = address.strip() or DEFAULT_ADDRESS
+        self.token = token.strip()
         Krita.instance().writeSetting(SETTINGS_GROUP, "address", self.address)
+        Krita.instance().writeSetting(SETTINGS_GROUP, "token", self.token)
         self.connected = False
         self.connection_changed.emit(False, f"Connecting to {self.address} …", "")
-        self._connection.set_address(self.address)
+        self._connection.set_address(self.address, self.token)
 
     def settings(self) -> Settings:
         return Settings(

@@ -203,11 +203,15 @@ def test_generate_without_an_image_asks_for_one(krita):
 def test_daemon_stopping_mid_job_is_reported_krita_stays_responsive_and_it_reconnects(
     doc, daemon, daemon_factory
 ):
-    own = daemon_factory()
+    own = daemon_factory(token="krita-secret-0123456789")
     before = new_document(doc, 64, 64)
-    _connect(doc, own.address)
-    assert doc.eval("app.readSetting('sdbridge', 'address', '')") == own.address
     try:
+        # This daemon requires a token: the docker says so, then takes the right one.
+        _connect(doc, own.address, expect="needs a token")
+        _connect(doc, own.address, token="wrong", expect="did not accept the token")
+        _connect(doc, own.address, token="krita-secret-0123456789")
+        assert doc.eval("app.readSetting('sdbridge', 'address', '')") == own.address
+        assert doc.eval("app.readSetting('sdbridge', 'token', '')") == "krita-secret-0123456789"
         doc.run("dock().prompt.setPlainText('a long one'); dock().steps.setValue(150)")
         doc.run("dock().generate.click()")
         doc.wait_for("any(step >= 2 for step, total in state['seen']['progress'])", timeout=30)
@@ -234,8 +238,7 @@ def test_daemon_stopping_mid_job_is_reported_krita_stays_responsive_and_it_recon
 
 def test_a_malformed_address_is_explained(krita, daemon):
     try:
-        krita.run("dock().address.setText('localhost:7878'); dock().address.returnPressed.emit()")
-        krita.wait_for("'not a daemon address' in dock().connection.text()", timeout=10)
+        _connect(krita, "localhost:7878", expect="not a daemon address")
     finally:
         _connect(krita, daemon.address)
 
@@ -285,9 +288,12 @@ def _inside(rect: list[int], x: int, y: int) -> bool:
     return rect[0] <= x < rect[0] + rect[2] and rect[1] <= y < rect[1] + rect[3]
 
 
-def _connect(krita, address: str) -> None:
-    krita.run(f"dock().address.setText({address!r}); dock().address.returnPressed.emit()")
-    krita.wait_for(f"'Connected to {address}' in dock().connection.text()", timeout=30)
+def _connect(krita, address: str, token: str = "", expect: str = "") -> None:
+    """Types the address and token into the docker, presses Connect, waits for `expect`."""
+    krita.run(f"dock().address.setText({address!r}); dock().token.setText({token!r})")
+    krita.run("dock().findChild(QPushButton, 'sdbridge_connect').click()")
+    expect = expect or f"Connected to {address}"
+    krita.wait_for(f"{expect!r} in dock().connection.text()", timeout=30)
 
 
 def _daemon_hello(daemon) -> dict:
