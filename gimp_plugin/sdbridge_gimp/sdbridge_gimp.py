@@ -385,7 +385,7 @@ def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> Gim
         view = dialog.get_widget(name, Gtk.TextView)
         view.set_wrap_mode(Gtk.WrapMode.WORD)
         view.set_size_request(360, 60)
-        dialog.get_label(f"{name}-title", title, False, True)
+        dialog.get_label(f"{name}-title", title, False, True).set_mnemonic_widget(view)
         dialog.fill_frame(f"{name}-frame", f"{name}-title", False, name)
     dialog.fill(DIALOG_FIELDS)
     return dialog
@@ -487,13 +487,13 @@ class SdbridgePlugIn(Gimp.PlugIn):
         procedure.add_string_argument(
             "negative-prompt", "_Negative prompt", "What to avoid", "", RW
         )
-        procedure.add_int_argument("steps", "_Steps", "Denoising steps", 1, 150, 20, RW)
+        procedure.add_int_argument("steps", "S_teps", "Denoising steps", 1, 150, 20, RW)
         procedure.add_double_argument(
-            "guidance", "_Guidance", "Classifier-free guidance scale", 0.0, 30.0, 7.5, RW
+            "guidance", "G_uidance", "Classifier-free guidance scale", 0.0, 30.0, 7.5, RW
         )
         procedure.add_int_argument("seed", "S_eed", "-1: a random seed", -1, G_MAXINT, -1, RW)
         procedure.add_double_argument(
-            "strength", "S_trength", "How much of the area is repainted", 0.01, 1.0, strength, RW
+            "strength", "Stren_gth", "How much of the area is repainted", 0.01, 1.0, strength, RW
         )
         procedure.add_string_argument(
             "model", "_Model", "A model the daemon has; empty: its loaded model", "", RW
@@ -502,7 +502,7 @@ class SdbridgePlugIn(Gimp.PlugIn):
             "address", "_Daemon address", "Empty: the address used last", "", RW
         )
         procedure.add_double_argument(
-            "timeout", "_Timeout (s)", "Give up after this long", 1.0, 3600.0, 600.0, RW
+            "timeout", "T_imeout (s)", "Give up after this long", 1.0, 3600.0, 600.0, RW
         )
         procedure.add_layer_return_value("layer", "Layer", "The new layer", False, RW)
         return procedure

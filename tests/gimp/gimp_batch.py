@@ -3,6 +3,7 @@
 # after it. Never sys.exit() here: GIMP reports an exception as exit status 64.
 # ruff: noqa: F821  (those three names come from the runner)
 
+import ctypes
 import importlib.util
 import json
 import sys
@@ -89,3 +90,88 @@ def load_plugin_module():
     sys.modules["sdbridge_gimp"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+# --- pressing a dialog's buttons from outside (there is no xdotool in the chroot) ---------------
+
+
+class _XKeyEvent(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("serial", ctypes.c_ulong),
+        ("send_event", ctypes.c_int),
+        ("display", ctypes.c_void_p),
+        ("window", ctypes.c_ulong),
+        ("root", ctypes.c_ulong),
+        ("subwindow", ctypes.c_ulong),
+        ("time", ctypes.c_ulong),
+        ("x", ctypes.c_int),
+        ("y", ctypes.c_int),
+        ("x_root", ctypes.c_int),
+        ("y_root", ctypes.c_int),
+        ("state", ctypes.c_uint),
+        ("keycode", ctypes.c_uint),
+        ("same_screen", ctypes.c_int),
+        ("padding", ctypes.c_long * 16),  # an XEvent is 24 longs
+    ]
+
+
+def _xlib():
+    x11 = ctypes.cdll.LoadLibrary("libX11.so.6")
+    x11.XOpenDisplay.restype = ctypes.c_void_p
+    x11.XDefaultRootWindow.argtypes = [ctypes.c_void_p]
+    x11.XDefaultRootWindow.restype = ctypes.c_ulong
+    window_p = ctypes.POINTER(ctypes.c_ulong)
+    x11.XQueryTree.argtypes = [ctypes.c_void_p, ctypes.c_ulong, window_p, window_p]
+    x11.XQueryTree.argtypes += [ctypes.POINTER(window_p), ctypes.POINTER(ctypes.c_uint)]
+    x11.XFetchName.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.POINTER(ctypes.c_char_p)]
+    x11.XStringToKeysym.argtypes = [ctypes.c_char_p]
+    x11.XStringToKeysym.restype = ctypes.c_ulong
+    x11.XKeysymToKeycode.argtypes = [ctypes.c_void_p, ctypes.c_ulong]
+    x11.XSendEvent.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_long]
+    x11.XSendEvent.argtypes += [ctypes.c_void_p]
+    x11.XFlush.argtypes = [ctypes.c_void_p]
+    return x11
+
+
+def _find_window(x11, display, window, title):
+    name = ctypes.c_char_p()
+    if x11.XFetchName(display, window, ctypes.byref(name)) and name.value == title.encode():
+        return window
+    root, parent = ctypes.c_ulong(), ctypes.c_ulong()
+    children, count = ctypes.POINTER(ctypes.c_ulong)(), ctypes.c_uint()
+    x11.XQueryTree(
+        display, window, ctypes.byref(root), ctypes.byref(parent), ctypes.byref(children),
+        ctypes.byref(count),
+    )  # fmt: skip
+    for i in range(count.value):
+        found = _find_window(x11, display, children[i], title)
+        if found:
+            return found
+    return None
+
+
+def press_mnemonic(title, key, wait=20.0):
+    """Alt+`key` in the window titled `title` once it shows up (e.g. "o" for _OK), as a user
+    would; from a thread, while GIMP runs the dialog's plug-in. GIMP must run with
+    GDK_CORE_DEVICE_EVENTS=1: GTK then reads the core key events this sends."""
+    x11 = _xlib()
+    display = x11.XOpenDisplay(None)
+    root = x11.XDefaultRootWindow(display)
+    deadline = time.monotonic() + wait
+    window = None
+    while window is None and time.monotonic() < deadline:
+        window = _find_window(x11, display, root, title)
+        time.sleep(0.2)
+    if window is None:
+        return False
+    time.sleep(1.0)  # mapped is not yet drawn and listening
+    keycode = x11.XKeysymToKeycode(display, x11.XStringToKeysym(key.encode()))
+    for kind in (2, 3):  # KeyPress, KeyRelease
+        event = _XKeyEvent(
+            type=kind, display=display, window=window, root=root, x=1, y=1, x_root=1, y_root=1,
+            state=1 << 3, keycode=keycode, same_screen=1,
+        )  # fmt: skip
+        x11.XSendEvent(display, window, 1, 0, ctypes.byref(event))  # Mod1 = Alt
+    x11.XFlush(display)
+    return True

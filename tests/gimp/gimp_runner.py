@@ -79,10 +79,16 @@ class Gimp:
         return self.host_dir / name
 
     def run(
-        self, code: str, timeout: float = 60.0, display: bool = False, gui: bool = False
+        self,
+        code: str,
+        timeout: float = 60.0,
+        display: bool = False,
+        gui: bool = False,
+        env: dict[str, str] | None = None,
     ) -> GimpRun:
         """Runs `code` in GIMP: `gimp-console-3.0` headless, under Xvfb with `display` (for
-        dialogs), or the full `gimp-3.0` window with `gui`. Always bounded by `timeout`."""
+        dialogs), or the full `gimp-3.0` window with `gui`, with `env` added to GIMP's (and its
+        plug-ins') environment. Always bounded by `timeout`."""
         number = next(self._runs)
         markers = self.host(f"markers-{number}.json")
         script = self.host(f"drive-{number}.py")
@@ -97,6 +103,7 @@ class Gimp:
         )
         command = ["chroot", str(self.root), "env", f"HOME={self.inner_dir}"]
         command += [f"GIMP3_DIRECTORY={self.inner('profile')}", "NO_AT_BRIDGE=1"]
+        command += [f"{name}={value}" for name, value in (env or {}).items()]
         command += ["timeout", "-k", str(KILL_GRACE), str(timeout)]
         if display or gui:
             command += ["xvfb-run", "-a", "-s", SCREEN]
