@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 from .protocol import TOKEN_ENV
@@ -52,7 +53,7 @@ def is_loopback(address: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
-def read_token(token_file: str | None, environ: dict[str, str] | None = None) -> bytes | None:
+def read_token(token_file: str | None, environ: Mapping[str, str] | None = None) -> bytes | None:
     """The token from ``token_file`` (surrounding whitespace stripped) or ``$SDBRIDGE_TOKEN``.
 
     None when neither is set. Raises `TokenError` for an unreadable file or an unfit token.
