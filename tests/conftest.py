@@ -176,7 +176,10 @@ def library_daemon(
         "max_loaded_models = 2\n"
         '[models."tiny-sd-file"]\n'
         f'config = "{pipeline_dir}"\n'
+        "[limits]\nmax_images = 3\nmax_steps = 100\n"
     )
-    process = DaemonProcess(pipeline_dir, workdir, "--config", str(config)).start()
+    # A flag beats the file (test_config checks both limits).
+    command = ("--config", str(config), "--max-steps", "120")
+    process = DaemonProcess(pipeline_dir, workdir, *command).start()
     yield process
     process.stop()

@@ -51,6 +51,9 @@ def _with_karras(
 
 
 NO_KARRAS = {"use_karras_sigmas": False}
+# "2M": second order, multistep; the SDE variant adds noise each step like A1111's.
+DPM_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+DPM_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
 SAMPLERS: dict[str, Sampler] = {
     sampler.name: sampler
     for sampler in (
@@ -59,10 +62,8 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("Heun", HeunDiscreteScheduler, NO_KARRAS),
         *_with_karras("DPM2", KDPM2DiscreteScheduler),
         *_with_karras("DPM2 a", KDPM2AncestralDiscreteScheduler),
-        *_with_karras("DPM++ 2M", DPMSolverMultistepScheduler, algorithm_type="dpmsolver++"),
-        *_with_karras(
-            "DPM++ 2M SDE", DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++"
-        ),
+        *_with_karras("DPM++ 2M", DPMSolverMultistepScheduler, **DPM_2M),
+        *_with_karras("DPM++ 2M SDE", DPMSolverMultistepScheduler, **DPM_2M_SDE),
         Sampler("UniPC", UniPCMultistepScheduler, NO_KARRAS),
         Sampler("DEIS", DEISMultistepScheduler, NO_KARRAS),
         Sampler("DDIM", DDIMScheduler),
@@ -71,7 +72,7 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("LCM", LCMScheduler),
     )
 }
-# These two need optional packages; diffusers puts placeholders that raise in their place.
+# These need optional packages (scipy, torchsde); without them diffusers has placeholders.
 if is_scipy_available():
     SAMPLERS["LMS"] = Sampler("LMS", LMSDiscreteScheduler)
 if is_torchsde_available():

@@ -159,7 +159,8 @@ def _convert(option: Option, value: Any, where: str) -> Any:
     if option.kind is Path and isinstance(value, (str, Path)):
         value = Path(value).expanduser()
     elif isinstance(value, bool) != (option.kind is bool) or not isinstance(value, option.kind):
-        raise SettingsError(f"{where}: {option.name} must be {option.kind.__name__}")
+        kind = {bool: "true or false", int: "an integer"}.get(option.kind, "a string")
+        raise SettingsError(f"{where}: {option.name} must be {kind}")
     if option.choices and value not in option.choices:
         raise SettingsError(f"{where}: {option.name} must be one of {', '.join(option.choices)}")
     return value

@@ -1,0 +1,110 @@
+"""LoRAs from the loras folder, applied per job at a weight and gone after it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_daemon import Peer, result_image
+
+JOB = {
+    "prompt": "a red circle on a blue background",
+    "num_inference_steps": 4,
+    "seed": 42,
+    "model": "tiny-sd",
+}
+
+
+@pytest.fixture
+def peer(library_daemon) -> Peer:
+    connection = Peer(library_daemon.address)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="module")
+def base(library_daemon) -> np.ndarray:
+    """The base model's image for JOB, before any LoRA was applied."""
+    connection = Peer(library_daemon.address)
+    try:
+        return result_image(connection.generate(**JOB))
+    finally:
+        connection.close()
+
+
+def image(peer: Peer, *loras: tuple[str, float]) -> np.ndarray:
+    return result_image(peer.generate(**JOB, loras=[{"name": n, "weight": w} for n, w in loras]))
+
+
+def test_weight_zero_is_the_base_model_and_weight_one_changes_the_image(peer, base) -> None:
+    assert np.array_equal(image(peer, ("ink", 0.0)), base)
+    inked = image(peer, ("ink", 1.0))
+    assert np.abs(inked - base).mean() > 1.0
+    assert np.array_equal(image(peer, ("ink", 1.0)), inked)  # the same LoRA job again
+
+
+def test_after_a_lora_job_the_base_model_gives_its_own_pixels_again(peer, base) -> None:
+    image(peer, ("ink", 1.0), ("styles/paper", 0.8))
+    assert np.array_equal(result_image(peer.generate(**JOB)), base)
+
+
+def test_several_loras_at_once_each_count(peer, base) -> None:
+    ink = image(peer, ("ink", 1.0))
+    paper = image(peer, ("styles/paper", 1.0))
+    both = image(peer, ("ink", 1.0), ("styles/paper", 1.0))
+    for single in (ink, paper):
+        assert np.abs(both - single).mean() > 0.5
+
+
+def test_a_kohya_lora_works_like_the_same_lora_in_diffusers_format(
+    peer, library: Path, base
+) -> None:
+    """Most LoRAs on model sites are in kohya's format: `lora_unet_<module path with _>` with
+    `lora_down`/`lora_up` and an `alpha` per module; diffusers converts them when loading."""
+    state = load_file(str(library / "loras" / "ink.safetensors"))
+    kohya = {}
+    for key, tensor in state.items():
+        match = re.fullmatch(r"unet\.(.+)\.lora_([AB])\.weight", key)
+        assert match, key
+        module = "lora_unet_" + match[1].replace(".", "_")
+        kohya[f"{module}.lora_{'down' if match[2] == 'A' else 'up'}.weight"] = tensor
+        if match[2] == "A":  # alpha = rank: scale 1, as peft's lora_alpha = r
+            kohya[f"{module}.alpha"] = torch.tensor(float(tensor.shape[0]))
+    path = library / "loras" / "kohya-ink.safetensors"
+    save_file(kohya, str(path))
+    try:
+        assert np.abs(image(peer, ("kohya-ink", 1.0)) - image(peer, ("ink", 1.0))).max() <= 1
+    finally:
+        path.unlink()
+
+
+def test_the_models_op_and_hello_list_the_loras(peer, library: Path) -> None:
+    listed = {entry["name"]: entry for entry in peer.answer("models")["loras"]}
+    assert set(listed) == {"ink", "styles/paper"}
+    size = (library / "loras" / "ink.safetensors").stat().st_size
+    assert listed["ink"]["size_bytes"] == size
+    hello = peer.answer("hello")
+    assert set(hello["loras"]) == {"ink", "styles/paper"} and "loras" in hello["capabilities"]
+
+
+@pytest.mark.parametrize(
+    ("loras", "code"),
+    [
+        ([{"name": "no-such-lora"}], "unknown_lora"),
+        ([{"name": "../loras/ink"}], "unknown_lora"),
+        ([{"name": "ink", "weight": 11}], "out_of_range"),
+        ([{"name": "ink", "weight": "1"}], "bad_type"),
+        ([{"name": "ink", "strength": 1}], "unknown_field"),
+        ([{"weight": 1}], "missing_field"),
+        ([{"name": "ink"}] * 9, "out_of_range"),
+        ("ink", "bad_type"),
+    ],
+)
+def test_bad_loras_are_refused_before_the_job_is_queued(peer, loras, code: str) -> None:
+    events = peer.generate(**JOB, loras=loras)
+    assert [e["event"] for e in events] == ["error"]
+    assert events[0]["code"] == code
