@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from gimp_runner import Gimp
+from gimp_runner import Gimp, chroot_missing
 from PIL import Image
 
 from sdbridge import protocol
@@ -20,6 +20,20 @@ pytestmark = pytest.mark.gimp
 GENERATE = "python-fu-sdbridge-generate"
 REPAINT = "python-fu-sdbridge-repaint-selection"
 W, H = 96, 64
+
+
+# Here rather than in a tests/gimp/conftest.py: a second module named `conftest` would take the
+# place of tests/conftest.py, which other test modules import helpers from.
+@pytest.fixture(scope="session")  # set up (or skipped) before the session's daemon starts
+def gimp() -> Iterator[Gimp]:
+    """One profile with the plug-in installed, shared by this module's GIMP runs (a profile
+    copy costs a second; the first run registers the plug-in, later ones reuse that)."""
+    reason = chroot_missing()
+    if reason:
+        pytest.skip(reason)
+    instance = Gimp()
+    yield instance
+    instance.remove()
 
 
 def rgba(path: Path) -> bytes:
