@@ -78,7 +78,7 @@ trap 'exit 1' INT TERM HUP  # so that EXIT runs on Ctrl-C or a CI timeout as wel
 unmount_all
 rm -f "$STAMP"
 if [[ -e $ROOT ]]; then
-    log "removing unfinished chroot"
+    log "removing an unfinished or outdated chroot"
     rm -rf --one-file-system "$ROOT"
 fi
 
