@@ -167,6 +167,13 @@ def test_concurrent_senders_never_interleave(
     assert all(numbers == list(range(per_thread)) for numbers in seen.values())
 
 
+def _eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 def _read_forever(conn: ZmtpConnection, received: list[list[bytes]]) -> None:
     while True:
         try:
@@ -185,9 +192,7 @@ def test_idle_reader_survives_heartbeats(
     reader.start()
     time.sleep(5 * HEARTBEAT_TIMEOUT_MS / 1000)
     sock.send_multipart([identity, b"still there"])  # ROUTER_MANDATORY: raises if dropped
-    deadline = time.monotonic() + 5
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _eventually(lambda: bool(received))
     assert received == [[b"still there"]]
     conn.send([b"and back"])
     assert sock.recv_multipart() == [identity, b"and back"]
@@ -349,6 +354,7 @@ def test_ping_gets_pong_with_its_context_and_other_commands_are_skipped(
 
     conn = ZmtpConnection.connect(raw_peer(_zmtp_router_script(then)), timeout=5)
     assert conn.recv() == [b"one", b"two"]
+    _eventually(lambda: bool(pongs))  # the peer's thread reads the PONG in its own time
     conn.close()
     assert pongs == [b"\x04PONGcontext-16-bytes"]
 
