@@ -13,6 +13,7 @@ import contextlib
 import select
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -49,6 +50,8 @@ _PEER_SOCKET_TYPE = b"ROUTER"
 # Without this a write to a closed peer raises SIGPIPE in hosts that do not ignore it (Python
 # does, but an embedding editor may not).
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+# macOS has no MSG_NOSIGNAL but a socket option to the same end (Python does not name it).
+_SO_NOSIGPIPE = 0x1022 if sys.platform == "darwin" else None
 
 
 class ZmtpError(ConnectionError):
@@ -168,6 +171,8 @@ class ZmtpConnection:
         conn = cls(sock, max_frame_bytes)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if _SO_NOSIGPIPE is not None:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
             conn._handshake(plain)
             sock.settimeout(None)
         except ZmtpAuthError:
