@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from test_cli import sdbridge
 from test_daemon import Peer, result_image
 
 from sdbridge import models
@@ -195,3 +197,25 @@ def test_a_model_that_fails_to_load_fails_its_job_and_the_previous_model_serves_
         assert listing(peer)["broken"]["loaded"] is False
     finally:
         broken.unlink()
+
+
+def test_the_cli_lists_models_and_generates_with_model_sampler_and_lora(
+    library_daemon, tmp_path: Path
+) -> None:
+    listed = sdbridge("models", "--address", library_daemon.address)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()}
+    assert rows["xl/tiny-xl"][1] == "sdxl" and rows["styles/paper"][1] == "lora"
+    out = tmp_path / "turbo.png"
+    run = sdbridge(
+        "generate", "a cat", "--address", library_daemon.address, "--model", "tiny-sd-turbo",
+        "--scheduler", "DPM++ 2M", "--lora", "ink:0.5", "--seed", "3", "-o", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "step 4/4" in run.stderr  # the turbo preset's steps
+    with Image.open(out) as image:
+        assert image.size == (64, 64)
+    saved = run.stdout.split("saved by the daemon as ")[1].rstrip(")\n")
+    with Image.open(saved) as png:
+        assert "Sampler: DPM++ 2M," in png.text["parameters"]
+        assert "Model: tiny-sd-turbo" in png.text["parameters"]

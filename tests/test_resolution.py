@@ -48,7 +48,8 @@ def test_a_small_selection_grows_to_native_and_a_huge_canvas_shrinks() -> None:
 def test_the_second_pass_doubles_at_most_and_only_for_larger_targets() -> None:
     sd15 = size_range("sd1", 512)
     assert refine_size((888, 664), (4000, 3000), sd15) == (1776, 1328)
-    assert refine_size((512, 512), (600, 600), sd15) == (600, 600)
+    assert refine_size((512, 512), (700, 700), sd15) == (704, 704)
+    assert refine_size((512, 512), (600, 600), sd15) is None  # scaling 1.17x is enough
     assert refine_size((640, 512), (640, 512), sd15) is None
     assert refine_size((512, 512), (300, 300), sd15) is None
 

@@ -62,7 +62,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         embedded = [describe(str(tiny.MODEL_DIR), tiny.NAME)] if _tiny_present() else []
         configs = {
-            name: table["config"] for name, table in settings.models.items() if "config" in table
+            name: str(Path(table["config"]).expanduser())
+            for name, table in settings.models.items()
+            if "config" in table
         }
         registry = ModelRegistry(
             embedded, settings.models_dir, settings.allow_pickle, configs=configs
@@ -175,14 +177,25 @@ def generate(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
         "seed": args.seed,
         "num_images": args.batch,
     }
-    for name in ("width", "height", "strength"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
+    # Left out when not given: the daemon fills in the model's defaults (few-step models...).
+    optional = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "width": args.width,
+        "height": args.height,
+        "strength": args.strength,
+        "model": args.model,
+        "scheduler": args.scheduler,
+        "refine_strength": args.refine,
+    }
+    fields.update((name, value) for name, value in optional.items() if value is not None)
+    if args.exact_size:
+        fields["exact_size"] = True
+    if args.lora:
+        fields["loras"] = [_lora(spec) for spec in args.lora]
     try:
         if args.init_image:
             fields["init_image"] = _load_image(args.init_image).to_dict()
@@ -220,6 +233,36 @@ def generate(args: argparse.Namespace) -> int:
     ):
         Image.frombytes("RGBA", (image["width"], image["height"]), image["data"]).save(path)
         print(f"{path}  (seed {image['seed']}, saved by the daemon as {image['path']})")
+    return 0
+
+
+def _lora(spec: str) -> dict[str, Any]:
+    """`NAME` or `NAME:WEIGHT` (names may hold colons: the weight is after the last one)."""
+    name, _, weight = spec.rpartition(":")
+    try:
+        return {"name": name, "weight": float(weight)} if name else {"name": spec}
+    except ValueError:
+        return {"name": spec}
+
+
+def models(args: argparse.Namespace) -> int:
+    from .client import Client, ClientError
+
+    with Client(args.address, timeout=args.timeout) as client:
+        if not client.wait_connected(args.wait):
+            print(f"sdbridge: {client.state_message}", file=sys.stderr)
+            return 1
+        try:
+            listing = client.models()
+        except ClientError as exc:
+            print(f"sdbridge: {exc}", file=sys.stderr)
+            return 1
+    for entry in listing["models"]:
+        loaded = "loaded" if entry["loaded"] else ""
+        size = f"{entry['size_bytes'] / 2**30:.2f} GiB"
+        print(f"{entry['name']:<40} {entry['family']:<8} {size:>10}  {loaded}")
+    for entry in listing["loras"]:
+        print(f"{entry['name']:<40} {'lora':<8} {entry['size_bytes'] / 2**20:>6.1f} MiB")
     return 0
 
 
@@ -322,8 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance-scale", type=float, help="CFG scale (default: the model's)")
+    p.add_argument("--model", help="a model name from `sdbridge models`")
+    p.add_argument("--scheduler", help="a sampler by its A1111 name, e.g. 'DPM++ 2M Karras'")
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="repeatable"
+    )
+    p.add_argument(
+        "--exact-size", action="store_true", help="generate at --width x --height, not native"
+    )
+    p.add_argument(
+        "--refine", type=float, metavar="STRENGTH", help="second pass for large sizes (0.2-0.4)"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
@@ -334,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_client_options(p)
     p.set_defaults(run=generate)
+
+    p = commands.add_parser("models", help="list the daemon's models and LoRAs")
+    _add_client_options(p)
+    p.set_defaults(run=models)
 
     p = commands.add_parser("status", help="show the daemon's device, model and queue")
     _add_client_options(p)

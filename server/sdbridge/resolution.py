@@ -47,8 +47,10 @@ FAMILY_RANGES: dict[str, tuple[float, float, int]] = {
 # Transformer families (SD 3, Flux, ...) patchify the latent in 2x2: multiples of 16.
 OTHER_RANGE = (0.75, 1.25, 16)
 # A second pass paints at most at twice the first pass's side: beyond that it needs the memory
-# the first pass avoided; the rest of the way to the target is plain scaling.
+# the first pass avoided; the rest of the way to the target is plain scaling. Below 1.25x the
+# first image scales well enough and the pass would mostly repaint it at the same size.
 REFINE_MAX_FACTOR = 2.0
+REFINE_MIN_FACTOR = 1.25
 
 
 def size_range(family: str, native: int) -> SizeRange:
@@ -59,8 +61,8 @@ def size_range(family: str, native: int) -> SizeRange:
 def refine_size(
     first: tuple[int, int], target: tuple[int, int], sizes: SizeRange
 ) -> tuple[int, int] | None:
-    """The size of a second pass towards `target`, or None when the first pass is big enough."""
-    if target[0] <= first[0] and target[1] <= first[1]:
-        return None
+    """The size of a second pass towards `target`, or None when the first pass is near enough."""
     factor = min(REFINE_MAX_FACTOR, max(target[0] / first[0], target[1] / first[1]))
+    if factor < REFINE_MIN_FACTOR:
+        return None
     return sizes.round(first[0] * factor, first[1] * factor)
