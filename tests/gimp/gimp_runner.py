@@ -57,16 +57,22 @@ class GimpRun:
 
 
 class Gimp:
-    """One GIMP profile (a copy of the pre-warmed template) with the plug-in installed by
-    `sdbridge.install`, in a folder under the chroot's /tmp."""
+    """One GIMP profile (a copy of the pre-warmed template) in a folder under the chroot's /tmp,
+    with the plug-in installed by `sdbridge install gimp`, or unpacked from the zip of
+    `sdbridge package gimp` as a user would."""
 
-    def __init__(self, root: Path = ROOT) -> None:
+    def __init__(self, root: Path = ROOT, archive: Path | None = None) -> None:
         self.root = root
         self.host_dir = Path(tempfile.mkdtemp(prefix="sdbridge-gimp-", dir=root / "tmp"))
         self.inner_dir = "/" + self.host_dir.relative_to(root).as_posix()
         profile = self.host_dir / "profile"
         shutil.copytree(root / PROFILE_TEMPLATE, profile, symlinks=True)
-        install("gimp", plugins_dir=profile / "plug-ins")
+        if archive is None:
+            install("gimp", plugins_dir=profile / "plug-ins")
+        else:  # unzip restores the run bit GIMP needs (Python's zipfile would not)
+            subprocess.run(
+                ["unzip", "-q", str(archive), "-d", str(profile / "plug-ins")], check=True
+            )
         self.plugin_dir = self.inner("profile/plug-ins/sdbridge_gimp")
         self._runs = itertools.count(1)
 

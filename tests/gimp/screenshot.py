@@ -70,7 +70,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--model", help="model for the daemon (default: see above)")
-    parser.add_argument("--prompt", default="a large yellow star at the center on a blue background")
+    parser.add_argument(
+        "--prompt", default="a large yellow star at the center on a blue background"
+    )
     args = parser.parse_args()
     reason = chroot_missing()
     if reason:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from sdbridge import protocol
 from sdbridge.canvas import layer_name
+from sdbridge.install import package
 
 pytestmark = pytest.mark.gimp
 
@@ -66,6 +67,23 @@ def test_both_procedures_are_registered_under_filters_sdbridge(gimp: Gimp) -> No
         # GIMP 3.0 adds "num-drawables" before the drawables on its own.
         assert [a for a in info["arguments"] if a != "num-drawables"] == arguments
         assert info["returns"] == ["layer"]
+
+
+def test_the_packaged_zip_unpacked_into_plug_ins_runs(gimp: Gimp, tmp_path: Path) -> None:
+    unpacked = Gimp(archive=package("gimp", tmp_path))  # `gimp` made sure the chroot is there
+    try:
+        markers = unpacked.run(
+            f"""
+            image, background = new_image(8, 8, bytes(8 * 8 * 3))
+            result = call({GENERATE!r}, image, [background], prompt="x", address="tcp://127.0.0.1:1")
+            mark(result=result[:2])
+            """
+        ).checked()
+    finally:
+        unpacked.remove()
+    status, error = markers["result"]
+    # Registered, ran, and its vendored client got as far as the (absent) daemon.
+    assert status == "execution-error" and "is `sdbridge serve` running?" in error
 
 
 def test_generate_adds_one_layer_over_the_selection_or_the_whole_image(gimp: Gimp, daemon) -> None:
