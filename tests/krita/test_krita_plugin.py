@@ -36,8 +36,9 @@ def generate(krita, prompt: str, steps: int = 4, timeout: float = 60.0, **widget
     """Fills the docker like an artist would, presses Generate, waits for the job to end."""
     setters = "".join(f"dock().{name}.setValue({value})\n" for name, value in widgets.items())
     krita.run(f"dock().prompt.setPlainText({prompt!r})\ndock().steps.setValue({steps})\n{setters}")
-    krita.run("dock().generate.click()")
-    krita.wait_for("dock().model.job is None", timeout)
+    started = krita.eval("[dock().generate.click(), dock().model.job is not None][1]")
+    if started:
+        krita.wait_for("dock().model.job is None", timeout)
     return krita.eval("layers()")
 
 
@@ -158,17 +159,19 @@ def test_several_images_become_layers_in_one_group_with_consecutive_seeds(doc):
 
 def test_cancel_during_a_job_adds_nothing_and_the_next_job_works(doc):
     before = new_document(doc, 64, 64)
+    # 3 x 150 steps: the job cannot finish between seeing its progress and pressing Cancel.
     doc.run("dock().prompt.setPlainText('a slow one'); dock().steps.setValue(150)")
-    doc.run("dock().generate.click()")
+    doc.run("dock().images.setValue(3); dock().generate.click(); dock().images.setValue(1)")
     doc.wait_for("any(step >= 2 for step, total in state['seen']['progress'])", timeout=30)
-    assert doc.eval("dock().cancel.isEnabled()")
-    doc.run("dock().cancel.click()")
+    assert doc.eval("[dock().cancel.isEnabled(), dock().cancel.click()][0]")
     doc.wait_for("dock().model.job is None", timeout=30)
-    assert doc.eval("layers()") == before
-    assert "Cancelled" in doc.eval("dock().message.text()")
+    diagnosis = doc.eval("[state['seen']['messages'], dock().connection.text()]")
+    assert doc.eval("layers()") == before, diagnosis
+    assert "Cancelled" in doc.eval("dock().message.text()"), diagnosis
     assert doc.eval("dock().generate.isEnabled()")
     after = generate(doc, "a quick one")
-    assert len(after) == len(before) + 1
+    diagnosis = doc.eval("[state['seen']['messages'], dock().connection.text()]")
+    assert len(after) == len(before) + 1, diagnosis
 
 
 def test_daemon_error_is_shown_in_plain_words(doc):
@@ -213,7 +216,7 @@ def test_daemon_stopping_mid_job_is_reported_krita_stays_responsive_and_it_recon
         assert doc.eval("app.readSetting('sdbridge', 'address', '')") == own.address
         assert doc.eval("app.readSetting('sdbridge', 'token', '')") == "krita-secret-0123456789"
         doc.run("dock().prompt.setPlainText('a long one'); dock().steps.setValue(150)")
-        doc.run("dock().generate.click()")
+        doc.run("dock().images.setValue(3); dock().generate.click(); dock().images.setValue(1)")
         doc.wait_for("any(step >= 2 for step, total in state['seen']['progress'])", timeout=30)
         own.stop()
         doc.wait_for("dock().model.job is None", timeout=30)
