@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 from test_daemon import Peer
 
+from sdbridge.models import describe
 from sdbridge.presets import PRESETS, JobDefaults, detect_preset, job_defaults, lora_preset
 
 JOB = {"prompt": "a red circle on a blue background", "seed": 42}
@@ -63,3 +68,14 @@ def test_the_same_weights_under_a_standard_name_get_the_standard_defaults(peer: 
     events = peer.generate(**JOB, model="tiny-sd")
     assert len([e for e in events if e["event"] == "progress"]) == 20
     assert "CFG scale: 7.5," in events[-1]["parameters"]
+
+
+def test_an_lcm_folder_is_known_before_it_is_loaded(pipeline_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "my-merge"
+    shutil.copytree(pipeline_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    entry = describe(str(folder), "my-merge")
+    assert entry.scheduler == "LCMScheduler"
+    assert job_defaults(entry.name, entry.scheduler) == PRESETS["lcm"]

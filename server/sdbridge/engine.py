@@ -200,6 +200,9 @@ class Engine:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         # Guards `_loaded` between the worker (loading) and the socket thread (listing).
         self._lock = threading.Lock()
+        # (name, native size) of the most recently used model, for hello and status: kept apart
+        # from `_loaded`, which is briefly empty while a model replaces the only resident one.
+        self._active: tuple[str, int] = ("", 0)
         if self.registry.get(model) is None:
             self.registry.add(describe(model, model_name(model), config, allow_pickle))
             model = model_name(model)
@@ -208,18 +211,13 @@ class Engine:
     # --- models --------------------------------------------------------------------------------
 
     @property
-    def current(self) -> LoadedModel:
-        """The most recently used model: the one a job without `model` gets."""
-        with self._lock:
-            return next(reversed(self._loaded.values()))
-
-    @property
     def model(self) -> str:
-        return self.current.entry.name
+        """The most recently used model: the one a job without `model` gets."""
+        return self._active[0]
 
     @property
     def native_size(self) -> int:
-        return self.current.native_size
+        return self._active[1]
 
     def loaded_names(self) -> list[str]:
         with self._lock:
@@ -231,7 +229,9 @@ class Engine:
             loaded = self._loaded.get(name)
         if loaded is not None:
             return loaded.defaults
-        return job_defaults(name, "", self.model_settings.get(name))
+        entry = self.registry.get(name)
+        scheduler = entry.scheduler if entry is not None else ""
+        return job_defaults(name, scheduler, self.model_settings.get(name))
 
     def activate(self, name: str) -> LoadedModel:
         """The model `name`, loaded if it is not resident; it becomes the most recently used."""
@@ -239,6 +239,7 @@ class Engine:
             loaded = self._loaded.get(name)
             if loaded is not None:
                 self._loaded.move_to_end(name)
+                self._active = (name, loaded.native_size)
                 return loaded
         entry = self.registry.get(name)
         if entry is None:
@@ -259,6 +260,7 @@ class Engine:
         loaded = self._prepare(entry, pipe)
         with self._lock:
             self._loaded[name] = loaded
+            self._active = (name, loaded.native_size)
         log.info("loaded %s (%s) in %.1f s", name, loaded.family, time.perf_counter() - start)
         return loaded
 

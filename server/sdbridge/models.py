@@ -12,6 +12,7 @@ header, not the weights). The family then picks the auto pipeline that loads it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -77,6 +78,8 @@ class ModelEntry:
     # A diffusers folder with the configs for a single-file checkpoint; without it diffusers
     # fetches the reference configs of the family from the hub.
     config: str | None = None
+    # The scheduler class a folder's model_index.json names (few-step detection before loading).
+    scheduler: str = ""
 
     def to_dict(self, loaded: bool) -> dict[str, Any]:
         return {
@@ -211,7 +214,9 @@ def describe(
         family = folder_family(path)
         if family is None:
             raise ValueError(f"{path} is not a diffusers model folder (no model_index.json)")
-        return ModelEntry(name, str(path), family, _size(path))
+        index = _read_json(path / "model_index.json") or {}
+        scheduler = index.get("scheduler", [None, ""])[-1] or ""
+        return ModelEntry(name, str(path), family, _size(path), scheduler=scheduler)
     if path.is_file():
         allowed = SAFE_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle else ())
         if path.suffix not in allowed:
@@ -313,7 +318,7 @@ class ModelRegistry:
                 continue
             config = self.configs.get(entry.name)
             if config and entry.config is None:
-                entry = ModelEntry(entry.name, entry.path, entry.family, entry.size_bytes, config)
+                entry = dataclasses.replace(entry, config=config)
             entries[entry.name] = entry
         with self._lock:
             self._entries = entries

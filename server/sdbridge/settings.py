@@ -178,8 +178,6 @@ def _read_file(path: Path, required: bool) -> dict[str, Any] | None:
 
 
 def _model_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:
-    from .schedulers import SAMPLERS  # diffusers: only when a file has model tables
-
     if not isinstance(tables, dict):
         raise SettingsError(f"{where}: [models] must hold one table per model name")
     models = {}
@@ -193,7 +191,11 @@ def _model_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:
                 raise SettingsError(f"{here}: unknown key {key!r}; known: {', '.join(MODEL_KEYS)}")
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise SettingsError(f"{here}: {key} has the wrong type")
-        allowed = {"preset": PRESETS, "scheduler": SAMPLERS, "timestep_spacing": TIMESTEP_SPACINGS}
+        allowed: dict[str, Any] = {"preset": PRESETS, "timestep_spacing": TIMESTEP_SPACINGS}
+        if "scheduler" in table:
+            from .schedulers import SAMPLERS  # imports diffusers: only when it is needed
+
+            allowed["scheduler"] = SAMPLERS
         for key, choices in allowed.items():
             if key in table and table[key] not in choices:
                 raise SettingsError(f"{here}: {key} must be one of {', '.join(choices)}")
