@@ -357,7 +357,8 @@ class ZmtpConnection:
             return data
         if size <= len(self._buffer):
             # Compact, then fill the buffer with as much as the kernel has (fewer syscalls).
-            self._buffer[:available] = self._view[self._start : self._end]
+            # Through the memoryview: it copies overlapping ranges safely (memmove).
+            self._view[:available] = self._view[self._start : self._end]
             self._start, self._end = 0, available
             while self._end < size:
                 self._end += self._recv_into(self._view[self._end :])
