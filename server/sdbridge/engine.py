@@ -245,19 +245,21 @@ class Engine:
         if entry is None:
             raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}", "model")
         start = time.perf_counter()
-        # Read from disk before anything is unloaded: a broken file leaves the resident models
-        # serving. Only moving to the device comes after making room.
+        first = not self._active[0]
         try:
+            # Read from disk before anything is unloaded: a broken file leaves the resident
+            # models serving. Only moving to the device comes after making room.
             pipe = load_pipeline(entry, self.dtype)
+            self._evict(keep=self.max_loaded - 1)
+            loaded = self._prepare(entry, pipe)
         except Exception as exc:
-            if not self._loaded:
-                raise  # the first model: the daemon cannot start without it
+            if first:
+                raise  # the daemon cannot start without its first model
+            # If it failed on the device, the next job reloads the previous model by name.
             log.warning("cannot load %s: %s", name, exc)
             raise ProtocolError(
                 ErrorCode.MODEL_LOAD_FAILED, f"model {name!r} did not load: {exc}", "model"
             ) from exc
-        self._evict(keep=self.max_loaded - 1)
-        loaded = self._prepare(entry, pipe)
         with self._lock:
             self._loaded[name] = loaded
             self._active = (name, loaded.native_size)
