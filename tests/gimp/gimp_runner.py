@@ -29,6 +29,7 @@ STAMP = CACHE / "gimp-trixie.ready"  # written by setup_gimp.sh once the chroot 
 PROFILE_TEMPLATE = "opt/sdbridge/gimp-profile"  # pre-warmed by setup_gimp.sh
 BATCH_HELPERS = Path(__file__).with_name("gimp_batch.py")
 SCREEN = "-screen 0 1280x800x24"
+CHROOT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 KILL_GRACE = 5  # `timeout -k`: SIGKILL this long after SIGTERM
 
 
@@ -107,7 +108,10 @@ class Gimp:
             + textwrap.dedent(code)
             + "\nmark(done=True)\n"
         )
-        command = ["chroot", str(self.root), "env", f"HOME={self.inner_dir}"]
+        # A clean environment: the host's (XDG_* set by tests/conftest.py, say) means nothing
+        # inside the chroot, and everything GIMP writes then stays in this profile's folder.
+        command = ["chroot", str(self.root), "env", "-i", f"PATH={CHROOT_PATH}"]
+        command += [f"HOME={self.inner_dir}"]
         command += [f"GIMP3_DIRECTORY={self.inner('profile')}", "NO_AT_BRIDGE=1"]
         command += [f"{name}={value}" for name, value in (env or {}).items()]
         command += ["timeout", "-k", str(KILL_GRACE), str(timeout)]
