@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdbridge import protocol
+from sdbridge.client import Client
 from sdbridge.protocol import ProtocolError
 
 TRIED: collections.Counter[str] = collections.Counter()
@@ -336,3 +337,54 @@ def test_a_daemon_fed_broken_zmtp_keeps_serving(target: DaemonProcess, good) -> 
 
     feed()
     assert_serving(target, good)
+
+
+TOKEN = "fuzz-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def guarded(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    workdir = tmp_path_factory.mktemp("fuzz-plain")
+    process = DaemonProcess(pipeline_dir, workdir, *FUZZ_LIMITS, token=TOKEN).start()
+    yield process
+    process.stop()
+
+
+@st.composite
+def plain_logins(draw: st.DrawFn) -> bytes:
+    """A PLAIN greeting and a HELLO with wrong, near-miss or malformed credentials, or another
+    command where HELLO belongs."""
+    token = TOKEN.encode()
+    username = draw(st.binary(max_size=40))
+    password = draw(
+        st.binary(max_size=300) | st.sampled_from([b"", token[:-1], token + b"x", token.upper()])
+    )
+    # Lengths are one byte: a password over 255 bytes lies about its own length.
+    hello = bytes([len(username)]) + username + bytes([len(password) % 256]) + password
+    body = draw(
+        st.sampled_from([b"\x05HELLO", b"\x08INITIATE", b"\x05READY", b"\x07WELCOME"])
+    ) + draw(st.sampled_from([hello, hello[: len(hello) // 2], hello + b"junk"]))
+    return _greeting(b"PLAIN") + _frame(0x04, body) + draw(st.sampled_from([b"", READY]))
+
+
+def test_a_daemon_with_a_token_lets_no_wrong_login_in(guarded: DaemonProcess) -> None:
+    @LIVE
+    @given(plain_logins())
+    def feed(stream: bytes) -> None:
+        TRIED["PLAIN logins"] += 1
+        received = b""
+        with (
+            socket.create_connection(("127.0.0.1", guarded.port), timeout=5) as raw,
+            contextlib.suppress(OSError),
+        ):
+            raw.sendall(stream)
+            raw.settimeout(0.05)
+            while chunk := raw.recv(4096):
+                received += chunk
+        assert b"WELCOME" not in received and b"READY" not in received
+
+    feed()
+    assert guarded.process is not None and guarded.process.poll() is None, guarded.log()
+    with Client(guarded.address, timeout=30, token=TOKEN) as client:
+        assert client.generate(**GOOD_JOB).result(timeout=120)["event"] == "result"
+    assert len(list(guarded.output_dir.glob("*/*.png"))) == 1  # only the job with the token
