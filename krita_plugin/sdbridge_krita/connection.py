@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ from sdbridge.client import Client, ClientError, Job
 from sdbridge.protocol import TERMINAL_EVENTS, ErrorCode, ProtocolError, error_event
 
 CLIENT_NAME = f"sdbridge-krita/{__version__}"
+# How sdbridge.client words a connection that the daemon's token check refused.
+AUTH_REFUSED = re.compile(r"refused the token|requires a token|takes no token")
 _log = logging.getLogger(__name__)
 
 
@@ -86,7 +89,7 @@ class Connection(QObject):
         if connected:
             self.state_changed.emit(True, f"Connected to {address}", detail)
             self._tasks.put(self._hello)
-        elif "token" in detail:  # the client's words when the daemon's security refused us
+        elif AUTH_REFUSED.search(detail):
             text = (
                 f"The daemon at {address} did not accept the token; check it and press Connect."
                 if has_token

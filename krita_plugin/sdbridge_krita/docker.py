@@ -3,6 +3,8 @@ the model and redraw from its signals; they hold no state of their own."""
 
 from __future__ import annotations
 
+import html
+
 from krita import DockWidget
 from PyQt5.QtCore import QRegExp, Qt
 from PyQt5.QtGui import QImage, QPixmap, QRegExpValidator
@@ -189,7 +191,8 @@ class SdbridgeDocker(DockWidget):
 
     def _on_connection(self, connected: bool, message: str, detail: str) -> None:
         colour = "#3a3" if connected else "#c33"
-        self.connection.setText(f"<span style='color:{colour}'>●</span> {message}")
+        dot = f"<span style='color:{colour}'>●</span>"
+        self.connection.setText(f"{dot} {html.escape(message)}")  # rich text: escape the rest
         self.connection.setToolTip(detail)
 
     def _on_models(self, names: list, current: str) -> None:
