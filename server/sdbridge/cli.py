@@ -245,18 +245,27 @@ def _lora(spec: str) -> dict[str, Any]:
         return {"name": spec}
 
 
-def models(args: argparse.Namespace) -> int:
+def _ask(args: argparse.Namespace, *requests: str) -> tuple[str, list[dict[str, Any]]] | None:
+    """The daemon's address and its answers to `Client` requests (`hello`, `status`, `models`),
+    or None after telling the user why not."""
     from .client import Client, ClientError
 
     with Client(args.address, timeout=args.timeout) as client:
         if not client.wait_connected(args.wait):
             print(f"sdbridge: {client.state_message}", file=sys.stderr)
-            return 1
+            return None
         try:
-            listing = client.models()
+            return client.address, [getattr(client, request)() for request in requests]
         except ClientError as exc:
             print(f"sdbridge: {exc}", file=sys.stderr)
-            return 1
+            return None
+
+
+def models(args: argparse.Namespace) -> int:
+    asked = _ask(args, "models")
+    if asked is None:
+        return 1
+    _, [listing] = asked
     for entry in listing["models"]:
         loaded = "loaded" if entry["loaded"] else ""
         size = f"{entry['size_bytes'] / 2**30:.2f} GiB"
@@ -267,19 +276,11 @@ def models(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from .client import Client, ClientError
-
-    with Client(args.address, timeout=args.timeout) as client:
-        if not client.wait_connected(args.wait):
-            print(f"sdbridge: {client.state_message}", file=sys.stderr)
-            return 1
-        try:
-            hello = client.hello()
-            state = client.status()
-        except ClientError as exc:
-            print(f"sdbridge: {exc}", file=sys.stderr)
-            return 1
-    print(f"daemon   sdbridge {hello['server']} at {client.address}")
+    asked = _ask(args, "hello", "status")
+    if asked is None:
+        return 1
+    address, [hello, state] = asked
+    print(f"daemon   sdbridge {hello['server']} at {address}")
     print(f"device   {state['device']} ({state['dtype']})")
     print(f"model    {state['model']} (native {hello['native_size'][0]} px)")
     running = state["running"]
