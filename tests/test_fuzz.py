@@ -35,7 +35,7 @@ FUZZ_LIMITS = ["--max-steps", "2", "--max-side", "64", "--max-images", "2"]
 FUZZ_LIMITS += ["--max-message-bytes", str(1 << 20), "--max-queue-per-client", "64"]
 GOOD_JOB = {"prompt": "a red circle", "num_inference_steps": 2, "width": 32, "height": 32}
 LIVE = settings(
-    max_examples=300,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
