@@ -1,117 +1,27 @@
-"""Shared fixtures: a small local pipeline and real daemons serving it."""
+"""Shared fixtures: small local pipelines and real daemons serving them (tests/daemons.py)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-import zmq
-from diffusers import StableDiffusionPipeline
-from pipelines import build_lora, build_pipeline, build_sdxl_pipeline
-
-from sdbridge import protocol
-
-# Nothing may come from a model hub in tests.
+# Set before anything imports huggingface_hub, which reads it once: nothing may come from a hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import shutil  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from daemons import DaemonProcess  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
+from pipelines import build_lora, build_pipeline, build_sdxl_pipeline  # noqa: E402
+
 # Daemons started by tests read no config file and scan no models folder of the user's own.
 _USER_DIRS = tempfile.mkdtemp(prefix="sdbridge-test-home-")
 os.environ["XDG_CONFIG_HOME"] = os.path.join(_USER_DIRS, "config")
 os.environ["XDG_DATA_HOME"] = os.path.join(_USER_DIRS, "data")
-READY_TIMEOUT = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def ask(address: str, message: dict, timeout: float = 5.0, token: str | None = None) -> dict | None:
-    """One request over a fresh pyzmq DEALER; None if nothing answers in time."""
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    if token is not None:
-        dealer.plain_username = protocol.TOKEN_USERNAME
-        dealer.plain_password = token.encode()
-    try:
-        dealer.connect(address)
-        dealer.send(protocol.pack(message))
-        if dealer.poll(int(timeout * 1000)):
-            return protocol.unpack(dealer.recv())
-        return None
-    finally:
-        dealer.close()
-
-
-class DaemonProcess:
-    """`sdbridge serve` in a subprocess, as a user starts it."""
-
-    def __init__(
-        self,
-        model: Path | str,
-        workdir: Path,
-        *extra: str,
-        token: str | None = None,
-        listen_host: str = "127.0.0.1",
-    ) -> None:
-        """With a ``token`` the daemon reads it from a file and requires it of every peer."""
-        self.model = str(model)
-        self.port = free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.listen = f"tcp://{listen_host}:{self.port}"
-        self.token = token
-        if token is not None:
-            token_file = workdir / f"token-{self.port}"
-            token_file.write_text(token + "\n")
-            token_file.chmod(0o600)
-            extra = (*extra, "--token-file", str(token_file))
-        self.output_dir = workdir / "outputs"
-        self.log_path = workdir / f"daemon-{self.port}.log"
-        self.extra = extra
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> DaemonProcess:
-        command = [sys.executable, "-m", "sdbridge", "serve", "--model", self.model]
-        command += ["--listen", self.listen, "--output-dir", str(self.output_dir), *self.extra]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
-            if ask(self.address, {"v": 1, "op": "hello", "id": "r"}, timeout=1.0, token=self.token):
-                return self
-        raise RuntimeError(f"daemon not ready in {READY_TIMEOUT} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
-
-    def restart(self) -> DaemonProcess:
-        self.stop()
-        return self.start()
 
 
 @pytest.fixture(scope="session")

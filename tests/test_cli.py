@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import free_port
+from daemons import free_port
 from PIL import Image
 
 

@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import ask
+from daemons import ask
+from diffusers.models.attention_processor import SlicedAttnProcessor
 from test_cli import sdbridge
 
 from sdbridge import protocol
+from sdbridge.engine import Engine, MemoryOptions
 from sdbridge.settings import SettingsError, default_config_path, load_settings
 
 NO_FLAGS: dict[str, object] = {}
@@ -118,3 +120,13 @@ def test_the_daemon_takes_its_limits_from_the_file_and_flags_beat_it(library_dae
     assert hello["limits"]["max_steps"] == 120 and hello["limits"]["max_images"] == 3
     refused = ask(address, {"v": 1, "op": "generate", "id": "g", "prompt": "x", "num_images": 4})
     assert (refused["code"], refused["field"]) == ("out_of_range", "num_images")
+
+
+def test_memory_options_reach_the_pipelines(pipeline_dir: Path) -> None:
+    memory = MemoryOptions(attention_slicing=True, vae_tiling=True)
+    engine = Engine(str(pipeline_dir), device="cpu", memory=memory)
+    loaded = engine.activate(engine.model)
+    assert loaded.txt2img.vae.use_tiling
+    processors = loaded.txt2img.unet.attn_processors.values()
+    assert processors and all(isinstance(p, SlicedAttnProcessor) for p in processors)
+    assert loaded.inpaint.unet is loaded.txt2img.unet  # one set of weights for all modes

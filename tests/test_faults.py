@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 import zmq
-from conftest import free_port
+from daemons import free_port
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from test_daemon import Peer

@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from conftest import DaemonProcess
+from daemons import DaemonProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

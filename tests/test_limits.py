@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, ask
+from daemons import DaemonProcess, ask
 from test_daemon import Peer
 from test_security import sdbridge
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import DaemonProcess
+from daemons import DaemonProcess
 from PIL import Image
 
 from sdbridge import protocol

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import DaemonProcess, free_port
+from daemons import DaemonProcess, free_port
 
 from sdbridge import protocol
 from sdbridge.client import Client, Disconnected

@@ -16,9 +16,9 @@ from pathlib import Path
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # tests/conftest.py before tests/gimp/'s
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # tests/ for daemons.py, pipelines.py
 
-from conftest import DaemonProcess  # noqa: E402  (tests/conftest.py: `sdbridge serve`)
+from daemons import DaemonProcess  # noqa: E402
 from gimp_runner import Gimp, chroot_missing  # noqa: E402
 from pipelines import build_pipeline  # noqa: E402
 
