@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,17 @@ def test_bad_loras_are_refused_before_the_job_is_queued(peer, loras, code: str) 
     events = peer.generate(**JOB, loras=loras)
     assert [e["event"] for e in events] == ["error"]
     assert events[0]["code"] == code
+
+
+def test_an_lcm_lora_brings_the_lcm_sampler_and_steps(peer, library: Path) -> None:
+    lcm = library / "loras" / "lcm-lora-tiny.safetensors"
+    shutil.copyfile(library / "loras" / "ink.safetensors", lcm)
+    try:
+        events = peer.generate(
+            prompt="a cat", seed=1, model="tiny-sd", loras=[{"name": "lcm-lora-tiny"}]
+        )
+        assert len([e for e in events if e["event"] == "progress"]) == 4
+        assert "Sampler: LCM," in events[-1]["parameters"]
+        assert "CFG scale: 1," in events[-1]["parameters"]
+    finally:
+        lcm.unlink()

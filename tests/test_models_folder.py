@@ -16,7 +16,8 @@ from test_cli import sdbridge
 from test_daemon import Peer, result_image
 
 from sdbridge import models
-from sdbridge.models import ModelRegistry, scan
+from sdbridge.engine import Engine
+from sdbridge.models import ModelEntry, ModelRegistry, scan
 
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 4, "seed": 42}
 
@@ -219,3 +220,12 @@ def test_the_cli_lists_models_and_generates_with_model_sampler_and_lora(
     with Image.open(saved) as png:
         assert "Sampler: DPM++ 2M," in png.text["parameters"]
         assert "Model: tiny-sd-turbo" in png.text["parameters"]
+
+
+def test_a_model_of_unknown_family_is_named_once_loaded(pipeline_dir: Path) -> None:
+    """A hub model not yet in the cache is listed as `unknown` until its configs arrive."""
+    entry = ModelEntry("some/hub-model", str(pipeline_dir), models.UNKNOWN, 0)
+    registry = ModelRegistry([entry])
+    engine = Engine("some/hub-model", device="cpu", registry=registry)
+    assert registry.get("some/hub-model").family == "sd1"
+    assert engine.native_size == 64

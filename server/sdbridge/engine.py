@@ -32,7 +32,14 @@ from PIL import Image, ImageFilter
 from . import loras as lora_loading
 from . import protocol
 from .loras import LoraEntry, LoraRegistry
-from .models import ModelEntry, ModelRegistry, describe, load_pipeline, pipeline_family
+from .models import (
+    UNKNOWN,
+    ModelEntry,
+    ModelRegistry,
+    describe,
+    load_pipeline,
+    pipeline_family,
+)
 from .outputs import GenerationInfo
 from .presets import PRESETS, JobDefaults, job_defaults, lora_preset
 from .previews import LatentPreviewer
@@ -284,8 +291,9 @@ class Engine:
             pipe.enable_attention_slicing()
         if self.memory.vae_tiling:
             pipe.vae.enable_tiling()
-        if entry.family == "unknown":  # a hub id that was not in the cache before loading
+        if entry.family == UNKNOWN:  # a hub id that was not in the cache before loading
             entry = dataclasses.replace(entry, family=pipeline_family(pipe))
+            self.registry.add(entry)
         native = native_size(pipe)
         settings = self.model_settings.get(entry.name)
         return LoadedModel(

@@ -324,8 +324,9 @@ class ModelRegistry:
             self._entries = entries
 
     def add(self, entry: ModelEntry) -> None:
-        """List a model the operator named by path or hub id, ahead of the folder's."""
-        self.fixed.append(entry)
+        """List a model the operator named by path or hub id, ahead of the folder's; an entry
+        of the same name is replaced (a hub model's family is known once it is downloaded)."""
+        self.fixed = [fixed for fixed in self.fixed if fixed.name != entry.name] + [entry]
         self.refresh()
 
     def get(self, name: str) -> ModelEntry | None:
