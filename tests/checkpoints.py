@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 UNET_PREFIX = "model.diffusion_model."
@@ -27,6 +27,9 @@ UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's pooled text + size/crop embedding (`addition_embed_type="text_time"`).
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -141,5 +144,72 @@ def write_single_file_checkpoint(pipe: StableDiffusionPipeline, path: Path) -> P
     state = {
         key: tensor.detach().contiguous().cpu() for key, tensor in ldm_state_dict(pipe).items()
     }
+    save_file(state, str(path))
+    return path
+
+
+# SDXL: CLIP ViT-L in transformers' naming, OpenCLIP ViT-bigG in OpenCLIP's own.
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
+
+
+def _open_clip_state(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection under OpenCLIP's names: q, k and v fused into `in_proj`,
+    the projection transposed (OpenCLIP multiplies by it from the right)."""
+    weights = {key.removeprefix("text_model."): t for key, t in encoder.state_dict().items()}
+    state = {"text_projection": weights.pop("text_projection.weight").T}
+    for key, tensor in weights.items():
+        if key in OPEN_CLIP_TOP:
+            state[OPEN_CLIP_TOP[key]] = tensor
+            continue
+        match = LAYER.fullmatch(key)
+        if match is None:
+            raise ValueError(f"no OpenCLIP name for {key}")
+        layer, rest = match.groups()
+        block = f"transformer.resblocks.{layer}."
+        if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+            kind = rest.rsplit(".", 1)[1]
+            if rest.startswith("self_attn.q_proj."):
+                parts = [
+                    weights[f"encoder.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"
+                ]
+                state[f"{block}attn.in_proj_{kind}"] = torch.cat(parts)
+            continue
+        state[block + _rename(rest, OPEN_CLIP_LAYER)] = tensor
+    return state
+
+
+def sdxl_ldm_state_dict(pipe: StableDiffusionXLPipeline) -> dict[str, torch.Tensor]:
+    """An SDXL pipeline's weights under the names of Stability's single-file SDXL checkpoints:
+    the UNet and VAE as in SD 1.x, the two text encoders under `conditioner.embedders`."""
+    state = {
+        key: tensor
+        for key, tensor in ldm_state_dict(pipe).items()
+        if not key.startswith(TEXT_ENCODER_PREFIX)
+    }
+    clip = pipe.text_encoder.state_dict().items()
+    state.update((SDXL_CLIP_PREFIX + key.removeprefix("text_model."), t) for key, t in clip)
+    open_clip = _open_clip_state(pipe.text_encoder_2).items()
+    state.update((SDXL_OPEN_CLIP_PREFIX + key, tensor) for key, tensor in open_clip)
+    return state
+
+
+def write_sdxl_single_file_checkpoint(pipe: StableDiffusionXLPipeline, path: Path) -> Path:
+    """Save an SDXL pipeline as one `.safetensors` file in the original layout."""
+    state = {key: t.detach().contiguous().cpu() for key, t in sdxl_ldm_state_dict(pipe).items()}
     save_file(state, str(path))
     return path

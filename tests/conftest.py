@@ -57,13 +57,14 @@ def daemon_factory(pipeline_dir: Path, tmp_path: Path) -> Iterator:
 @pytest.fixture(scope="session")
 def library(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A user's models and loras folders as model sites fill them: an SDXL diffusers folder,
-    the test model as an original-format checkpoint, a few-step model known by its name, a
-    pickle checkpoint, and two LoRAs (one in a subfolder)."""
-    from checkpoints import write_single_file_checkpoint  # the SD 1.x converter of test_models
+    it and the test model as original-format checkpoints, a few-step model known by its name,
+    a pickle checkpoint, and two LoRAs (one in a subfolder)."""
+    from checkpoints import write_sdxl_single_file_checkpoint, write_single_file_checkpoint
 
     root = tmp_path_factory.mktemp("library")
     models, loras = root / "models", root / "loras"
-    build_sdxl_pipeline(models / "xl" / "tiny-xl")
+    sdxl = build_sdxl_pipeline(models / "xl" / "tiny-xl")
+    write_sdxl_single_file_checkpoint(sdxl, models / "xl" / "tiny-xl-file.safetensors")
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir)
     write_single_file_checkpoint(pipe, models / "tiny-sd-file.safetensors")
     shutil.copytree(pipeline_dir, models / "tiny-sd-turbo")
@@ -86,6 +87,8 @@ def library_daemon(
         "max_loaded_models = 2\n"
         '[models."tiny-sd-file"]\n'
         f'config = "{pipeline_dir}"\n'
+        '[models."xl/tiny-xl-file"]\n'
+        f'config = "{library / "models" / "xl" / "tiny-xl"}"\n'
         "[limits]\nmax_images = 3\nmax_steps = 100\n"
     )
     # A flag beats the file (test_config checks both limits).

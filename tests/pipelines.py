@@ -53,12 +53,14 @@ def write_tokenizer(folder: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def _text_config(tokenizer: CLIPTokenizer, hidden: int, **extra: int) -> CLIPTextConfig:
+def _text_config(
+    tokenizer: CLIPTokenizer, hidden: int, layers: int = 2, **extra: int
+) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=32,
         bos_token_id=tokenizer.bos_token_id,
@@ -77,10 +79,9 @@ def _unet(**extra: object) -> UNet2DConditionModel:
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=8,
-        **extra,
+        **{"cross_attention_dim": 32, **extra},
     )
 
 
@@ -131,14 +132,20 @@ def build_sdxl_pipeline(folder: Path, seed: int = 0) -> StableDiffusionXLPipelin
     `text_time` added embeddings, the layout `StableDiffusionXLPipeline.save_pretrained` writes."""
     torch.manual_seed(seed)
     tokenizer = write_tokenizer(folder / "_tokenizer_source")
-    text_encoder = CLIPTextModel(_text_config(tokenizer, 16, projection_dim=16))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, 16, projection_dim=16))
-    # The UNet attends to both encoders' hidden states side by side (16 + 16) and adds the
-    # pooled projection (16) and six size/crop numbers (6 x 8) as `text_time` embeddings.
+    # Two widths, as CLIP ViT-L (768) and OpenCLIP bigG (1280): diffusers' single-file loader
+    # tells the encoders apart by width. Ten layers in the second: it recognises an SDXL
+    # checkpoint by the OpenCLIP encoder's 10th block.
+    text_encoder = CLIPTextModel(_text_config(tokenizer, 16))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(tokenizer, 24, layers=10, projection_dim=24)
+    )
+    # The UNet attends to both encoders' hidden states side by side (16 + 24) and adds the
+    # pooled projection (24) and six size/crop numbers (6 x 8) as `text_time` embeddings.
     unet = _unet(
+        cross_attention_dim=16 + 24,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=16 + 6 * 8,
+        projection_class_embeddings_input_dim=24 + 6 * 8,
     )
     pipe = StableDiffusionXLPipeline(
         vae=_vae(),

@@ -40,8 +40,8 @@ def listing(peer: Peer) -> dict[str, dict]:
 
 def test_the_scan_finds_folders_and_checkpoints_with_families_and_sizes(library: Path) -> None:
     entries = {entry.name: entry for entry in scan(library / "models")}
-    assert set(entries) == {"xl/tiny-xl", "tiny-sd-file", "tiny-sd-turbo"}
-    assert entries["xl/tiny-xl"].family == "sdxl"
+    assert set(entries) == {"xl/tiny-xl", "xl/tiny-xl-file", "tiny-sd-file", "tiny-sd-turbo"}
+    assert entries["xl/tiny-xl"].family == entries["xl/tiny-xl-file"].family == "sdxl"
     assert entries["tiny-sd-file"].family == "sd1"
     assert entries["tiny-sd-turbo"].family == "sd1"
     checkpoint = library / "models" / "tiny-sd-file.safetensors"
@@ -126,7 +126,8 @@ def test_a_name_is_a_registry_key_never_a_path(library: Path) -> None:
 
 def test_hello_lists_every_model_by_name(peer: Peer) -> None:
     hello = peer.answer("hello")
-    assert {"tiny-sd", "xl/tiny-xl", "tiny-sd-file", "tiny-sd-turbo"} == set(hello["models"])
+    names = {"tiny-sd", "xl/tiny-xl", "xl/tiny-xl-file", "tiny-sd-file", "tiny-sd-turbo"}
+    assert set(hello["models"]) == names
     assert "models" in hello["capabilities"]
 
 
@@ -159,10 +160,16 @@ def test_a_job_names_its_model_and_the_daemon_switches_while_later_jobs_wait(pee
     assert np.array_equal(first, third)  # the SDXL model again, not whatever ran last
 
 
-def test_the_single_file_checkpoint_gives_the_pixels_of_its_diffusers_folder(peer: Peer) -> None:
-    folder = result_image(peer.generate(**JOB, model="tiny-sd"))
-    checkpoint = result_image(peer.generate(**JOB, model="tiny-sd-file"))
-    assert np.array_equal(folder, checkpoint)
+@pytest.mark.parametrize(
+    ("folder", "checkpoint"), [("tiny-sd", "tiny-sd-file"), ("xl/tiny-xl", "xl/tiny-xl-file")]
+)
+def test_a_single_file_checkpoint_gives_the_pixels_of_its_diffusers_folder(
+    peer: Peer, folder: str, checkpoint: str
+) -> None:
+    """SD 1.x loads through StableDiffusionPipeline, SDXL (both text encoders) through
+    StableDiffusionXLPipeline, as the family detected from the file's keys says."""
+    from_folder = result_image(peer.generate(**JOB, model=folder))
+    assert np.array_equal(result_image(peer.generate(**JOB, model=checkpoint)), from_folder)
 
 
 def test_the_least_recently_used_model_is_unloaded_beyond_the_count(peer: Peer) -> None:
