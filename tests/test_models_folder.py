@@ -236,3 +236,12 @@ def test_a_model_of_unknown_family_is_named_once_loaded(pipeline_dir: Path) -> N
     engine = Engine("some/hub-model", device="cpu", registry=registry)
     assert registry.get("some/hub-model").family == "sd1"
     assert engine.native_size == 64
+
+
+def test_linked_folders_are_scanned_once_even_in_a_loop(library: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "a1111").symlink_to(library / "models" / "xl", target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    names = {entry.name for entry in scan(folder)}
+    assert names == {"a1111/tiny-xl", "a1111/tiny-xl-file"}

@@ -240,6 +240,8 @@ def scan(folder: Path, allow_pickle: bool = False) -> list[ModelEntry]:
     entries: list[ModelEntry] = []
     suffixes = SAFE_SUFFIXES + PICKLE_SUFFIXES
     pending = [folder] if folder.is_dir() else []
+    # Symlinked folders are followed (an A1111 models folder linked in), each folder once.
+    seen = {folder.resolve()}
     while pending:
         current = pending.pop()
         for path in sorted(current.iterdir()):
@@ -247,7 +249,9 @@ def scan(folder: Path, allow_pickle: bool = False) -> list[ModelEntry]:
             if path.name.startswith("."):
                 continue
             if path.is_dir() and not (path / "model_index.json").is_file():
-                pending.append(path)
+                if path.resolve() not in seen:
+                    seen.add(path.resolve())
+                    pending.append(path)
             elif path.is_dir() or path.suffix in suffixes:
                 # Folder names may hold dots ("sd-2.1"); only files lose their suffix.
                 name = (relative if path.is_dir() else relative.with_suffix("")).as_posix()
