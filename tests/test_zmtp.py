@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -400,8 +401,10 @@ def _then_drain(reply: bytes) -> Callable[[socket.socket], None]:
 
     def script(peer: socket.socket) -> None:
         peer.sendall(reply)
-        while peer.recv(4096):
-            pass
+        # The client may hang up with part of the reply unread: that is a reset here.
+        with contextlib.suppress(ConnectionResetError):
+            while peer.recv(4096):
+                pass
 
     return script
 
