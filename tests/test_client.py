@@ -6,6 +6,7 @@ event sequences cheap to produce; the tests at the end run against the real daem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -344,8 +345,13 @@ def test_a_peer_that_is_not_zmtp_gives_a_clear_error_not_a_hang(client_factory) 
                 peer, _ = server.accept()
             except TimeoutError:
                 continue
-            with peer:
+            with peer, contextlib.suppress(OSError):
+                peer.settimeout(5)
                 peer.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" * 2)
+                # Read until the client hangs up: closing on its unread greeting would reset
+                # the connection, and a reset can destroy the reply before the client reads it.
+                while peer.recv(4096):
+                    pass
 
     thread = threading.Thread(target=speak_http, daemon=True)
     thread.start()
