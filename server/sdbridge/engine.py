@@ -31,6 +31,7 @@ from PIL import Image, ImageFilter
 
 from . import loras as lora_loading
 from . import protocol
+from .acceleration import accelerate, mode_from_env
 from .loras import LoraEntry, LoraRegistry
 from .models import (
     UNKNOWN,
@@ -205,6 +206,7 @@ class Engine:
         self.max_loaded = max(1, max_loaded)
         self.model_settings = dict(model_settings or {})
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.acceleration = mode_from_env()  # `off` unless $SDBRIDGE_ACCELERATE says otherwise
         # Guards `_loaded` between the worker (loading) and the socket thread (listing).
         self._lock = threading.Lock()
         # (name, native size) of the most recently used model, for hello and status: kept apart
@@ -291,6 +293,7 @@ class Engine:
             pipe.enable_attention_slicing()
         if self.memory.vae_tiling:
             pipe.vae.enable_tiling()
+        accelerate(pipe, self.acceleration)
         if entry.family == UNKNOWN:  # a hub id that was not in the cache before loading
             entry = dataclasses.replace(entry, family=pipeline_family(pipe))
             self.registry.add(entry)
