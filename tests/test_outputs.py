@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdbridge.outputs import GenerationInfo, OutputFolder
+from sdbridge.outputs import GenerationInfo, OutputFolder, rgba_bytes
 
 
 def _image() -> Image.Image:
@@ -30,7 +30,7 @@ def test_stored_file_is_complete_and_compressing_keeps_pixels_and_metadata(
     tmp_path: Path, prompt: str
 ) -> None:
     image, info = _image(), _info(prompt)
-    saved = OutputFolder(tmp_path).save(image, info, image.convert("RGBA").tobytes())
+    saved = OutputFolder(tmp_path).save(image, info, rgba_bytes(image))
     assert saved.stored and saved.path.read_bytes() == saved.png
     assert _read(saved.path) == (image.tobytes(), info.to_parameters())
 
@@ -48,3 +48,10 @@ def test_without_rgba_the_file_is_compressed_at_once_and_numbers_go_up(tmp_path:
     assert (first.path.name, second.path.name) == ("00001-7.png", "00002-7.png")
     folder.compress(first)  # nothing to do
     assert first.path.read_bytes() == first.png
+
+
+def test_rgba_bytes_match_pillows_conversion_after_a_resize() -> None:
+    image = _image().resize((97, 61), Image.LANCZOS)  # resampling leaves Pillow's pad byte at 0
+    assert bytes(rgba_bytes(image)) == image.convert("RGBA").tobytes()
+    grey = image.convert("L")
+    assert bytes(rgba_bytes(grey)) == grey.convert("RGBA").tobytes()

@@ -21,7 +21,7 @@ import zmq
 
 from . import __version__, protocol
 from .engine import Engine, GeneratedImage, JobCancelled
-from .outputs import OutputFolder, SavedImage
+from .outputs import OutputFolder, SavedImage, rgba_bytes
 from .protocol import ErrorCode, GenerateRequest, Limits, ProtocolError
 from .schedulers import SAMPLERS
 
@@ -383,7 +383,7 @@ class Daemon:
         for generated in images:
             image = generated.image
             raw = job.request.output_format == "raw"
-            rgba = image.convert("RGBA").tobytes() if raw else None
+            rgba = rgba_bytes(image) if raw else None
             stored = self.outputs.save(image, generated.info, rgba)
             saved.append(stored)
             encoded.append(

@@ -7,7 +7,6 @@ makes can be traced back to its prompt and seed even if the client that asked we
 from __future__ import annotations
 
 import datetime
-import io
 import logging
 import os
 import re
@@ -16,11 +15,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 _log = logging.getLogger("sdbridge.outputs")
+_STORED_BLOCK = 65535  # the largest stored deflate block
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,8 @@ class SavedImage:
 
 
 def _chunk(kind: bytes, body: bytes = b"") -> list[bytes]:
-    return [
-        struct.pack(">I", len(body)),
-        kind,
-        body,
-        struct.pack(">I", zlib.crc32(body, zlib.crc32(kind))),
-    ]
+    crc = zlib.crc32(body, zlib.crc32(kind))
+    return [struct.pack(">I", len(body)), kind, body, struct.pack(">I", crc)]
 
 
 def _text_chunk(key: str, text: str) -> list[bytes]:
@@ -86,58 +82,77 @@ def _text_chunk(key: str, text: str) -> list[bytes]:
         return _chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8"))
 
 
-def stored_png(width: int, height: int, rgba: bytes, text: dict[str, str]) -> bytes:
-    """An RGBA PNG with its pixels stored, not deflated: a few memory copies even at 16 MP.
-
-    Encoding with Pillow costs tens of milliseconds per megapixel here (row filters, deflate),
-    which is the whole budget of a one-second job; this is a complete PNG at once.
-    """
-    stride = width * 4
-    view = memoryview(rgba)
-    # Each row starts with its filter type, 0 (None).
-    rows = b"".join(
-        part
-        for start in range(0, height * stride, stride)
-        for part in (b"\0", view[start : start + stride])
-    )
-    parts = [
-        b"\x89PNG\r\n\x1a\n",
-        *_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)),
-    ]
-    for key, value in text.items():
-        parts += _text_chunk(key, value)
-    parts += [*_chunk(b"IDAT", zlib.compress(rows, 0)), *_chunk(b"IEND")]
+def _zlib_stored(data: memoryview) -> bytes:
+    """A zlib stream of stored deflate blocks: what level 0 makes, at memory-copy speed (zlib's
+    own level 0 takes ~30 ms for 4 MB here)."""
+    parts = [b"\x78\x01"]
+    for start in range(0, len(data), _STORED_BLOCK):
+        block = data[start : start + _STORED_BLOCK]
+        final = start + _STORED_BLOCK >= len(data)
+        parts += [struct.pack("<BHH", final, len(block), len(block) ^ 0xFFFF), block]
+    parts.append(struct.pack(">I", zlib.adler32(data)))
     return b"".join(parts)
 
 
-def _metadata(info: GenerationInfo) -> PngInfo:
-    metadata = PngInfo()
-    metadata.add_text("parameters", info.to_parameters())
-    return metadata
+def encode_png(pixels: np.ndarray, text: dict[str, str], compress: bool) -> bytes:
+    """RGB or RGBA pixels (height, width, channels) as a PNG with text chunks.
+
+    compress=False stores the pixels: a few memory copies even at 16 MP. compress=True filters
+    every row with Up and deflates at level 1: 2-10x faster than Pillow (which tries five filters
+    on every row) for a file of about the same size.
+    """
+    height, width, channels = pixels.shape
+    flat = pixels.reshape(height, width * channels)
+    rows = np.empty((height, width * channels + 1), np.uint8)
+    if compress:
+        rows[:, 0] = 2  # Up: each byte minus the one above it (above the first row: zeros)
+        rows[0, 1:] = flat[0]
+        np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])
+        data = zlib.compress(rows, 1)
+    else:
+        rows[:, 0] = 0  # None
+        rows[:, 1:] = flat
+        data = _zlib_stored(memoryview(rows).cast("B"))
+    header = struct.pack(">IIBBBBB", width, height, 8, {3: 2, 4: 6}[channels], 0, 0, 0)
+    parts = [b"\x89PNG\r\n\x1a\n", *_chunk(b"IHDR", header)]
+    for key, value in text.items():
+        parts += _text_chunk(key, value)
+    parts += [*_chunk(b"IDAT", data), *_chunk(b"IEND")]
+    return b"".join(parts)
+
+
+def rgba_bytes(image: Image.Image) -> bytearray:
+    """The image as RGBA8. For RGB: Pillow's own 4-byte layout (RGBX) with the pad set to 255,
+    ~1 ms a megapixel against ~35 ms for convert("RGBA") here."""
+    if image.mode != "RGB":
+        return bytearray(image.convert("RGBA").tobytes())
+    data = bytearray(image.tobytes("raw", "RGBX"))
+    np.frombuffer(data, np.uint8)[3::4] = 255
+    return data
 
 
 class OutputFolder:
     """Numbered PNGs in one subfolder per day: `2026-11-27/00001-1234.png`.
 
-    The protocol promises the file exists when the `result` goes out. Deflating costs tens of
-    milliseconds per megapixel, so when the client wants raw pixels the file is first written
-    stored (uncompressed) and `compress` rewrites it after the result is sent; the file is
-    complete, with its metadata, all the time.
+    The protocol promises the file exists when the `result` goes out. Even a fast deflate costs
+    tens of milliseconds per megapixel here, so when the client wants raw pixels the file is first
+    written stored (uncompressed) and `compress` rewrites it after the result is sent; the file
+    is complete, with its metadata, all the time.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def save(
-        self, image: Image.Image, info: GenerationInfo, rgba: bytes | None = None
+        self, image: Image.Image, info: GenerationInfo, rgba: bytearray | None = None
     ) -> SavedImage:
         """Save ``image``: stored from its RGBA bytes if given, else compressed right away."""
+        text = {"parameters": info.to_parameters()}
         if rgba is None:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG", pnginfo=_metadata(info), compress_level=1)
-            png = buffer.getvalue()
+            png = encode_png(np.asarray(image.convert("RGB")), text, compress=True)
         else:
-            png = stored_png(image.width, image.height, rgba, {"parameters": info.to_parameters()})
+            pixels = np.frombuffer(rgba, np.uint8).reshape(image.height, image.width, 4)
+            png = encode_png(pixels, text, compress=False)
         folder = self.root / datetime.date.today().isoformat()
         folder.mkdir(parents=True, exist_ok=True)
         number = self._next_number(folder)
@@ -158,12 +173,15 @@ class OutputFolder:
         """
         if not saved.stored:
             return
+        png = encode_png(
+            np.asarray(saved.image.convert("RGB")),
+            {"parameters": saved.info.to_parameters()},
+            compress=True,
+        )
         temporary = saved.path.with_name(f".{saved.path.name}.tmp")  # not a numbered name
         try:
             with open(temporary, "wb") as file:
-                saved.image.save(
-                    file, format="PNG", pnginfo=_metadata(saved.info), compress_level=1
-                )
+                file.write(png)
             if saved.path.exists():  # the user may have moved it away meanwhile
                 os.replace(temporary, saved.path)
         except OSError as exc:
