@@ -49,7 +49,12 @@ def test_weight_zero_is_the_base_model_and_weight_one_changes_the_image(peer, ba
 
 
 def test_after_a_lora_job_the_base_model_gives_its_own_pixels_again(peer, base) -> None:
-    image(peer, ("ink", 1.0), ("styles/paper", 0.8))
+    loras = [{"name": "ink", "weight": 1.0}, {"name": "styles/paper", "weight": 0.8}]
+    events = peer.generate(**JOB, loras=loras)
+    # A1111's prompt tags: pasting the parameters into A1111 applies the same LoRAs.
+    assert events[-1]["parameters"].startswith(
+        f"{JOB['prompt']} <lora:ink:1> <lora:styles/paper:0.8>\n"
+    )
     assert np.array_equal(result_image(peer.generate(**JOB)), base)
 
 

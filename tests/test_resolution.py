@@ -75,6 +75,8 @@ def test_a_second_pass_refines_a_large_target_and_counts_in_the_progress(peer: P
     assert steps == [(step, 6) for step in range(1, 7)]  # 4 steps, then 4 x 0.5 at 192 px
     sizes = preview_sizes(refined)
     assert sizes[0] == (12, 12) and sizes[-1] == (24, 24)  # 96 px, then 192 px
+    assert "Denoising strength: 0.5, Hires upscale: 2" in refined[-1]["parameters"]
+    assert "Hires" not in plain[-1]["parameters"]
     image, base = pixels(refined[-1]["images"][0]), pixels(plain[-1]["images"][0])
     assert image.shape == base.shape == (192, 192, 4)
     assert abs(image.astype(int) - base.astype(int)).mean() > 1.0

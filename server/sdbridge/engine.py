@@ -488,7 +488,16 @@ class Engine:
                 width=width,
                 height=height,
                 model=model.entry.name,
-                denoising_strength=request.strength if init is not None else None,
+                # As A1111 writes it: img2img's strength, else the second pass's.
+                denoising_strength=(
+                    request.strength
+                    if init is not None
+                    else request.refine_strength
+                    if second
+                    else None
+                ),
+                loras=tuple((lora.name, lora.weight) for lora in request.loras),
+                hires_upscale=second[0] / first[0] if second else None,
             )
             results.append(GeneratedImage(image, image_seed, info))
         return results

@@ -37,6 +37,10 @@ class GenerationInfo:
     height: int
     model: str
     denoising_strength: float | None = None
+    # (name, weight) pairs, written into the prompt as A1111's `<lora:name:weight>` tags so that
+    # pasting the parameters into A1111 applies them again.
+    loras: tuple[tuple[str, float], ...] = ()
+    hires_upscale: float | None = None  # the second pass's scale over the first image
 
     def to_parameters(self) -> str:
         fields = [
@@ -49,7 +53,9 @@ class GenerationInfo:
         ]
         if self.denoising_strength is not None:
             fields.append(f"Denoising strength: {self.denoising_strength:g}")
-        lines = [self.prompt]
+        if self.hires_upscale is not None:
+            fields.append(f"Hires upscale: {self.hires_upscale:.3g}")
+        lines = [self.prompt + "".join(f" <lora:{name}:{weight:g}>" for name, weight in self.loras)]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         lines.append(", ".join(fields))
