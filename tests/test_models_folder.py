@@ -190,7 +190,10 @@ def test_unknown_names_and_paths_are_unknown_model(peer: Peer, name: str) -> Non
 def test_a_model_that_fails_to_load_fails_its_job_and_the_previous_model_serves_on(
     peer: Peer, library: Path
 ) -> None:
-    before = result_image(peer.generate(**JOB, model="tiny-sd"))
+    peer.generate(**JOB, model="tiny-sd")
+    resident = peer.generate(**JOB, model="tiny-sd")
+    assert "loading" not in [e["event"] for e in resident]
+    before = result_image(resident)
     # SD-shaped keys, so it is listed as SD 1.x, but no weights the UNet can take.
     broken = library / "models" / "broken.safetensors"
     save_file(
@@ -199,7 +202,8 @@ def test_a_model_that_fails_to_load_fails_its_job_and_the_previous_model_serves_
     try:
         assert listing(peer)["broken"]["family"] == "sd1"  # rescanned: no restart needed
         events = peer.generate(**JOB, model="broken")
-        assert [e["event"] for e in events] == ["accepted", "started", "error"]
+        assert [e["event"] for e in events] == ["accepted", "started", "loading", "error"]
+        assert events[2]["model"] == "broken"
         assert (events[-1]["code"], events[-1]["field"]) == ("model_load_failed", "model")
         assert np.array_equal(result_image(peer.generate(**JOB)), before)
         assert listing(peer)["broken"]["loaded"] is False

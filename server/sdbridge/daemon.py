@@ -351,12 +351,17 @@ class Daemon:
                 protocol.event("progress", job.id, step=step, total=total, elapsed=elapsed, eta=eta)
             )
 
+        def on_loading(model: str) -> None:
+            emit(protocol.event("loading", job.id, model=model))
+
         def on_preview(step: int, total: int, image: protocol.Image) -> None:
             emit(protocol.event("preview", job.id, step=step, total=total, image=image.to_dict()))
 
         saved: list[SavedImage] = []
         try:
-            images = self.engine.run(job.request, on_progress, on_preview, job.cancelled.is_set)
+            images = self.engine.run(
+                job.request, on_progress, on_preview, job.cancelled.is_set, on_loading
+            )
             result, saved = self._result(job, images, time.perf_counter() - start)
             emit(result, terminal=True)
         except JobCancelled:

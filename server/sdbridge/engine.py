@@ -242,8 +242,9 @@ class Engine:
         scheduler = entry.scheduler if entry is not None else ""
         return job_defaults(name, scheduler, self.model_settings.get(name))
 
-    def activate(self, name: str) -> LoadedModel:
-        """The model `name`, loaded if it is not resident; it becomes the most recently used."""
+    def activate(self, name: str, on_loading: Callable[[str], None] | None = None) -> LoadedModel:
+        """The model `name`, loaded if it is not resident (`on_loading` is told first, since
+        loading takes seconds to minutes); it becomes the most recently used."""
         with self._lock:
             loaded = self._loaded.get(name)
             if loaded is not None:
@@ -253,6 +254,8 @@ class Engine:
         entry = self.registry.get(name)
         if entry is None:
             raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}", "model")
+        if on_loading is not None:
+            on_loading(name)
         start = time.perf_counter()
         first = not self._active[0]
         try:
@@ -385,8 +388,9 @@ class Engine:
         on_progress: ProgressCallback,
         on_preview: PreviewCallback,
         should_cancel: Callable[[], bool],
+        on_loading: Callable[[str], None] | None = None,
     ) -> list[GeneratedImage]:
-        model = self.activate(request.model or self.model)
+        model = self.activate(request.model or self.model, on_loading)
         plan = self.plan(request, model.defaults)
         width = request.width or (request.init_image.width if request.init_image else None)
         height = request.height or (request.init_image.height if request.init_image else None)
