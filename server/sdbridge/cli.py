@@ -215,6 +215,8 @@ def generate(args: argparse.Namespace) -> int:
             for event in job.events(timeout=args.timeout):
                 if event["event"] == "accepted" and event["position"] > 0:
                     print(f"queued at position {event['position']}", file=sys.stderr)
+                elif event["event"] == "loading":
+                    print(f"loading model {event['model']} …", file=sys.stderr)
                 elif event["event"] == "progress" and not args.quiet:
                     print(_progress_bar(event, started), end="", file=sys.stderr, flush=True)
             result = job.result(timeout=0)
