@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -101,18 +102,13 @@ class _HeaderShapes(Mapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         if key not in self._keys:
             raise KeyError(key)
-        return _Shape(self._file, key)
+        return SimpleNamespace(shape=torch.Size(self._file.get_slice(key).get_shape()))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
     def __len__(self) -> int:
         return len(self._keys)
-
-
-class _Shape:
-    def __init__(self, file: Any, key: str) -> None:
-        self.shape = torch.Size(file.get_slice(key).get_shape())
 
 
 def _pipeline_key(class_name: str) -> str | None:
