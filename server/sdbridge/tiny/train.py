@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     scale = 1.0 / float((pool[1] + pool[2] * torch.randn_like(pool[1])).std())
     vae.register_to_config(scaling_factor=scale)
     print(
-        f"pool of {args.pool} encoded, latent scaling factor {scale:.4f}, "
+        f"pool of {len(pool[0])} encoded, latent scaling factor {scale:.4f}, "
         f"{time.monotonic() - started:.0f} s",
         flush=True,
     )
