@@ -251,7 +251,6 @@ def test_screenshot_of_the_docker_with_a_generated_layer(doc, daemon, tmp_path):
     names a daemon with a real model to paint it (the suite's pipeline paints noise)."""
     address = os.environ.get("SDBRIDGE_SCREENSHOT_DAEMON")
     new_document(doc, 512, 384)
-    doc.run("s = Selection(); s.select(128, 96, 256, 192, 255); state['doc'].setSelection(s)")
     if address:
         _connect(doc, address)
     try:
