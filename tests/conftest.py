@@ -96,3 +96,13 @@ def library_daemon(
     process = DaemonProcess(pipeline_dir, workdir, *command).start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+def library_peer(library_daemon: DaemonProcess) -> Iterator:
+    """A DEALER connection to the library daemon (the daemon tests' `Peer`)."""
+    from test_daemon import Peer
+
+    connection = Peer(library_daemon.address)
+    yield connection
+    connection.close()

@@ -40,32 +40,31 @@ def test_the_config_chooses_a_preset_and_overrides_fields() -> None:
     assert lora_preset(["styles/ink"]) is None
 
 
-@pytest.fixture
-def peer(library_daemon) -> Peer:
-    connection = Peer(library_daemon.address)
-    yield connection
-    connection.close()
-
-
-def test_the_models_op_shows_each_models_defaults(peer: Peer) -> None:
-    listed = {entry["name"]: entry for entry in peer.answer("models")["models"]}
+def test_the_models_op_shows_each_models_defaults(library_peer: Peer) -> None:
+    listed = {entry["name"]: entry for entry in library_peer.answer("models")["models"]}
     assert listed["tiny-sd-turbo"]["defaults"] == PRESETS["turbo"].to_dict()
     assert listed["tiny-sd"]["defaults"] == JobDefaults().to_dict()
 
 
-def test_a_turbo_job_without_steps_or_guidance_runs_the_few_step_defaults(peer: Peer) -> None:
-    events = peer.generate(**JOB, model="tiny-sd-turbo")
+def test_a_turbo_job_without_steps_or_guidance_runs_the_few_step_defaults(
+    library_peer: Peer,
+) -> None:
+    events = library_peer.generate(**JOB, model="tiny-sd-turbo")
     assert [e["step"] for e in events if e["event"] == "progress"] == [1, 2, 3, 4]
     parameters = events[-1]["parameters"]
     for part in ("Steps: 4", "Sampler: Euler a", "CFG scale: 0,"):
         assert part in parameters
-    chosen = peer.generate(**JOB, model="tiny-sd-turbo", num_inference_steps=2, guidance_scale=1.5)
+    chosen = library_peer.generate(
+        **JOB, model="tiny-sd-turbo", num_inference_steps=2, guidance_scale=1.5
+    )
     assert [e["step"] for e in chosen if e["event"] == "progress"] == [1, 2]
     assert "CFG scale: 1.5," in chosen[-1]["parameters"]
 
 
-def test_the_same_weights_under_a_standard_name_get_the_standard_defaults(peer: Peer) -> None:
-    events = peer.generate(**JOB, model="tiny-sd")
+def test_the_same_weights_under_a_standard_name_get_the_standard_defaults(
+    library_peer: Peer,
+) -> None:
+    events = library_peer.generate(**JOB, model="tiny-sd")
     assert len([e for e in events if e["event"] == "progress"]) == 20
     assert "CFG scale: 7.5," in events[-1]["parameters"]
 

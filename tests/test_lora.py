@@ -20,13 +20,6 @@ JOB = {
 }
 
 
-@pytest.fixture
-def peer(library_daemon) -> Peer:
-    connection = Peer(library_daemon.address)
-    yield connection
-    connection.close()
-
-
 @pytest.fixture(scope="module")
 def base(library_daemon) -> np.ndarray:
     """The base model's image for JOB, before any LoRA was applied."""
@@ -37,37 +30,39 @@ def base(library_daemon) -> np.ndarray:
         connection.close()
 
 
-def image(peer: Peer, *loras: tuple[str, float]) -> np.ndarray:
-    return result_image(peer.generate(**JOB, loras=[{"name": n, "weight": w} for n, w in loras]))
+def image(library_peer: Peer, *loras: tuple[str, float]) -> np.ndarray:
+    return result_image(
+        library_peer.generate(**JOB, loras=[{"name": n, "weight": w} for n, w in loras])
+    )
 
 
-def test_weight_zero_is_the_base_model_and_weight_one_changes_the_image(peer, base) -> None:
-    assert np.array_equal(image(peer, ("ink", 0.0)), base)
-    inked = image(peer, ("ink", 1.0))
+def test_weight_zero_is_the_base_model_and_weight_one_changes_the_image(library_peer, base) -> None:
+    assert np.array_equal(image(library_peer, ("ink", 0.0)), base)
+    inked = image(library_peer, ("ink", 1.0))
     assert np.abs(inked - base).mean() > 1.0
-    assert np.array_equal(image(peer, ("ink", 1.0)), inked)  # the same LoRA job again
+    assert np.array_equal(image(library_peer, ("ink", 1.0)), inked)  # the same LoRA job again
 
 
-def test_after_a_lora_job_the_base_model_gives_its_own_pixels_again(peer, base) -> None:
+def test_after_a_lora_job_the_base_model_gives_its_own_pixels_again(library_peer, base) -> None:
     loras = [{"name": "ink", "weight": 1.0}, {"name": "styles/paper", "weight": 0.8}]
-    events = peer.generate(**JOB, loras=loras)
+    events = library_peer.generate(**JOB, loras=loras)
     # A1111's prompt tags: pasting the parameters into A1111 applies the same LoRAs.
     assert events[-1]["parameters"].startswith(
         f"{JOB['prompt']} <lora:ink:1> <lora:styles/paper:0.8>\n"
     )
-    assert np.array_equal(result_image(peer.generate(**JOB)), base)
+    assert np.array_equal(result_image(library_peer.generate(**JOB)), base)
 
 
-def test_several_loras_at_once_each_count(peer, base) -> None:
-    ink = image(peer, ("ink", 1.0))
-    paper = image(peer, ("styles/paper", 1.0))
-    both = image(peer, ("ink", 1.0), ("styles/paper", 1.0))
+def test_several_loras_at_once_each_count(library_peer, base) -> None:
+    ink = image(library_peer, ("ink", 1.0))
+    paper = image(library_peer, ("styles/paper", 1.0))
+    both = image(library_peer, ("ink", 1.0), ("styles/paper", 1.0))
     for single in (ink, paper):
         assert np.abs(both - single).mean() > 0.5
 
 
 def test_a_kohya_lora_works_like_the_same_lora_in_diffusers_format(
-    peer, library: Path, base
+    library_peer, library: Path, base
 ) -> None:
     """Most LoRAs on model sites are in kohya's format: `lora_unet_<module path with _>` with
     `lora_down`/`lora_up` and an `alpha` per module; diffusers converts them when loading."""
@@ -83,17 +78,22 @@ def test_a_kohya_lora_works_like_the_same_lora_in_diffusers_format(
     path = library / "loras" / "kohya-ink.safetensors"
     save_file(kohya, str(path))
     try:
-        assert np.abs(image(peer, ("kohya-ink", 1.0)) - image(peer, ("ink", 1.0))).max() <= 1
+        assert (
+            np.abs(
+                image(library_peer, ("kohya-ink", 1.0)) - image(library_peer, ("ink", 1.0))
+            ).max()
+            <= 1
+        )
     finally:
         path.unlink()
 
 
-def test_the_models_op_and_hello_list_the_loras(peer, library: Path) -> None:
-    listed = {entry["name"]: entry for entry in peer.answer("models")["loras"]}
+def test_the_models_op_and_hello_list_the_loras(library_peer, library: Path) -> None:
+    listed = {entry["name"]: entry for entry in library_peer.answer("models")["loras"]}
     assert set(listed) == {"ink", "styles/paper"}
     size = (library / "loras" / "ink.safetensors").stat().st_size
     assert listed["ink"]["size_bytes"] == size
-    hello = peer.answer("hello")
+    hello = library_peer.answer("hello")
     assert set(hello["loras"]) == {"ink", "styles/paper"} and "loras" in hello["capabilities"]
 
 
@@ -110,17 +110,17 @@ def test_the_models_op_and_hello_list_the_loras(peer, library: Path) -> None:
         ("ink", "bad_type"),
     ],
 )
-def test_bad_loras_are_refused_before_the_job_is_queued(peer, loras, code: str) -> None:
-    events = peer.generate(**JOB, loras=loras)
+def test_bad_loras_are_refused_before_the_job_is_queued(library_peer, loras, code: str) -> None:
+    events = library_peer.generate(**JOB, loras=loras)
     assert [e["event"] for e in events] == ["error"]
     assert events[0]["code"] == code
 
 
-def test_an_lcm_lora_brings_the_lcm_sampler_and_steps(peer, library: Path) -> None:
+def test_an_lcm_lora_brings_the_lcm_sampler_and_steps(library_peer, library: Path) -> None:
     lcm = library / "loras" / "lcm-lora-tiny.safetensors"
     shutil.copyfile(library / "loras" / "ink.safetensors", lcm)
     try:
-        events = peer.generate(
+        events = library_peer.generate(
             prompt="a cat", seed=1, model="tiny-sd", loras=[{"name": "lcm-lora-tiny"}]
         )
         assert len([e for e in events if e["event"] == "progress"]) == 4

@@ -7,14 +7,13 @@ from test_daemon import Peer, pixels
 
 from sdbridge.resolution import refine_size, size_range
 
-JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 4, "seed": 42}
-
-
-@pytest.fixture
-def peer(daemon) -> Peer:
-    connection = Peer(daemon.address)
-    yield connection
-    connection.close()
+# The library daemon serves several models: these tests are about the 64 px test model.
+JOB = {
+    "prompt": "a red circle on a blue background",
+    "num_inference_steps": 4,
+    "seed": 42,
+    "model": "tiny-sd",
+}
 
 
 @pytest.mark.parametrize(
@@ -58,19 +57,23 @@ def preview_sizes(events: list[dict]) -> list[tuple[int, int]]:
     return [(e["image"]["width"], e["image"]["height"]) for e in events if e["event"] == "preview"]
 
 
-def test_exact_size_generates_at_the_asked_size_instead_of_native(peer: Peer) -> None:
+def test_exact_size_generates_at_the_asked_size_instead_of_native(library_peer: Peer) -> None:
     """The test model is native at 64 px; previews show the latent (1/8 of the generation)."""
-    native = peer.generate(**JOB, width=32, height=32, preview_every=4)
-    exact = peer.generate(**JOB, width=32, height=32, preview_every=4, exact_size=True)
+    native = library_peer.generate(**JOB, width=32, height=32, preview_every=4)
+    exact = library_peer.generate(**JOB, width=32, height=32, preview_every=4, exact_size=True)
     assert preview_sizes(native) == [(8, 8)]
     assert preview_sizes(exact) == [(4, 4)]
     for events in (native, exact):
         assert (events[-1]["images"][0]["width"], events[-1]["images"][0]["height"]) == (32, 32)
 
 
-def test_a_second_pass_refines_a_large_target_and_counts_in_the_progress(peer: Peer) -> None:
-    plain = peer.generate(**JOB, width=192, height=192)
-    refined = peer.generate(**JOB, width=192, height=192, refine_strength=0.5, preview_every=1)
+def test_a_second_pass_refines_a_large_target_and_counts_in_the_progress(
+    library_peer: Peer,
+) -> None:
+    plain = library_peer.generate(**JOB, width=192, height=192)
+    refined = library_peer.generate(
+        **JOB, width=192, height=192, refine_strength=0.5, preview_every=1
+    )
     steps = [(e["step"], e["total"]) for e in refined if e["event"] == "progress"]
     assert steps == [(step, 6) for step in range(1, 7)]  # 4 steps, then 4 x 0.5 at 192 px
     sizes = preview_sizes(refined)

@@ -13,7 +13,12 @@ from test_daemon import Peer, result_image
 
 from sdbridge.schedulers import NAMES, SAMPLERS, build_scheduler, sampler_name
 
-JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 6, "seed": 42}
+JOB = {
+    "prompt": "a red circle on a blue background",
+    "num_inference_steps": 6,
+    "seed": 42,
+    "model": "tiny-sd",
+}
 # An SD 1.5-like schedule, with options a model's own config may carry and a sampler must reset.
 MODEL_CONFIG = EulerDiscreteScheduler(
     beta_start=0.00085,
@@ -23,13 +28,6 @@ MODEL_CONFIG = EulerDiscreteScheduler(
     prediction_type="v_prediction",
     use_karras_sigmas=True,
 ).config
-
-
-@pytest.fixture
-def peer(daemon) -> Peer:
-    connection = Peer(daemon.address)
-    yield connection
-    connection.close()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -63,25 +61,25 @@ def test_a_scheduler_outside_the_table_keeps_its_class_name() -> None:
     assert sampler_name(EulerDiscreteScheduler(use_karras_sigmas=True)) == "EulerDiscreteScheduler"
 
 
-def test_hello_lists_the_scheduler_names(peer: Peer) -> None:
-    assert peer.answer("hello")["schedulers"] == NAMES
+def test_hello_lists_the_scheduler_names(library_peer: Peer) -> None:
+    assert library_peer.answer("hello")["schedulers"] == NAMES
 
 
-def test_a_job_samples_with_the_named_scheduler_and_the_png_says_so(peer: Peer) -> None:
-    default = peer.generate(**JOB)
-    chosen = peer.generate(**JOB, scheduler="DPM++ 2M Karras", output_format="png")
-    again = peer.generate(**JOB, scheduler="DPM++ 2M Karras", output_format="png")
+def test_a_job_samples_with_the_named_scheduler_and_the_png_says_so(library_peer: Peer) -> None:
+    default = library_peer.generate(**JOB)
+    chosen = library_peer.generate(**JOB, scheduler="DPM++ 2M Karras", output_format="png")
+    again = library_peer.generate(**JOB, scheduler="DPM++ 2M Karras", output_format="png")
     assert "Sampler: Euler," in default[-1]["parameters"]  # the model's own scheduler
     assert "Sampler: DPM++ 2M Karras," in chosen[-1]["parameters"]
     with Image.open(Path(chosen[-1]["images"][0]["path"])) as png:
         assert "Sampler: DPM++ 2M Karras," in png.text["parameters"]
     assert chosen[-1]["images"][0]["data"] == again[-1]["images"][0]["data"]
-    euler_a = result_image(peer.generate(**JOB, scheduler="Euler a"))
+    euler_a = result_image(library_peer.generate(**JOB, scheduler="Euler a"))
     assert np.abs(result_image(default) - euler_a).mean() > 1.0
 
 
-def test_an_unknown_scheduler_is_refused_by_name(peer: Peer) -> None:
-    events = peer.generate(**JOB, scheduler="DPM++ 9M")
+def test_an_unknown_scheduler_is_refused_by_name(library_peer: Peer) -> None:
+    events = library_peer.generate(**JOB, scheduler="DPM++ 9M")
     assert [e["event"] for e in events] == ["error"]
     assert (events[0]["code"], events[0]["field"]) == ("unknown_scheduler", "scheduler")
     assert "DPM++ 2M Karras" in events[0]["message"]
