@@ -41,6 +41,8 @@ class Job:
     id: str
     request: GenerateRequest
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Who stopped it: the client ("client") or the daemon shutting down ("shutdown").
+    cancel_reason: str = "client"
     running: bool = False
 
     @property
@@ -288,7 +290,7 @@ class Daemon:
                 self.queue.remove(job)
                 del self.jobs[job.key]
         if queued:
-            self._send(peer, protocol.event("cancelled", job_id))
+            self._send(peer, protocol.event("cancelled", job_id, reason=job.cancel_reason))
 
     def _shut_down(self) -> None:
         """Answer every queued job, let the running one stop at its next step, then close."""
@@ -298,10 +300,11 @@ class Daemon:
             for job in queued:
                 del self.jobs[job.key]
             if self.current:
+                self.current.cancel_reason = "shutdown"
                 self.current.cancelled.set()
             self.lock.notify()
         for job in queued:
-            self._send(job.peer, protocol.event("cancelled", job.id))
+            self._send(job.peer, protocol.event("cancelled", job.id, reason="shutdown"))
         self.worker.join(timeout=60)
         self._forward_events()
         self.router.close(linger=1000)
@@ -365,7 +368,7 @@ class Daemon:
             result, saved = self._result(job, images, time.perf_counter() - start)
             emit(result, terminal=True)
         except JobCancelled:
-            emit(protocol.event("cancelled", job.id), terminal=True)
+            emit(protocol.event("cancelled", job.id, reason=job.cancel_reason), terminal=True)
         except ProtocolError as error:
             emit(protocol.error_event(job.id, error), terminal=True)
         except Exception as exc:  # the daemon must outlive any failure inside a pipeline
