@@ -58,6 +58,7 @@ def serve(args: argparse.Namespace) -> int:
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()  # per component, on every model switch
     start = time.perf_counter()
     try:
         embedded = [describe(str(tiny.MODEL_DIR), tiny.NAME)] if _tiny_present() else []
