@@ -76,9 +76,10 @@ def test_each_limit_is_enforced_naming_the_field(
 def test_the_queue_is_bounded_per_connection_and_in_total(limited: DaemonProcess) -> None:
     alice, bob = Peer(limited.address), Peer(limited.address)
     try:
-        # Sent together, so none finishes before the next arrives: 1 running + 1 queued.
-        first, second = alice.send("generate", **LONG), alice.send("generate", **LONG)
-        third = alice.send("generate", **LONG)
+        # 1 running + 1 queued; the first has started, so the total queue holds one job.
+        first = alice.send("generate", **LONG)
+        alice.until(first, {"started"})
+        second, third = alice.send("generate", **LONG), alice.send("generate", **LONG)
         over = alice.until(third)[-1]
         assert over["code"] == "busy" and "max_queue_per_client" in over["message"]
         bob_first = bob.send("generate", **LONG)  # the queue: alice's second, bob's first

@@ -152,8 +152,12 @@ def test_the_cli_takes_the_token_from_the_environment(guarded: DaemonProcess) ->
 
 def test_a_token_for_a_daemon_without_one_is_named_too(daemon) -> None:
     with Client(daemon.address, timeout=5, token=TOKEN) as client:
-        assert not client.wait_connected(2)
+        # A loaded machine may need more than the first attempt to get the daemon's answer.
+        deadline = time.monotonic() + 15
+        while "takes no token" not in client.state_message and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert "takes no token" in client.state_message
+        assert not client.connected
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,8 @@ log = logging.getLogger("sdbridge.daemon")
 
 HEARTBEAT_IVL_MS = 5_000
 HEARTBEAT_TIMEOUT_MS = 30_000
+# How long the worker waits for the main thread to send a result before compressing its files.
+RESULT_SENT_WAIT_S = 1.0
 CAPABILITIES = ["txt2img", "img2img", "inpaint", "preview", "cancel", "png", "models", "loras"]
 # libzmq asks the socket bound here (in the same context) to authenticate PLAIN peers (RFC 27).
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -147,10 +149,14 @@ class Daemon:
                 peer, terminal, payload = self.events_in.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if terminal.bytes != b"\x00":
+            terminal_event = terminal.bytes != b"\x00"
+            if terminal_event:
                 with self.lock:
                     self.jobs.pop((peer.bytes, terminal.bytes.decode()), None)
             self.router.send_multipart([peer, payload], copy=False)
+            if terminal_event:
+                with self.lock:
+                    self.lock.notify_all()  # the worker waits for its result to be sent
 
     def _send(self, peer: bytes, message: dict[str, Any]) -> None:
         self.router.send_multipart([peer, protocol.pack(message)])
@@ -257,11 +263,6 @@ class Daemon:
                 raise ProtocolError(
                     ErrorCode.DUPLICATE_ID, f"a job with id {rid!r} is still live", "id"
                 )
-            if len(self.queue) >= self.limits.max_queue:
-                raise ProtocolError(
-                    ErrorCode.BUSY,
-                    f"the queue is full ({self.limits.max_queue} jobs); try again later",
-                )
             # Live jobs count, queued or running: one connection cannot hold the daemon alone.
             mine = sum(1 for job in self.jobs.values() if job.peer == peer)
             if mine >= self.limits.max_queue_per_client:
@@ -269,6 +270,11 @@ class Daemon:
                     ErrorCode.BUSY,
                     f"this connection already has {mine} live jobs, the most allowed "
                     f"(max_queue_per_client); wait for one to finish",
+                )
+            if len(self.queue) >= self.limits.max_queue:
+                raise ProtocolError(
+                    ErrorCode.BUSY,
+                    f"the queue is full ({self.limits.max_queue} jobs); try again later",
                 )
             job = Job(peer, rid, request)
             self.jobs[job.key] = job
@@ -379,8 +385,11 @@ class Daemon:
             with self.lock:
                 self.current = None
                 self.progress = None
-        # The client has its result and the files exist: compressing them delays the next job
-        # only, not this one.
+        # The files exist. Compress them once the result is handed to ZeroMQ, so that on a busy
+        # machine compressing never holds up its delivery: it delays only the next job.
+        if saved:
+            with self.lock:
+                self.lock.wait_for(lambda: job.key not in self.jobs, timeout=RESULT_SENT_WAIT_S)
         for image in saved:
             self.outputs.compress(image)
 
