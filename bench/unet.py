@@ -84,21 +84,6 @@ def sdpa_math(unet: UNet2DConditionModel) -> Step:
     return plain(unet, lambda: sdpa_kernel([SDPBackend.MATH]))
 
 
-def bf16_convs(unet: UNet2DConditionModel) -> Step:
-    """Only the convolutions in bfloat16 (oneDNN accumulates in fp32); attention and every
-    linear layer stay fp32: a bid for bf16's speed at a smaller difference."""
-    unet = copy.deepcopy(unet)
-    for conv in [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]:
-        weight = conv.weight.detach().bfloat16()
-        bias = None if conv.bias is None else conv.bias.detach().bfloat16()
-
-        def forward(x: torch.Tensor, conv=conv, weight=weight, bias=bias) -> torch.Tensor:
-            return conv._conv_forward(x.bfloat16(), weight, bias).float()
-
-        conv.forward = forward
-    return plain(unet)
-
-
 def bf16_weights(unet: UNet2DConditionModel) -> Step:
     unet = copy.deepcopy(unet).to(torch.bfloat16)
     return lambda x: unet(x[0].bfloat16(), x[1], x[2].bfloat16(), return_dict=False)[0].float()
@@ -148,7 +133,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=["engine:bf16", "fused", "channels_last", "sdpa_math", "jit", "bf16_weights"],
-        help="also bf16_convs, engine:compile (inductor; minutes to compile here)",
+        help="also engine:compile (inductor; minutes to compile here)",
     )
     args = p.parse_args()
     set_threads(args.threads)
@@ -170,7 +155,6 @@ def main() -> None:
         "channels_last": lambda x: channels_last(base),
         "sdpa_math": lambda x: sdpa_math(base),
         "bf16_weights": lambda x: bf16_weights(base),
-        "bf16_convs": lambda x: bf16_convs(base),
         "jit": lambda x: jit_frozen(base, x),
     }
     builders.update({f"engine:{m}": lambda x, m=m: engine(m)(base) for m in ("bf16", "compile")})
