@@ -44,3 +44,12 @@ def test_bf16_keeps_the_module_its_dtype_and_the_output_close() -> None:
     assert first.dtype == again.dtype == torch.float32 and torch.equal(first, again)
     assert ((first - expected).norm() / expected.norm()).item() < 5e-2
     assert next(unet.parameters()).dtype == torch.float32
+
+
+@torch.no_grad()
+def test_bf16_follows_weights_changed_in_place() -> None:
+    unet = acceleration.accelerate_unet(_unet(), "bf16")
+    sample, text = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
+    before = unet(sample, 10, text).sample
+    unet.conv_out.weight.mul_(2)
+    assert not torch.allclose(unet(sample, 10, text).sample, before)

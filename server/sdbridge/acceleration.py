@@ -21,7 +21,6 @@ place), so pipelines sharing it through `from_pipe` and LoRA adapters keep worki
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -39,12 +38,24 @@ def mode_from_env() -> str:
     return mode
 
 
-def _bf16_convolution(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    # Cast per call rather than keep a bf16 copy: weights changed in place stay in effect.
-    bias = None if conv.bias is None else conv.bias.to(torch.bfloat16)
-    return conv._conv_forward(x.to(torch.bfloat16), conv.weight.to(torch.bfloat16), bias).to(
-        x.dtype
-    )
+class _Bf16Convolution:
+    """A convolution's forward in bfloat16, with a bf16 copy of its weights made once: casting
+    them on every call costs as much as the bf16 arithmetic saves. The copy is remade when the
+    weights change in place (LoRA adapters wrap the layer instead and need no remaking)."""
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        self.conv = conv
+        self.key: tuple[int, int] | None = None
+        self.weight = self.bias = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        key = (conv.weight.data_ptr(), conv.weight._version)
+        if key != self.key:
+            self.key = key
+            self.weight = conv.weight.detach().to(torch.bfloat16)
+            self.bias = None if conv.bias is None else conv.bias.detach().to(torch.bfloat16)
+        return conv._conv_forward(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
 
 
 def accelerate(pipe: DiffusionPipeline, mode: str) -> None:
@@ -58,7 +69,7 @@ def accelerate_unet(unet: ModelMixin, mode: str) -> ModelMixin:
     """Apply ``mode`` to ``unet`` (any diffusers denoiser) in place and return it."""
     if mode == "bf16":
         for conv in [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]:
-            conv.forward = functools.partial(_bf16_convolution, conv)
+            conv.forward = _Bf16Convolution(conv)
     elif mode == "compile":
         if unet.device.type == "cpu":
             import torch._inductor.config as inductor
