@@ -7,11 +7,12 @@ comes from $SDBRIDGE_ACCELERATE:
 - `off` (the default): diffusers' defaults. On the 2-core development CPU nothing exact won:
   fused QKV projections, channels_last, the math SDPA kernel and a frozen TorchScript trace were
   all within noise of the defaults or slower.
-- `bf16`: the convolutions compute in bfloat16 (oneDNN accumulates in fp32); their weights stay
-  as loaded, and attention, linear layers, normalisation, the scheduler, the text encoder and
-  the VAE keep their dtype. On CPUs with native bf16 (AVX512-BF16, AMX) the SD 1.5 UNet ran
-  ~3.5x faster at 9.3e-3 relative difference in the noise prediction (full bf16 autocast:
-  2.7x at 1.2e-2). Images differ slightly from fp32 ones (and stay the same for the same seed).
+- `bf16`: the convolutions compute in bfloat16 (oneDNN accumulates in fp32) from a bf16 copy of
+  their weights (memory: half of theirs again); attention, linear layers, normalisation, the
+  scheduler, the text encoder and the VAE keep their dtype. On CPUs with native bf16
+  (AVX512-BF16, AMX) the SD 1.5 UNet ran 1.56x faster at 9.3e-3 relative difference in the
+  noise prediction (bf16 autocast of the whole UNet moved it by 1.2e-2). Images differ slightly
+  from fp32 ones (and stay the same for the same seed).
 - `compile`: `torch.compile` (inductor, weights frozen as constants on CPU). The first job at each
   new size compiles for minutes on a small CPU; worth it only on a long-running GPU daemon.
 
