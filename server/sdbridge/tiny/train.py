@@ -2,12 +2,14 @@
 
     python -m sdbridge.tiny.train [--out DIR] [--minutes-budget 48]
 
-Phase 1 trains a narrow AutoencoderKL (x8, 4 latent channels) on crops of scenes; phase 2
+Phase 1 trains a narrow AutoencoderKL (x8, 4 latent channels) on crops of scenes, then its
+decoder alone on full scenes (--decoder-only does just that to an existing model); phase 2
 encodes a pool of scenes once (the encoder is the costliest forward pass, so it is not re-run
 per step) and trains the CLIP text encoder and the UNet jointly with v-prediction on a cosine
 noise schedule, caption dropout for classifier-free guidance, min-SNR weighting and EMA.
 Fixed step counts (the default) make a run reproducible; --minutes-budget instead trains
-each phase for a share of the wall time (VAE 20%, encoding at most 10%, the rest diffusion).
+each phase for a share of the wall time (VAE 20%, decoder 15%, encoding at most 10%, the rest
+diffusion).
 """
 
 from __future__ import annotations
@@ -167,6 +169,37 @@ def train_vae(vae: AutoencoderKL, steps: int, seconds: float | None) -> tuple[in
     return result
 
 
+def finetune_decoder(vae: AutoencoderKL, steps: int, seconds: float | None) -> tuple[int, float]:
+    """Train only the decoder on full 128 px scenes through the frozen encoder.
+
+    The crop-trained decoder blurs objects and draws a line along the bottom edge of full
+    images; a frozen encoder keeps the latents, and so any UNet trained on them, valid.
+    """
+    rng = np.random.default_rng(3)
+    generator = torch.Generator().manual_seed(3)
+    trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    opt = torch.optim.AdamW(trained, lr=5e-4, weight_decay=0.0)
+    batch = 4
+
+    def step_fn(step: int, progress: float) -> float:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, progress, 5e-4)
+        x = to_tensor(render(sample_scene(int(rng.integers(2**31)))) for _ in range(batch))
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample(generator)
+        loss = (vae.decode(latents).sample - x).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        return loss.item()
+
+    vae.decoder.train()
+    result = run_phase(step_fn, steps, seconds, "decoder")
+    vae.eval()
+    return result
+
+
 def mirrored(scene: Scene) -> Scene:
     """The same scene flipped left-right; every shape in the grammar is left-right symmetric."""
     swap = {"left": "right", "right": "left"}
@@ -280,7 +313,13 @@ def main(argv: list[str] | None = None) -> None:
         help="fit step counts to this wall time (overrides the step counts)",
     )
     parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--decoder-steps", type=int, default=1000)
     parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="only fine-tune the decoder of the model already in --out, and save it back",
+    )
     parser.add_argument("--pool", type=int, default=8192, help="scenes encoded for phase 2")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -288,12 +327,25 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.monotonic()
+    budget = None if args.minutes_budget is None else args.minutes_budget * 60
+    if args.decoder_only:
+        vae = AutoencoderKL.from_pretrained(args.out / "vae")
+        decoder_steps, decoder_s = finetune_decoder(vae, args.decoder_steps, budget)
+        vae.save_pretrained(args.out / "vae")
+        info_path = args.out / "sdbridge.json"
+        info = json.loads(info_path.read_text())
+        info["training"].update(decoder_steps=decoder_steps, decoder_seconds=round(decoder_s))
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        print(f"decoder saved to {args.out / 'vae'}", flush=True)
+        return
     tokenizer = build_tokenizer()
     vae, text_encoder, unet = build_vae(), build_text_encoder(tokenizer), build_unet()
     print(f"params: vae {params(vae):,} text {params(text_encoder):,} unet {params(unet):,}")
 
-    budget = None if args.minutes_budget is None else args.minutes_budget * 60
     vae_steps, vae_s = train_vae(vae, args.vae_steps, None if budget is None else 0.2 * budget)
+    decoder_steps, decoder_s = finetune_decoder(
+        vae, args.decoder_steps, None if budget is None else 0.15 * budget
+    )
     pool = encode_pool(vae, args.pool, None if budget is None else 0.1 * budget)
     scale = 1.0 / float((pool[1] + pool[2] * torch.randn_like(pool[1])).std())
     vae.register_to_config(scaling_factor=scale)
@@ -332,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         "training": {
             "vae_steps": vae_steps,
             "vae_seconds": round(vae_s),
+            "decoder_steps": decoder_steps,
+            "decoder_seconds": round(decoder_s),
             "unet_steps": unet_steps,
             "unet_seconds": round(unet_s),
             "pool": len(pool[0]),
