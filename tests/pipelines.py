@@ -70,7 +70,7 @@ def _text_config(
     )
 
 
-def _unet(**extra: object) -> UNet2DConditionModel:
+def build_unet(**extra: object) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=NATIVE_SIZE // 8,
         in_channels=4,
@@ -112,7 +112,7 @@ def build_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
     tokenizer = write_tokenizer(folder / "_tokenizer_source")
     text_encoder = CLIPTextModel(_text_config(tokenizer, 32))
-    unet = _unet()
+    unet = build_unet()
     pipe = StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=text_encoder,
@@ -141,7 +141,7 @@ def build_sdxl_pipeline(folder: Path, seed: int = 0) -> StableDiffusionXLPipelin
     )
     # The UNet attends to both encoders' hidden states side by side (16 + 24) and adds the
     # pooled projection (24) and six size/crop numbers (6 x 8) as `text_time` embeddings.
-    unet = _unet(
+    unet = build_unet(
         cross_attention_dim=16 + 24,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,

@@ -5,22 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from pipelines import build_unet
 
 from sdbridge import acceleration
 
 
 def _unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    return build_unet().eval()
 
 
 def test_mode_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
