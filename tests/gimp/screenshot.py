@@ -71,7 +71,7 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--model", help="model for the daemon (default: see above)")
     parser.add_argument(
-        "--prompt", default="a large yellow star at the center on a blue background"
+        "--prompt", default="a large yellow star in the center on a blue background"
     )
     args = parser.parse_args()
     reason = chroot_missing()

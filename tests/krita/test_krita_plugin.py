@@ -254,7 +254,7 @@ def test_screenshot_of_the_docker_with_a_generated_layer(doc, daemon, tmp_path):
     if address:
         _connect(doc, address)
     try:
-        generate(doc, "a large yellow star at the center on a blue background", steps=20)
+        generate(doc, "a large yellow star in the center on a blue background", steps=20)
         assert doc.eval("'Added' in dock().message.text()")
         shot = _screenshot(doc, tmp_path / "krita.png")
     finally:
