@@ -29,6 +29,9 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Idle OpenMP workers sleep rather than spin: on a small CPU a spinning pool takes the cores
+    # from other programs, the editor included, between jobs (docs/benchmarks.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbridge: %(message)s")
     from . import tiny
     from .security import TokenError, check_listen, read_token
