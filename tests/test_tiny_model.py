@@ -116,13 +116,10 @@ def test_generates_the_object_colour_asked_for(generated) -> None:
 
 @trained
 def test_vae_round_trip_keeps_scenes_readable(pipe) -> None:
-    import torch
+    from sdbridge.tiny.evaluate import round_trip
 
     scenes = [sample_scene(seed, two_objects=0) for seed in range(8)]
-    x = torch.from_numpy(np.stack([render(s) for s in scenes])).float().permute(0, 3, 1, 2)
-    with torch.no_grad():
-        y = pipe.vae.decode(pipe.vae.encode(x / 127.5 - 1).latent_dist.mean).sample
-    out = ((y.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    out = round_trip(pipe, scenes)
     assert [score(analyse(o), s) for o, s in zip(out, scenes, strict=True)] == [
         dict.fromkeys(ATTRIBUTES, True)
     ] * len(scenes)

@@ -34,7 +34,10 @@ from .scenes import (
     Scene,
     allowed,
     caption,
+    render,
+    sample_scene,
 )
+from .train import to_tensor
 
 TARGETS = {"colour": 0.9, "background": 0.9, "position": 0.8, "shape": 0.8}
 STEPS = 20
@@ -99,6 +102,14 @@ def chance(scenes: list[Scene]) -> dict[str, float]:
         "size": [s.objects[0].size for s in scenes],
     }
     return {a: max(v.count(x) for x in set(v)) / len(v) for a, v in values.items()}
+
+
+@torch.no_grad()
+def round_trip(pipe: StableDiffusionPipeline, scenes: list[Scene]) -> list[np.ndarray]:
+    """The scenes' ground-truth images through the VAE's encoder (posterior mean) and decoder."""
+    latents = pipe.vae.encode(to_tensor(render(s) for s in scenes)).latent_dist.mean
+    images = pipe.vae.decode(latents).sample.permute(0, 2, 3, 1)
+    return list(((images.clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
 
 
 def time_one(pipe: StableDiffusionPipeline, runs: int = 7) -> float:
@@ -168,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         f"guidance 1 vs {GUIDANCE:g}, same seeds: mean absolute pixel difference "
         f"{diff:.1f} / 255 over {len(prompts)} prompts"
     )
+    truth = [sample_scene(900_000 + i, two_objects=0) for i in range(40)]
+    decoded = round_trip(pipe, truth)
+    readable = sum(all(score(analyse(i), s).values()) for i, s in zip(decoded, truth, strict=True))
+    print(f"VAE round trip: {readable} of {len(truth)} ground-truth scenes read fully correctly")
     print(
         f"one {SIZE}x{SIZE} image, {STEPS} steps, guidance {GUIDANCE:g}: "
         f"median {time_one(pipe):.3f} s of 7 ({torch.get_num_threads()} threads)"
