@@ -320,8 +320,10 @@ def train_diffusion(
         target = noise_scheduler.get_velocity(latents, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pred = unet(noisy, t, text_encoder(ids)[0]).sample.float()
-        # min-SNR-5 weighting for v-prediction: stops easy low-noise steps dominating.
-        weight = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)
+        # Cap the weight of easy low-noise steps (min-SNR-5 in its v-prediction form, v-loss
+        # weight 5 / (snr + 1)) but keep full weight where noise is high: those steps decide the
+        # layout, and min(snr, 5) / (snr + 1) would give them none (snr reaches 0 here).
+        weight = torch.clamp(5.0 / (snr[t] + 1), max=1.0)
         error = (cell_weight * (pred - target).pow(2)).mean(dim=(1, 2, 3))
         loss = (weight * error / cell_weight.mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
