@@ -6,10 +6,11 @@ Phase 1 trains a narrow AutoencoderKL (x8, 4 latent channels) on crops around ob
 its decoder alone on full scenes (--decoder-only does just that to an existing model); phase 2
 encodes a pool of scenes once (the encoder is the costliest forward pass, so it is not re-run
 per step) and trains the CLIP text encoder and the UNet jointly with v-prediction on a cosine
-noise schedule, caption dropout for classifier-free guidance, min-SNR weighting, extra weight
-on the latent cells that show an object, and EMA. Fixed step counts (the default) make a run
-reproducible; --minutes-budget instead trains each phase for a share of the wall time (VAE 18%,
-decoder 5%, encoding at most 6%, the rest diffusion).
+noise schedule, caption dropout for classifier-free guidance, a loss weight that is full at high
+noise and capped at low noise, extra weight on the latent cells that show an object, and EMA.
+Fixed step counts (the default) make a run reproducible; --minutes-budget instead trains each
+phase for a share of the wall time (VAE 18%, decoder 5%, encoding at most 6%, the rest
+diffusion).
 """
 
 from __future__ import annotations
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--vae-steps", type=int, default=4500)
     parser.add_argument("--decoder-steps", type=int, default=1000)
-    parser.add_argument("--unet-steps", type=int, default=12000)
+    parser.add_argument("--unet-steps", type=int, default=11000)
     parser.add_argument(
         "--decoder-only",
         action="store_true",
