@@ -126,6 +126,17 @@ def test_vae_round_trip_keeps_scenes_readable(pipe) -> None:
 
 
 @trained
+def test_first_step_layout_puts_a_centred_object_in_the_center(pipe) -> None:
+    # The layout is decided at the first sampling step; "in the center" is the position the
+    # model has learnt (the corners are not yet: docs/tiny-model.md).
+    from sdbridge.tiny.evaluate import eval_scenes, first_step_layout
+
+    scenes = [s for s in eval_scenes(HELD_OUT, seed=1) if s.objects[0].position == "center"]
+    layouts = first_step_layout(pipe, scenes)
+    assert [analyse(im).position for im in layouts] == ["center"] * len(scenes)
+
+
+@trained
 def test_img2img_and_inpainting_share_the_model(pipe) -> None:
     import torch
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting

@@ -4,7 +4,8 @@
 
 Held-out captions pair each colour with the one shape it never appeared with in training, at
 every position and both sizes. Also reports the same scores on seen combinations, on an empty
-caption (should be near chance), the effect of guidance, and the time of one image.
+caption (should be near chance), the effect of guidance, where the model puts objects at the
+first sampling step, and the time of one image.
 """
 
 from __future__ import annotations
@@ -104,12 +105,44 @@ def chance(scenes: list[Scene]) -> dict[str, float]:
     return {a: max(v.count(x) for x in set(v)) / len(v) for a, v in values.items()}
 
 
+def decode(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> list[np.ndarray]:
+    """Unscaled latents to RGB uint8 images."""
+    images = pipe.vae.decode(latents).sample.permute(0, 2, 3, 1)
+    return list(((images.clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
+
+
 @torch.no_grad()
 def round_trip(pipe: StableDiffusionPipeline, scenes: list[Scene]) -> list[np.ndarray]:
     """The scenes' ground-truth images through the VAE's encoder (posterior mean) and decoder."""
-    latents = pipe.vae.encode(to_tensor(render(s) for s in scenes)).latent_dist.mean
-    images = pipe.vae.decode(latents).sample.permute(0, 2, 3, 1)
-    return list(((images.clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
+    return decode(pipe, pipe.vae.encode(to_tensor(render(s) for s in scenes)).latent_dist.mean)
+
+
+@torch.no_grad()
+def first_step_layout(
+    pipe: StableDiffusionPipeline, scenes: list[Scene], seed: int = 0
+) -> list[np.ndarray]:
+    """The clean image the model predicts from pure noise at the first sampling step, decoded.
+
+    The terminal SNR is near zero, so this prediction is the model's layout for the caption
+    before the noise has a say: where it puts the object is what the analyser should read.
+    A model that cannot tell the corners apart predicts a copy in every corner. The model
+    predicts v, so x0 = sqrt(alpha) * x - sqrt(1 - alpha) * v.
+    """
+    ids = pipe.tokenizer(
+        [caption(s) for s in scenes],
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+    t = pipe.scheduler.config.num_train_timesteps - 1
+    alpha = pipe.scheduler.alphas_cumprod[t]
+    side = SIZE // pipe.vae_scale_factor
+    shape = (len(scenes), pipe.unet.config.in_channels, side, side)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    timesteps = torch.full((len(scenes),), t)
+    v = pipe.unet(noise, timesteps, pipe.text_encoder(ids)[0]).sample
+    x0 = alpha.sqrt() * noise - (1 - alpha).sqrt() * v
+    return decode(pipe, x0 / pipe.vae.config.scaling_factor)
 
 
 def time_one(pipe: StableDiffusionPipeline, runs: int = 7) -> float:
@@ -178,6 +211,15 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"guidance 1 vs {GUIDANCE:g}, same seeds: mean absolute pixel difference "
         f"{diff:.1f} / 255 over {len(prompts)} prompts"
+    )
+    layouts = first_step_layout(pipe, held_out)
+    placed = sum(
+        analyse(im).position == s.objects[0].position
+        for im, s in zip(layouts, held_out, strict=True)
+    )
+    print(
+        f"first-step layout (x0 predicted from pure noise): position {placed / len(held_out):.1%}"
+        f" of {len(held_out)} held-out captions"
     )
     truth = [sample_scene(900_000 + i, two_objects=0) for i in range(40)]
     decoded = round_trip(pipe, truth)
