@@ -283,7 +283,6 @@ def train_diffusion(
     pool: Pool,
     steps: int,
     seconds: float | None,
-    high_noise_fraction: float = HIGH_NOISE_FRACTION,
 ) -> tuple[int, float]:
     scenes, means, stds = pool.scenes, pool.means, pool.stds
     device = unet.device
@@ -303,7 +302,7 @@ def train_diffusion(
             group["lr"] = lr_at(step, progress, 1e-3)
         index = torch.from_numpy(rng.integers(0, len(scenes), size=batch)).to(device)
         flip = torch.from_numpy(rng.random(batch) < 0.5).to(device)
-        sample = torch.randn(means[index].shape, generator=generator).to(device)
+        sample = torch.randn((batch, *means.shape[1:]), generator=generator).to(device)
         latents = means[index] + stds[index] * sample
         latents[flip] = latents[flip].flip(-1)
         latents = latents * scale
@@ -328,7 +327,7 @@ def train_diffusion(
         t = torch.randint(0, 1000, (batch,), generator=generator)
         # Where each object goes is settled in the noisiest steps, and uniform sampling gave
         # them too few updates to tell the corners apart: draw part of the batch from there.
-        high = torch.rand(batch, generator=generator) < high_noise_fraction
+        high = torch.rand(batch, generator=generator) < HIGH_NOISE_FRACTION
         t = torch.where(high, HIGH_NOISE_START + t % (1000 - HIGH_NOISE_START), t).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = noise_scheduler.get_velocity(latents, noise, t)
