@@ -48,6 +48,7 @@ class ErrorCode:
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_SCHEDULER = "unknown_scheduler"
     UNKNOWN_LORA = "unknown_lora"
+    LORA_LOAD_FAILED = "lora_load_failed"
     MODEL_LOAD_FAILED = "model_load_failed"
     UNKNOWN_JOB = "unknown_job"
     BUSY = "busy"
