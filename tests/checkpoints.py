@@ -12,9 +12,15 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
+
+# A checkpoint and its folder load equal weights at different memory offsets (each file's own
+# layout): vectorised kernels then split their sums differently, and a channel value may round
+# the other way (seen on an AVX2-only CPU). A wrong load is off by far more than this.
+PIXEL_TOLERANCE = 2
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -213,3 +219,21 @@ def write_sdxl_single_file_checkpoint(pipe: StableDiffusionXLPipeline, path: Pat
     state = {key: t.detach().contiguous().cpu() for key, t in sdxl_ldm_state_dict(pipe).items()}
     save_file(state, str(path))
     return path
+
+
+def assert_same_weights(want: DiffusionPipeline, got: DiffusionPipeline) -> None:
+    """Every weight of every model component of `got` equals `want`'s, tensor by tensor."""
+    for name, component in want.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        expected, loaded = component.state_dict(), got.components[name].state_dict()
+        assert expected.keys() == loaded.keys(), name
+        unequal = [key for key in expected if not torch.equal(expected[key], loaded[key])]
+        assert not unequal, f"{name}: {unequal}"
+
+
+def assert_same_picture(got: np.ndarray, want: np.ndarray) -> None:
+    """Two images of one job from two loads of the same weights agree within PIXEL_TOLERANCE."""
+    assert got.shape == want.shape
+    difference = np.abs(got.astype(np.int32) - want.astype(np.int32)).max()
+    assert difference <= PIXEL_TOLERANCE, f"off by up to {difference}"

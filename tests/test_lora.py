@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import Peer, result_image
 from safetensors.torch import load_file, save_file
-from test_daemon import Peer, result_image
 
 JOB = {
     "prompt": "a red circle on a blue background",
@@ -37,6 +37,7 @@ def image(library_peer: Peer, *loras: tuple[str, float]) -> np.ndarray:
 
 
 def test_weight_zero_is_the_base_model_and_weight_one_changes_the_image(library_peer, base) -> None:
+    # Exact, though the LoRA layers run: weight 0 adds exact zeros to the base layers' outputs.
     assert np.array_equal(image(library_peer, ("ink", 0.0)), base)
     inked = image(library_peer, ("ink", 1.0))
     assert np.abs(inked - base).mean() > 1.0

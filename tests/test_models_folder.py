@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoints import assert_same_picture, assert_same_weights
+from helpers import Peer, result_image, sdbridge
 from PIL import Image
 from safetensors.torch import save_file
-from test_cli import sdbridge
-from test_daemon import Peer, result_image
 
 from sdbridge import models, tiny
 from sdbridge.engine import Engine
-from sdbridge.models import ModelEntry, ModelRegistry, scan
+from sdbridge.models import ModelEntry, ModelRegistry, describe, load_pipeline, scan
 
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 4, "seed": 42}
 
@@ -159,16 +159,28 @@ def test_a_job_names_its_model_and_the_daemon_switches_while_later_jobs_wait(
     assert np.array_equal(first, third)  # the SDXL model again, not whatever ran last
 
 
-@pytest.mark.parametrize(
-    ("folder", "checkpoint"), [("tiny-sd", "tiny-sd-file"), ("xl/tiny-xl", "xl/tiny-xl-file")]
-)
-def test_a_single_file_checkpoint_gives_the_pixels_of_its_diffusers_folder(
-    library_peer: Peer, folder: str, checkpoint: str
+CHECKPOINTS = [("tiny-sd", "tiny-sd-file"), ("xl/tiny-xl", "xl/tiny-xl-file")]
+
+
+@pytest.mark.parametrize(("folder", "checkpoint"), CHECKPOINTS)
+def test_a_single_file_checkpoint_loads_the_weights_of_its_diffusers_folder(
+    library: Path, pipeline_dir: Path, folder: str, checkpoint: str
 ) -> None:
     """SD 1.x loads through StableDiffusionPipeline, SDXL (both text encoders) through
     StableDiffusionXLPipeline, as the family detected from the file's keys says."""
+    models_dir = library / "models"
+    folder_path = pipeline_dir if folder == "tiny-sd" else models_dir / folder
+    file = describe(str(models_dir / f"{checkpoint}.safetensors"), checkpoint, str(folder_path))
+    from_folder = load_pipeline(describe(str(folder_path), folder), torch.float32)
+    assert_same_weights(from_folder, load_pipeline(file, torch.float32))
+
+
+@pytest.mark.parametrize(("folder", "checkpoint"), CHECKPOINTS)
+def test_a_single_file_checkpoint_gives_the_pixels_of_its_diffusers_folder(
+    library_peer: Peer, folder: str, checkpoint: str
+) -> None:
     from_folder = result_image(library_peer.generate(**JOB, model=folder))
-    assert np.array_equal(result_image(library_peer.generate(**JOB, model=checkpoint)), from_folder)
+    assert_same_picture(result_image(library_peer.generate(**JOB, model=checkpoint)), from_folder)
 
 
 def test_the_least_recently_used_model_is_unloaded_beyond_the_count(library_peer: Peer) -> None:
