@@ -1,4 +1,7 @@
-"""Shared fixtures: small local pipelines and real daemons serving them (tests/daemons.py)."""
+"""Shared fixtures: small local pipelines, real daemons serving them, peers talking to them.
+
+The daemon process and the peer themselves are in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from daemons import DaemonProcess  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
+from helpers import DaemonProcess, Peer  # noqa: E402
 from pipelines import build_lora, build_pipeline, build_sdxl_pipeline  # noqa: E402
 
 # Daemons started by tests read no config file and scan no models folder of the user's own.
@@ -99,10 +102,16 @@ def library_daemon(
 
 
 @pytest.fixture
-def library_peer(library_daemon: DaemonProcess) -> Iterator:
-    """A DEALER connection to the library daemon (the daemon tests' `Peer`)."""
-    from test_daemon import Peer
+def peer(daemon: DaemonProcess) -> Iterator[Peer]:
+    """A DEALER connection to the shared daemon."""
+    connection = Peer(daemon.address)
+    yield connection
+    connection.close()
 
+
+@pytest.fixture
+def library_peer(library_daemon: DaemonProcess) -> Iterator[Peer]:
+    """A DEALER connection to the library daemon."""
     connection = Peer(library_daemon.address)
     yield connection
     connection.close()

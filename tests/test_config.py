@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from daemons import ask
 from diffusers.models.attention_processor import SlicedAttnProcessor
-from test_cli import sdbridge
+from helpers import ask, sdbridge
 
 from sdbridge import protocol
 from sdbridge.engine import Engine, MemoryOptions

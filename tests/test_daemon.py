@@ -5,92 +5,13 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import zmq
+from helpers import Peer, pixels, raw_image, result_image
 from PIL import Image
 
 from sdbridge import protocol
-
-TIMEOUT = 60.0
-
-
-class Peer:
-    """A DEALER connection that collects events by request id."""
-
-    def __init__(self, address: str) -> None:
-        self.socket = zmq.Context.instance().socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(address)
-        self.inbox: list[dict[str, Any]] = []
-        self.counter = 0
-
-    def send(self, op: str, **fields: Any) -> str:
-        self.counter += 1
-        rid = fields.pop("id", f"r{self.counter}")
-        self.socket.send(protocol.pack({"v": 1, "op": op, "id": rid, **fields}))
-        return rid
-
-    def send_raw(self, *frames: bytes) -> None:
-        self.socket.send_multipart(list(frames))
-
-    def receive(self, timeout: float = TIMEOUT) -> dict[str, Any]:
-        if not self.socket.poll(int(timeout * 1000)):
-            raise TimeoutError("no event from the daemon")
-        message = protocol.unpack(self.socket.recv())
-        self.inbox.append(message)
-        return message
-
-    def until(self, rid: str | None, terminal: set[str] = protocol.TERMINAL_EVENTS) -> list[dict]:
-        """Events for `rid` up to and including its terminal event."""
-        events = []
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            message = self.receive(deadline - time.monotonic())
-            if message["id"] == rid:
-                events.append(message)
-                if message["event"] in terminal:
-                    return events
-        raise TimeoutError(f"no terminal event for {rid}")
-
-    def answer(self, op: str, **fields: Any) -> dict[str, Any]:
-        rid = self.send(op, **fields)
-        return self.until(rid, {op, "error"})[-1]
-
-    def generate(self, **fields: Any) -> list[dict[str, Any]]:
-        return self.until(self.send("generate", **fields))
-
-    def close(self) -> None:
-        self.socket.close()
-
-
-@pytest.fixture
-def peer(daemon) -> Any:
-    connection = Peer(daemon.address)
-    yield connection
-    connection.close()
-
-
-def pixels(image: dict[str, Any]) -> np.ndarray:
-    assert image["format"] == "raw"
-    return np.frombuffer(image["data"], np.uint8).reshape(image["height"], image["width"], 4)
-
-
-def raw_image(array: np.ndarray) -> dict[str, Any]:
-    height, width = array.shape[:2]
-    if array.ndim == 2 or array.shape[2] == 1:
-        array = np.repeat(array.reshape(height, width, 1), 3, axis=2)
-    if array.shape[2] == 3:
-        array = np.concatenate([array, np.full((height, width, 1), 255, np.uint8)], axis=2)
-    return {"width": width, "height": height, "format": "raw", "data": array.tobytes()}
-
-
-def result_image(events: list[dict[str, Any]], index: int = 0) -> np.ndarray:
-    assert events[-1]["event"] == "result", events[-1]
-    return pixels(events[-1]["images"][index]).astype(np.int32)
-
 
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 8, "seed": 42}
 

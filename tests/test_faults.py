@@ -20,10 +20,9 @@ from typing import Any
 import psutil
 import pytest
 import zmq
-from daemons import free_port
 from diffusers import UNet2DConditionModel
+from helpers import Peer, free_port
 from PIL import Image
-from test_daemon import Peer
 
 from sdbridge import protocol
 from sdbridge.client import Client

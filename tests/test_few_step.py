@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_daemon import Peer
+from helpers import Peer
 
 from sdbridge.models import describe
 from sdbridge.presets import PRESETS, JobDefaults, detect_preset, job_defaults, lora_preset

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
-from daemons import DaemonProcess
+from helpers import DaemonProcess
 from PIL import Image
 
 from sdbridge import protocol

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from helpers import Peer, result_image
 from PIL import Image
-from test_daemon import Peer, result_image
 
 from sdbridge.schedulers import NAMES, SAMPLERS, build_scheduler, sampler_name
 
