@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 
 from sdbridge import models, tiny
 from sdbridge.engine import Engine
+from sdbridge.loras import LoraRegistry
 from sdbridge.models import ModelEntry, ModelRegistry, describe, load_pipeline, scan
+from sdbridge.protocol import GenerateRequest, LoraWeight, ProtocolError
 
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 4, "seed": 42}
 
@@ -112,6 +114,31 @@ def test_a_name_is_a_registry_key_never_a_path(library: Path) -> None:
         "xl/../xl/tiny-xl",
     ):
         assert registry.get(name) is None
+
+
+def test_a_job_check_looks_names_up_and_only_a_rescan_lists_new_downloads(
+    pipeline_dir: Path, library: Path, tmp_path: Path
+) -> None:
+    """`check` runs on the daemon's socket thread for every request: a lookup, never a scan."""
+    models_dir, loras_dir = tmp_path / "models", tmp_path / "loras"
+    models_dir.mkdir()
+    loras_dir.mkdir()
+    engine = Engine(
+        str(pipeline_dir),
+        device="cpu",
+        registry=ModelRegistry([], models_dir),
+        loras=LoraRegistry(loras_dir),
+    )
+    shutil.copytree(pipeline_dir, models_dir / "downloaded")
+    shutil.copy(library / "loras" / "ink.safetensors", loras_dir)
+    new_model = GenerateRequest("a cat", model="downloaded")
+    new_lora = GenerateRequest("a cat", loras=(LoraWeight("ink"),))
+    for request, code in ((new_model, "unknown_model"), (new_lora, "unknown_lora")):
+        with pytest.raises(ProtocolError) as refused:
+            engine.check(request)
+        assert refused.value.code == code
+    engine.rescan()
+    engine.check(GenerateRequest("a cat", model="downloaded", loras=(LoraWeight("ink"),)))
 
 
 # --- the daemon --------------------------------------------------------------------------------

@@ -315,16 +315,21 @@ class Engine:
 
     # --- jobs ----------------------------------------------------------------------------------
 
+    def rescan(self) -> None:
+        """Rescan the models and LoRA folders: new downloads become listed, removed files not.
+        Safe on any thread while jobs run and others read the listings."""
+        self.registry.refresh()
+        self.loras.refresh()
+
     def check(self, request: GenerateRequest) -> None:
-        """Refuse names that no model, scheduler or LoRA has, before the job is queued."""
+        """Refuse names that no listed model, scheduler or LoRA has, before the job is queued.
+        A lookup in the current listings only: it never rescans (`rescan` does)."""
         if request.model is not None and self.registry.get(request.model) is None:
-            self.registry.refresh()  # a model downloaded since the last scan
-            if self.registry.get(request.model) is None:
-                raise ProtocolError(
-                    ErrorCode.UNKNOWN_MODEL,
-                    f"unknown model {request.model!r}; the models op lists them",
-                    "model",
-                )
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_MODEL,
+                f"unknown model {request.model!r}; the models op lists them",
+                "model",
+            )
         if request.scheduler is not None and request.scheduler not in SAMPLERS:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_SCHEDULER,
@@ -332,9 +337,6 @@ class Engine:
                 "scheduler",
             )
         missing = [lora.name for lora in request.loras if self.loras.get(lora.name) is None]
-        if missing:
-            self.loras.refresh()
-            missing = [name for name in missing if self.loras.get(name) is None]
         if missing:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_LORA,

@@ -33,32 +33,36 @@ class LoraEntry:
 
 class LoraRegistry:
     """The LoRAs of a folder by name (relative path without `.safetensors`), rescanned on
-    request; names are keys, never paths."""
+    request; names are keys, never paths. A rescan may run on any thread while others read: the
+    new listing is built aside and swapped in with one assignment."""
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
-        self._lock = threading.Lock()
-        self._entries: dict[str, LoraEntry] = {}
+        self._refreshing = threading.Lock()  # one rescan at a time: the newest scan publishes last
+        self._entries: dict[str, LoraEntry] = {}  # replaced whole, never changed in place
         self.refresh()
 
     def refresh(self) -> None:
-        entries: dict[str, LoraEntry] = {}
-        if self.folder and self.folder.is_dir():
-            for path in sorted(self.folder.rglob("*.safetensors")):
-                if any(part.startswith(".") for part in path.relative_to(self.folder).parts):
-                    continue
-                name = path.relative_to(self.folder).with_suffix("").as_posix()
-                entries[name] = LoraEntry(name, path, path.stat().st_size)
-        with self._lock:
+        with self._refreshing:
+            entries: dict[str, LoraEntry] = {}
+            if self.folder and self.folder.is_dir():
+                for path in sorted(self.folder.rglob("*.safetensors")):
+                    if any(part.startswith(".") for part in path.relative_to(self.folder).parts):
+                        continue
+                    name = path.relative_to(self.folder).with_suffix("").as_posix()
+                    try:
+                        size = path.stat().st_size
+                    except OSError as exc:  # a dangling link, or removed while scanning
+                        log.warning("skipping LoRA %s: %s", path, exc)
+                        continue
+                    entries[name] = LoraEntry(name, path, size)
             self._entries = entries
 
     def get(self, name: str) -> LoraEntry | None:
-        with self._lock:
-            return self._entries.get(name)
+        return self._entries.get(name)
 
     def entries(self) -> list[LoraEntry]:
-        with self._lock:
-            return list(self._entries.values())
+        return list(self._entries.values())
 
 
 @contextlib.contextmanager

@@ -291,6 +291,9 @@ def load_pipeline(entry: ModelEntry, dtype: torch.dtype) -> DiffusionPipeline:
 class ModelRegistry:
     """The listed models by name: the operator's own (the embedded model, `--model`) first,
     then the models folder, rescanned on request so that new downloads appear without a restart.
+
+    A rescan may run on any thread while others read: it builds the new listing aside and swaps
+    it in with one assignment, so a reader sees the old listing or the new one, never a mix.
     """
 
     def __init__(
@@ -304,11 +307,16 @@ class ModelRegistry:
         self.folder = folder
         self.allow_pickle = allow_pickle
         self.configs = dict(configs or {})
-        self._lock = threading.Lock()
-        self._entries: dict[str, ModelEntry] = {}
+        # Orders rescans and `add`: a rescan that began before an `add` cannot publish after it.
+        self._refreshing = threading.Lock()
+        self._entries: dict[str, ModelEntry] = {}  # replaced whole, never changed in place
         self.refresh()
 
     def refresh(self) -> None:
+        with self._refreshing:
+            self._refresh()
+
+    def _refresh(self) -> None:
         scanned = scan(self.folder, self.allow_pickle) if self.folder else []
         entries: dict[str, ModelEntry] = {}
         for entry in [*self.fixed, *scanned]:
@@ -320,22 +328,20 @@ class ModelRegistry:
             if config and entry.config is None:
                 entry = dataclasses.replace(entry, config=config)
             entries[entry.name] = entry
-        with self._lock:
-            self._entries = entries
+        self._entries = entries
 
     def add(self, entry: ModelEntry) -> None:
         """List a model the operator named by path or hub id, ahead of the folder's; an entry
         of the same name is replaced (a hub model's family is known once it is downloaded)."""
-        self.fixed = [fixed for fixed in self.fixed if fixed.name != entry.name] + [entry]
-        self.refresh()
+        with self._refreshing:
+            self.fixed = [fixed for fixed in self.fixed if fixed.name != entry.name] + [entry]
+            self._refresh()
 
     def get(self, name: str) -> ModelEntry | None:
-        with self._lock:
-            return self._entries.get(name)
+        return self._entries.get(name)
 
     def entries(self) -> list[ModelEntry]:
-        with self._lock:
-            return list(self._entries.values())
+        return list(self._entries.values())
 
     def names(self) -> list[str]:
-        return [entry.name for entry in self.entries()]
+        return list(self._entries)
