@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
+from helpers import free_port, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -168,13 +169,6 @@ def test_concurrent_senders_never_interleave(
     assert all(numbers == list(range(per_thread)) for numbers in seen.values())
 
 
-def _eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def _read_forever(conn: ZmtpConnection, received: list[list[bytes]]) -> None:
     while True:
         try:
@@ -193,7 +187,7 @@ def test_idle_reader_survives_heartbeats(
     reader.start()
     time.sleep(5 * HEARTBEAT_TIMEOUT_MS / 1000)
     sock.send_multipart([identity, b"still there"])  # ROUTER_MANDATORY: raises if dropped
-    _eventually(lambda: bool(received))
+    wait_until(lambda: bool(received))
     assert received == [[b"still there"]]
     conn.send([b"and back"])
     assert sock.recv_multipart() == [identity, b"and back"]
@@ -216,7 +210,7 @@ def test_close_wakes_a_blocked_reader(conn: ZmtpConnection) -> None:
     reader.start()
     time.sleep(0.1)
     conn.close()
-    reader.join(timeout=2)
+    reader.join(timeout=30)  # a reader close did not wake would wait forever
     assert not reader.is_alive()
     with pytest.raises(ZmtpError):
         conn.send([b"after close"])
@@ -355,7 +349,7 @@ def test_ping_gets_pong_with_its_context_and_other_commands_are_skipped(
 
     conn = ZmtpConnection.connect(raw_peer(_zmtp_router_script(then)), timeout=5)
     assert conn.recv() == [b"one", b"two"]
-    _eventually(lambda: bool(pongs))  # the peer's thread reads the PONG in its own time
+    wait_until(lambda: bool(pongs))  # the peer's thread reads the PONG in its own time
     conn.close()
     assert pongs == [b"\x04PONGcontext-16-bytes"]
 
@@ -369,10 +363,8 @@ def test_a_peer_silent_past_its_heartbeat_ttl_is_dead(
         peer.recv(1)  # until the client gives up and closes
 
     conn = ZmtpConnection.connect(raw_peer(_zmtp_router_script(then)), timeout=5)
-    started = time.monotonic()
-    with pytest.raises(ZmtpError, match="nothing for 0.3 s"):
+    with pytest.raises(ZmtpError, match="nothing for 0.3 s"):  # the TTL the peer asked for
         conn.recv()
-    assert time.monotonic() - started < 2
 
 
 @pytest.mark.parametrize(
@@ -424,10 +416,9 @@ def test_wrong_peer_fails_fast_with_a_clear_error(
     script: Callable[[socket.socket], None],
     match: str,
 ) -> None:
-    started = time.monotonic()
+    # A slow failure would be the handshake timeout's error, not `match`.
     with pytest.raises(ZmtpError, match=match):
-        ZmtpConnection.connect(raw_peer(script), timeout=5)
-    assert time.monotonic() - started < 2
+        ZmtpConnection.connect(raw_peer(script), timeout=60)
 
 
 def test_silent_peer_times_out(raw_peer: Callable[[Callable[[socket.socket], None]], str]) -> None:
@@ -437,10 +428,8 @@ def test_silent_peer_times_out(raw_peer: Callable[[Callable[[socket.socket], Non
 
 
 def test_nobody_listening() -> None:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
     with pytest.raises(ZmtpError, match="cannot connect to"):
-        ZmtpConnection.connect(f"tcp://127.0.0.1:{port}", timeout=5)
+        ZmtpConnection.connect(f"tcp://127.0.0.1:{free_port()}", timeout=5)
 
 
 # --- PLAIN (RFC 24) --------------------------------------------------------------------------
