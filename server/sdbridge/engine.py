@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import inspect
-import io
 import logging
 import math
 import secrets
@@ -32,6 +31,7 @@ from PIL import Image, ImageFilter
 from . import loras as lora_loading
 from . import protocol
 from .acceleration import accelerate, mode_from_env
+from .images import decode_image
 from .loras import LoraEntry, LoraRegistry
 from .models import (
     UNKNOWN,
@@ -106,25 +106,6 @@ def feathered_mask(mask: Image.Image) -> Image.Image:
     blurred = np.asarray(mask.filter(ImageFilter.GaussianBlur(radius)), dtype=np.uint16)
     hard = np.asarray(mask, dtype=np.uint16)
     return Image.fromarray((blurred * hard // 255).astype(np.uint8))
-
-
-def decode_image(image: protocol.Image, mode: str) -> Image.Image:
-    if image.format == "png":
-        try:
-            decoded = Image.open(io.BytesIO(image.data))
-            decoded.load()
-        except Exception as exc:
-            raise ProtocolError(ErrorCode.BAD_IMAGE, f"PNG does not decode: {exc}") from exc
-    else:
-        decoded = Image.frombytes("RGBA", (image.width, image.height), image.data)
-    if mode == "L":
-        return decoded.getchannel(0) if decoded.mode != "L" else decoded
-    if decoded.mode in ("RGBA", "LA", "P"):
-        # Transparent canvas areas are painted as white paper, not as their hidden colour.
-        decoded = decoded.convert("RGBA")
-        paper = Image.new("RGBA", decoded.size, (255, 255, 255, 255))
-        decoded = Image.alpha_composite(paper, decoded)
-    return decoded.convert("RGB")
 
 
 def _options(pipe: DiffusionPipeline) -> dict[str, object]:

@@ -70,23 +70,66 @@ class ProtocolError(Exception):
         self.field = field
 
 
+# How many pixels one job may produce, from the memory it can use (docs/protocol.md, `limits`):
+# half of it for the job (the rest holds the weights, and on a CPU the system and the editor),
+# at a peak of 4 KiB per pixel: the VAE decoder's full-size stages hold 128-256 float32
+# channels (0.5-1 KiB a pixel) per tensor, several alive at once, and its tiling is off.
+JOB_MEMORY_SHARE = 2
+JOB_BYTES_PER_PIXEL = 4096
+MIN_PIXELS = 512 * 512  # below the smallest native size (SD 1.5) the daemon is of no use
+DEFAULT_MEMORY_BYTES = 32 << 30  # what `Limits()` assumes when nobody measured the machine
+# Room in a generate message beside its two images: prompts (4 bytes a character at most),
+# names, numbers and the PNG container's bytes over the raw size.
+MESSAGE_MARGIN_BYTES = 1 << 20
+MAX_IMAGE_SIDE = 4096
+
+
+def pixels_for_memory(memory_bytes: int, max_side: int = MAX_IMAGE_SIDE) -> int:
+    """The largest width*height whose job fits in `memory_bytes` (at least MIN_PIXELS)."""
+    fits = memory_bytes // JOB_MEMORY_SHARE // JOB_BYTES_PER_PIXEL
+    return min(max_side * max_side, max(MIN_PIXELS, fits))
+
+
+def message_bytes_for(max_pixels: int) -> int:
+    """The largest generate message: init and mask image as raw RGBA at `max_pixels`."""
+    return 2 * 4 * max_pixels + MESSAGE_MARGIN_BYTES
+
+
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for; reported by `hello` and enforced by `validate_request`."""
+    """What one request may ask for; reported by `hello` and enforced by `validate_request`.
 
-    max_message_bytes: int = 256 * 1024 * 1024
-    max_side: int = 4096
-    max_pixels: int = 4096 * 4096
+    `Limits()` is sized for DEFAULT_MEMORY_BYTES; a daemon uses `Limits.for_memory` with what its
+    device has.
+    """
+
+    max_message_bytes: int = message_bytes_for(pixels_for_memory(DEFAULT_MEMORY_BYTES))
+    max_side: int = MAX_IMAGE_SIDE
+    max_pixels: int = pixels_for_memory(DEFAULT_MEMORY_BYTES)
     max_steps: int = 150
     max_images: int = 8
     max_prompt_chars: int = 4000
     max_queue: int = 64
     max_queue_per_client: int = 16
+    # Each connection can pin one half-sent message: at most max_connections * max_message_bytes.
+    max_connections: int = 64
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def for_memory(cls, memory_bytes: int, **given: int) -> Limits:
+        """The limits of a daemon whose jobs can use `memory_bytes` (the device's memory).
+
+        `given` are the operator's own values and win; max_pixels follows from the memory and
+        max_side unless given, max_message_bytes from max_pixels unless given.
+        """
+        max_side = given.get("max_side", MAX_IMAGE_SIDE)
+        max_pixels = given.get("max_pixels", pixels_for_memory(memory_bytes, max_side))
+        derived = {"max_pixels": max_pixels, "max_message_bytes": message_bytes_for(max_pixels)}
+        return cls(**{**derived, **given})
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -153,6 +196,13 @@ class Image:
             )
         width = _int_in(value, "width", 1, limits.max_side, field_name)
         height = _int_in(value, "height", 1, limits.max_side, field_name)
+        if width * height > limits.max_pixels:
+            raise ProtocolError(
+                ErrorCode.BAD_IMAGE,
+                f"{field_name}: {width}x{height} is more than {limits.max_pixels} pixels "
+                "(limits.max_pixels)",
+                field_name,
+            )
         fmt = value.get("format", "raw")
         if fmt not in IMAGE_FORMATS:
             raise ProtocolError(
@@ -170,7 +220,59 @@ class Image:
                 f"{width * height * 4} bytes, got {len(data)}",
                 field_name,
             )
+        if fmt == "png":
+            # The header's size, not the declared one, is what a decoder would allocate.
+            try:
+                real = png_size(data)
+            except ValueError as exc:
+                raise ProtocolError(
+                    ErrorCode.BAD_IMAGE, f"{field_name}: {exc}", field_name
+                ) from exc
+            if real != (width, height):
+                raise ProtocolError(
+                    ErrorCode.BAD_IMAGE,
+                    f"{field_name}: the PNG is {real[0]}x{real[1]}, declared {width}x{height}",
+                    field_name,
+                )
         return cls(width, height, data, fmt)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# What a client most likely sent instead, to say so in the error.
+OTHER_FORMATS = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's signature and IHDR chunk; ValueError says what is wrong.
+
+    Reads 33 bytes and decodes no pixel: a size can be refused before anything is allocated.
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            raise ValueError("the data is in the WebP format, not PNG")
+        for magic, name in OTHER_FORMATS:
+            if data.startswith(magic):
+                raise ValueError(f"the data is in the {name} format, not PNG")
+        raise ValueError("the data is not a PNG file (no PNG signature)")
+    header = data[8:33]
+    if len(header) < 25:
+        raise ValueError("the PNG ends before its header (IHDR)")
+    length, kind, body, crc = header[:4], header[4:8], header[8:21], header[21:]
+    if kind != b"IHDR" or struct.unpack(">I", length)[0] != 13:
+        raise ValueError("the PNG does not start with its header (IHDR)")
+    if struct.unpack(">I", crc)[0] != zlib.crc32(kind + body):
+        raise ValueError("the PNG header (IHDR) is corrupt (CRC mismatch)")
+    width, height = struct.unpack(">II", body[:8])
+    if not (0 < width < 2**31 and 0 < height < 2**31):
+        raise ValueError(f"the PNG header gives an invalid size {width}x{height}")
+    return width, height
 
 
 def _int_in(value: dict[str, Any], key: str, low: int, high: int, field_name: str) -> int:
@@ -446,8 +548,16 @@ def _loras(message: dict[str, Any]) -> tuple[LoraWeight, ...]:
             )
         if "name" not in item:
             raise ProtocolError(ErrorCode.MISSING_FIELD, "each of loras needs a name", "loras")
-        name = _get(item, "name", str, REQUIRED)
-        weight = _get(item, "weight", (int, float), 1.0)
+        name, weight = item["name"], item.get("weight", 1.0)
+        # Named as the field `loras`, like every other fault inside its entries.
+        if (
+            not isinstance(name, str)
+            or isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+        ):
+            raise ProtocolError(
+                ErrorCode.BAD_TYPE, "a lora name must be str, its weight int or float", "loras"
+            )
         if not 0 < len(name) <= MAX_NAME_CHARS or not (
             math.isfinite(weight) and abs(weight) <= MAX_LORA_WEIGHT
         ):
