@@ -3,14 +3,16 @@
 The decoder (msgpack + validation) may only ever raise `ProtocolError`. A live daemon fed random
 and mutated messages over libzmq, and broken ZMTP over raw TCP, must stay up, never answer
 `internal` (that would be a bug in its handling), and still give each well-formed job from a
-well-behaved client exactly one terminal event. The counts of inputs tried are printed at the
-end of the run (docs/reliability.md quotes them).
+well-behaved client exactly one terminal event. And no job within the limits, whatever its
+numbers, costs more steps or memory than stated at `PEAK_GROWTH`. The counts of inputs tried are
+printed at the end of the run (docs/reliability.md quotes them).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import re
 import socket
 import struct
 import time
@@ -21,13 +23,14 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from daemons import DaemonProcess
+from helpers import DaemonProcess, Peer, solid_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdbridge import protocol
 from sdbridge.client import Client
 from sdbridge.protocol import ProtocolError
+from sdbridge.schedulers import NAMES
 
 TRIED: collections.Counter[str] = collections.Counter()
 LIMITS = protocol.Limits()
@@ -388,3 +391,80 @@ def test_a_daemon_with_a_token_lets_no_wrong_login_in(guarded: DaemonProcess) ->
     with Client(guarded.address, timeout=30, token=TOKEN) as client:
         assert client.generate(**GOOD_JOB).result(timeout=120)["event"] == "result"
     assert len(list(guarded.output_dir.glob("*/*.png"))) == 1  # only the job with the token
+
+
+# --- bounded work per request --------------------------------------------------------------------
+
+# No request within the limits may cost more than its steps. A pass runs at most its
+# num_inference_steps: a low strength lengthens the schedule only up to the scheduler's
+# num_train_timesteps, never to 1 / strength. Second-order samplers (Heun, DPM2) evaluate the
+# model twice per step, and a second pass ("refine") repeats the first at most: at most 4 x steps
+# progress events in all. And the daemon's peak memory after a job of the largest size asked here
+# grows by less than PEAK_GROWTH (a schedule of 1 / strength timesteps at strength 1e-9 takes 8 GB).
+PEAK_GROWTH = 1 << 30
+COST_SIDE = 512
+strengths = st.floats(0, 1, exclude_min=True) | st.sampled_from([1e-9, 5e-324, 1 / 1000])
+numeric_jobs = st.fixed_dictionaries(
+    {
+        "num_inference_steps": st.integers(1, 8),
+        "width": st.integers(8, COST_SIDE),
+        "height": st.integers(8, COST_SIDE),
+        "init": st.booleans(),
+        "strength": strengths,
+        "refine_strength": st.just(0.0) | strengths,
+    },
+    optional={
+        "guidance_scale": st.floats(0, protocol.MAX_GUIDANCE),
+        "num_images": st.integers(1, 2),
+        "seed": st.integers(0, protocol.MAX_SEED),
+        "scheduler": st.sampled_from(NAMES),
+    },
+)
+
+
+def peak_memory(process: DaemonProcess) -> int:
+    """The daemon's peak resident memory since it started (VmHWM), in bytes."""
+    assert process.process is not None
+    status = Path(f"/proc/{process.process.pid}/status").read_text()
+    match = re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE)
+    assert match is not None
+    return int(match[1]) * 1024
+
+
+def costed_job(fields: dict[str, Any]) -> dict[str, Any]:
+    """A generate request of the drawn numbers: an init image of the drawn size, or none."""
+    job = {"prompt": "a red circle", **fields}
+    if job.pop("init"):
+        job["init_image"] = solid_image(job["width"], job["height"], (200, 40, 40, 255))
+    else:
+        del job["strength"]  # strength below 1 needs an init image
+    return job
+
+
+@pytest.fixture(scope="module")
+def costed(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """A daemon of its own, its peak memory taken after a job of the largest size asked."""
+    workdir = tmp_path_factory.mktemp("costed")
+    process = DaemonProcess(pipeline_dir, workdir, "--max-steps", "8").start()
+    peer = Peer(process.address)
+    largest = {"init": True, "strength": 0.5, "refine_strength": 0.5, "num_images": 2}
+    events = peer.generate(
+        **costed_job(dict(largest, num_inference_steps=8, width=COST_SIDE, height=COST_SIDE))
+    )
+    assert events[-1]["event"] == "result", events[-1]
+    yield process, peer, peak_memory(process)
+    peer.close()
+    process.stop()
+
+
+@settings(max_examples=20, deadline=None)
+@given(numeric_jobs)
+def test_no_request_within_the_limits_costs_more_than_its_steps(costed, fields) -> None:
+    process, peer, baseline = costed
+    job = costed_job(fields)
+    events = peer.generate(**job)
+    assert events[-1]["event"] == "result", events[-1]
+    progress = [event for event in events if event["event"] == "progress"]
+    assert [event["step"] for event in progress] == list(range(1, len(progress) + 1))
+    assert progress[-1]["total"] == len(progress) <= 4 * job["num_inference_steps"]
+    assert peak_memory(process) - baseline < PEAK_GROWTH

@@ -13,7 +13,6 @@ import dataclasses
 import gc
 import inspect
 import logging
-import math
 import secrets
 import threading
 import time
@@ -46,10 +45,17 @@ from .presets import PRESETS, JobDefaults, job_defaults, lora_preset
 from .previews import LatentPreviewer
 from .protocol import ErrorCode, GenerateRequest, ProtocolError
 from .resolution import SizeRange, refine_size, size_range
-from .schedulers import SAMPLERS, build_scheduler, sampler_name
+from .schedulers import (
+    SAMPLERS,
+    build_scheduler,
+    denoising_steps,
+    max_inference_steps,
+    sampler_name,
+)
 
 log = logging.getLogger("sdbridge.engine")
 
+SEEDS = protocol.MAX_SEED + 1  # seeds are 0 .. MAX_SEED
 # Inward feather of the inpainting mask, as a fraction of the mask's shorter side.
 FEATHER_FRACTION = 0.02
 
@@ -385,18 +391,24 @@ class Engine:
         second = (
             refine_size(first, (width, height), model.sizes) if request.refine_strength else None
         )
-        seed = request.seed if request.seed is not None else secrets.randbelow(protocol.MAX_SEED)
-        seeds = [seed + i for i in range(request.num_images)]
+        seed = request.seed if request.seed is not None else secrets.randbelow(SEEDS)
+        # Consecutive seeds wrap around: every seed a result reports can be asked for again.
+        seeds = [(seed + i) % SEEDS for i in range(request.num_images)]
         loras = self._lora_entries(request)
-        refine_steps = max(plan.steps, math.ceil(1 / request.refine_strength)) if second else 0
+        pipe = self._pipeline_for(model, request.mode, plan)
+        # Every schedule is bounded by what the scheduler can hold, whatever the request says.
+        limit = max_inference_steps(pipe.scheduler)
+        steps, strength, _ = denoising_steps(plan.steps, request.strength, limit)
+        refine_steps, refine_strength, refine_run = (
+            denoising_steps(plan.steps, request.refine_strength, limit) if second else (0, 0.0, 0)
+        )
         # Progress counts on across both passes; the second's length is known once it starts.
         done = 0
-        refine_estimate = max(1, int(refine_steps * request.refine_strength)) if second else 0
 
         def on_step_end(pipe: DiffusionPipeline, step: int, timestep, tensors: dict) -> dict:
             if should_cancel():
                 raise JobCancelled
-            total = done + pipe.num_timesteps + (0 if done else refine_estimate)
+            total = done + pipe.num_timesteps + (0 if done else refine_run)
             on_progress(done + step + 1, total)
             if request.preview_every and (step + 1) % request.preview_every == 0:
                 w, h, data = model.previewer.to_rgba(tensors["latents"])
@@ -412,19 +424,14 @@ class Engine:
             common,
             prompt=request.prompt,
             negative_prompt=request.negative_prompt or None,
-            num_inference_steps=plan.steps,
+            num_inference_steps=steps,
             num_images_per_prompt=request.num_images,
             generator=_generators(seeds),
         )
         init = mask = None
         if request.init_image is not None:
             init = decode_image(request.init_image, "RGB").resize((width, height), Image.LANCZOS)
-            first_pass.update(
-                image=init.resize(first),
-                strength=request.strength,
-                # At least one denoising step must remain after strength trims the schedule.
-                num_inference_steps=max(plan.steps, math.ceil(1 / request.strength)),
-            )
+            first_pass.update(image=init.resize(first), strength=strength)
         if request.mask_image is not None:
             mask = decode_image(request.mask_image, "L").resize((width, height), Image.BILINEAR)
             first_pass.update(mask_image=mask.resize(first, Image.BILINEAR))
@@ -432,7 +439,6 @@ class Engine:
             first_pass.update(width=first[0], height=first[1])
 
         try:
-            pipe = self._pipeline_for(model, request.mode, plan)
             with lora_loading.applied(pipe, loras):
                 images = pipe(**first_pass).images
                 if second is not None:
@@ -447,7 +453,7 @@ class Engine:
                         num_inference_steps=refine_steps,
                         generator=_generators(seeds),
                         image=[image.resize(second, Image.LANCZOS) for image in images],
-                        strength=request.refine_strength,
+                        strength=refine_strength,
                     ).images
         except torch.OutOfMemoryError as exc:
             size = second or first
@@ -468,7 +474,7 @@ class Engine:
             info = GenerationInfo(
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
-                steps=plan.steps,
+                steps=min(plan.steps, limit),
                 sampler=sampler,
                 cfg_scale=plan.guidance_scale,
                 seed=image_seed,
@@ -477,11 +483,7 @@ class Engine:
                 model=model.entry.name,
                 # As A1111 writes it: img2img's strength, else the second pass's.
                 denoising_strength=(
-                    request.strength
-                    if init is not None
-                    else request.refine_strength
-                    if second
-                    else None
+                    strength if init is not None else refine_strength if second else None
                 ),
                 loras=tuple((lora.name, lora.weight) for lora in request.loras),
                 hires_upscale=second[0] / first[0] if second else None,

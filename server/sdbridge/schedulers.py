@@ -8,6 +8,7 @@ they are what image browsers and shared prompts carry.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,29 @@ def build_scheduler(name: str, model_config: Mapping[str, Any], **overrides: Any
     """The sampler `name` over the model's own noise schedule (betas, prediction type, ...)."""
     sampler = SAMPLERS[name]
     return sampler.scheduler.from_config(model_config, **{**sampler.options, **overrides})
+
+
+def max_inference_steps(scheduler: SchedulerMixin) -> int:
+    """The most steps `scheduler` can schedule: one per training timestep; LCM and TCD pick
+    theirs from the `original_inference_steps` of their distillation schedule."""
+    config = scheduler.config
+    train = config.num_train_timesteps
+    return min(train, config.get("original_inference_steps") or train)
+
+
+def denoising_steps(steps: int, strength: float, limit: int) -> tuple[int, float, int]:
+    """(num_inference_steps, strength) to give a pipeline asked for `steps` at `strength`, and
+    how many steps then run; `limit` is the scheduler's `max_inference_steps`.
+
+    diffusers runs the last int(num_inference_steps * strength) of num_inference_steps steps.
+    At least one must run and at most `limit` can be scheduled: a low strength lengthens the
+    schedule up to `limit`, and a strength below 1 / limit is raised to 1 / limit.
+    """
+    strength = max(strength, 1 / limit)
+    total = min(max(steps, math.ceil(1 / strength)), limit)
+    while int(total * strength) < 1:  # 1 / strength rounded below the exact quotient
+        strength = math.nextafter(strength, math.inf)
+    return total, strength, int(total * strength)
 
 
 def sampler_name(scheduler: SchedulerMixin) -> str:
