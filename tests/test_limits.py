@@ -1,6 +1,6 @@
-"""Limits: set in the config file or by flags, reported by hello, enforced with errors that say
-which limit, at the ZeroMQ layer for the message size, and per connection and in total for the
-queue."""
+"""Limits: derived from the memory a job can use, set in the config file or by flags, reported by
+hello, enforced with errors that say which limit, at the ZeroMQ layer for the message size, and
+per connection and in total for the queue."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from daemons import DaemonProcess, ask
-from test_daemon import Peer
-from test_security import sdbridge
+import torch
+from helpers import DaemonProcess, Peer, ask, raw_image, sdbridge
+
+from sdbridge import protocol
+from sdbridge.images import job_memory_bytes
+from sdbridge.protocol import Limits
+
+GIB = 2**30
 
 LIMITS = {
     "max_message_bytes": 100_000,
@@ -22,6 +28,7 @@ LIMITS = {
     "max_prompt_chars": 10,
     "max_queue": 2,
     "max_queue_per_client": 2,
+    "max_connections": 16,
 }
 LONG = {"prompt": "slow", "num_inference_steps": 100, "width": 8, "height": 8}
 
@@ -71,6 +78,84 @@ def test_each_limit_is_enforced_naming_the_field(
         peer.close()
     assert (refused["code"], refused["field"]) == ("out_of_range", field)
     assert words in refused["message"]
+
+
+@pytest.mark.parametrize("fmt", ["raw", "png"])
+def test_an_image_over_max_pixels_is_refused_naming_its_field(limited: DaemonProcess, fmt) -> None:
+    """64x64 is within max_side (64) but over max_pixels (2048), whatever the width asked."""
+    image = raw_image(np.zeros((64, 64, 3), np.uint8))
+    if fmt == "png":
+        image = {**image, "format": "png", "data": protocol.encode_png(64, 64, image["data"])}
+    peer = Peer(limited.address)
+    try:
+        refused = error(peer, prompt="ok", width=32, height=32, init_image=image)
+    finally:
+        peer.close()
+    assert (refused["code"], refused["field"]) == ("bad_image", "init_image")
+    assert "64x64 is more than 2048 pixels (limits.max_pixels)" in refused["message"]
+
+
+def test_the_default_limits_bite_and_a_message_holds_two_images_at_max_pixels() -> None:
+    limits = Limits()
+    assert limits.max_pixels < limits.max_side**2
+    assert limits.max_message_bytes == 2 * 4 * limits.max_pixels + 2**20
+    assert limits == Limits.for_memory(32 * GIB)
+
+
+@pytest.mark.parametrize(
+    ("memory", "max_pixels"),
+    [
+        (8 * GIB, 1024 * 1024),  # half of it at 4 KiB a pixel
+        (24 * GIB, 3 * 1024 * 1024),
+        (1 * GIB, 512 * 512),  # the floor: nothing smaller is of use
+        (141 * GIB, 4096 * 4096),  # never beyond max_side squared
+    ],
+)
+def test_max_pixels_and_the_message_size_follow_from_memory(memory: int, max_pixels: int) -> None:
+    limits = Limits.for_memory(memory)
+    assert limits.max_pixels == max_pixels
+    assert limits.max_message_bytes == 2 * 4 * max_pixels + 2**20
+    assert limits.max_side == Limits().max_side and limits.max_queue == Limits().max_queue
+
+
+def test_the_operators_limits_win_and_the_message_size_follows_a_given_max_pixels() -> None:
+    assert Limits.for_memory(8 * GIB, max_side=512).max_pixels == 512 * 512
+    given = Limits.for_memory(8 * GIB, max_pixels=100_000, max_queue=3)
+    assert (given.max_pixels, given.max_queue) == (100_000, 3)
+    assert given.max_message_bytes == 2 * 4 * 100_000 + 2**20
+    assert Limits.for_memory(8 * GIB, max_message_bytes=5000).max_message_bytes == 5000
+
+
+def test_the_largest_request_fits_max_message_bytes() -> None:
+    """Init and mask image at max_pixels, as raw or as PNGs of noise (which PNG cannot shrink),
+    the longest prompts of 4-byte characters and every other field: a client never hits the
+    ZeroMQ cap with a request the limits allow."""
+    limits = Limits.for_memory(1 * GIB)
+    side = int(limits.max_pixels**0.5)
+    rng = np.random.default_rng(0)
+    raw = raw_image(rng.integers(0, 256, (side, side, 4), np.uint8))
+    png = {**raw, "format": "png", "data": protocol.encode_png(side, side, raw["data"])}
+    for image in (raw, png):
+        message = {
+            "v": 1,
+            "op": "generate",
+            "id": "x" * protocol.MAX_ID_CHARS,
+            "prompt": "\U0001f600" * limits.max_prompt_chars,
+            "negative_prompt": "\U0001f600" * limits.max_prompt_chars,
+            "loras": [{"name": "\U0001f600" * protocol.MAX_NAME_CHARS, "weight": 1.0}]
+            * protocol.MAX_LORAS,
+            "model": "\U0001f600" * protocol.MAX_NAME_CHARS,
+            "scheduler": "\U0001f600" * protocol.MAX_NAME_CHARS,
+            "init_image": image,
+            "mask_image": image,
+        }
+        assert len(protocol.pack(message)) <= limits.max_message_bytes
+
+
+def test_a_job_on_a_cpu_runs_in_the_machines_ram() -> None:
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    total_kib = int(next(line for line in meminfo if line.startswith("MemTotal:")).split()[1])
+    assert job_memory_bytes(torch.device("cpu")) == total_kib * 1024
 
 
 def test_the_queue_is_bounded_per_connection_and_in_total(limited: DaemonProcess) -> None:
