@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,22 @@ def test_rgba_bytes_match_pillows_conversion_after_a_resize() -> None:
     assert bytes(rgba_bytes(image)) == image.convert("RGBA").tobytes()
     grey = image.convert("L")
     assert bytes(rgba_bytes(grey)) == grey.convert("RGBA").tobytes()
+
+
+def test_opening_the_folder_removes_only_temporaries_no_writer_holds(tmp_path: Path) -> None:
+    day = tmp_path / "2026-11-27"
+    day.mkdir()
+    stale = [day / ".sdbridge-0123456789abcdef.png.tmp", day / ".00002-7.png.tmp"]
+    held = day / ".sdbridge-fedcba9876543210.png.tmp"
+    kept = [day / "00001-7.png", day / ".notes.tmp", tmp_path / "elsewhere" / stale[0].name]
+    kept[-1].parent.mkdir()
+    for path in [*stale, held, *kept]:
+        path.write_bytes(b"partial")
+    with open(held, "rb") as writer:  # a live daemon still writing it
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        OutputFolder(tmp_path)
+    assert sorted(_files(tmp_path)) == sorted([held, *kept])
+
+
+def _files(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()]
