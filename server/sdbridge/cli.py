@@ -34,6 +34,7 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbridge: %(message)s")
     from . import tiny
+    from .outputs import OutputFolder
     from .security import TokenError, check_listen, read_token
     from .settings import SettingsError
 
@@ -43,6 +44,17 @@ def serve(args: argparse.Namespace) -> int:
         check_listen(settings.listen, token)
     except (SettingsError, TokenError, ValueError) as exc:
         print(f"sdbridge: {exc}", file=sys.stderr)
+        return 2
+    outputs = OutputFolder(settings.output_dir)
+    try:
+        outputs.check_writable()
+    except OSError as exc:
+        reason = exc.strerror or exc
+        print(
+            f"sdbridge: cannot save images in {outputs.root} ({reason}); "
+            "choose another folder with --output-dir",
+            file=sys.stderr,
+        )
         return 2
     model = settings.model or (tiny.NAME if _tiny_present() else None)
     if model is None:
@@ -56,7 +68,6 @@ def serve(args: argparse.Namespace) -> int:
     from .engine import Engine, MemoryOptions
     from .loras import LoraRegistry
     from .models import ModelRegistry, describe
-    from .outputs import OutputFolder
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
@@ -104,7 +115,6 @@ def serve(args: argparse.Namespace) -> int:
         len(engine.loras.entries()),
         settings.loras_dir,
     )
-    outputs = OutputFolder(settings.output_dir)
     try:
         daemon = Daemon(
             engine,
@@ -174,9 +184,10 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from PIL import Image
+    import numpy as np
 
     from .client import Client, ClientError, JobCancelled, JobFailed
+    from .outputs import encode_png, write_atomically
 
     fields: dict[str, Any] = {
         "prompt": args.prompt,
@@ -237,8 +248,18 @@ def generate(args: argparse.Namespace) -> int:
     for image, path in zip(
         result["images"], _output_paths(output, len(result["images"])), strict=True
     ):
-        Image.frombytes("RGBA", (image["width"], image["height"]), image["data"]).save(path)
-        print(f"{path}  (seed {image['seed']}, saved by the daemon as {image['path']})")
+        rgba = np.frombuffer(image["data"], np.uint8).reshape(image["height"], image["width"], 4)
+        # The daemon's images are RGB (alpha 255); written like its own copy, parameters too.
+        png = encode_png(rgba[..., :3], {"parameters": image["parameters"]}, compress=True)
+        try:
+            write_atomically(path, png)
+        except OSError as exc:
+            print(f"sdbridge: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        copy = f"saved by the daemon as {image['path']}" if image["path"] else "no daemon copy"
+        print(f"{path}  (seed {image['seed']}, {copy})")
+    if result["warning"]:
+        print(f"sdbridge: the daemon's own copy was {result['warning']}", file=sys.stderr)
     return 0
 
 
@@ -341,11 +362,12 @@ def _add_settings_options(parser: argparse.ArgumentParser) -> None:
     )
     for option in options():
         flag = f"--{option.name.replace('_', '-')}"
+        text = option.help.replace("%", "%%")  # argparse formats help with `%`
         if option.kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=option.help)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
             kind = int if option.kind is int else str
-            parser.add_argument(flag, type=kind, choices=option.choices, help=option.help)
+            parser.add_argument(flag, type=kind, choices=option.choices, help=text)
     _add_limit_options(parser)
 
 
