@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import Peer, result_image
+from helpers import Peer, result_image, wait_until
 from safetensors.torch import load_file, save_file
 
 JOB = {
@@ -18,6 +18,11 @@ JOB = {
     "seed": 42,
     "model": "tiny-sd",
 }
+
+
+def listed(peer: Peer, name: str) -> None:
+    """Wait until a LoRA just put in the folder is listed (the `models` op rescans)."""
+    wait_until(lambda: name in {entry["name"] for entry in peer.answer("models")["loras"]})
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +84,7 @@ def test_a_kohya_lora_works_like_the_same_lora_in_diffusers_format(
     path = library / "loras" / "kohya-ink.safetensors"
     save_file(kohya, str(path))
     try:
+        listed(library_peer, "kohya-ink")
         assert (
             np.abs(
                 image(library_peer, ("kohya-ink", 1.0)) - image(library_peer, ("ink", 1.0))
@@ -121,6 +127,7 @@ def test_an_lcm_lora_brings_the_lcm_sampler_and_steps(library_peer, library: Pat
     lcm = library / "loras" / "lcm-lora-tiny.safetensors"
     shutil.copyfile(library / "loras" / "ink.safetensors", lcm)
     try:
+        listed(library_peer, "lcm-lora-tiny")
         events = library_peer.generate(
             prompt="a cat", seed=1, model="tiny-sd", loras=[{"name": "lcm-lora-tiny"}]
         )
@@ -129,3 +136,27 @@ def test_an_lcm_lora_brings_the_lcm_sampler_and_steps(library_peer, library: Pat
         assert "CFG scale: 1," in events[-1]["parameters"]
     finally:
         lcm.unlink()
+
+
+@pytest.mark.parametrize("kind", ["cut-off download", "link to a model checkpoint"])
+def test_a_listed_lora_that_does_not_load_fails_its_job_and_the_model_serves_on(
+    library_peer, library: Path, base, kind: str
+) -> None:
+    bad = library / "loras" / "bad.safetensors"
+    if kind == "cut-off download":
+        bad.write_bytes((library / "loras" / "ink.safetensors").read_bytes()[:200])
+    else:
+        bad.symlink_to(library / "models" / "tiny-sd-file.safetensors")
+    try:
+        listed(library_peer, "bad")
+        events = library_peer.generate(**JOB, loras=[{"name": "bad"}])
+        error = events[-1]
+        assert (error["event"], error["code"], error["field"]) == (
+            "error",
+            "lora_load_failed",
+            "loras",
+        )
+        assert "'bad'" in error["message"] and str(library) not in error["message"]
+        assert np.array_equal(result_image(library_peer.generate(**JOB)), base)
+    finally:
+        bad.unlink()

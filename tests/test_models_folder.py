@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from checkpoints import assert_same_picture, assert_same_weights
+from diffusers import StableDiffusionPipeline
 from helpers import Peer, result_image, sdbridge
 from PIL import Image
 from safetensors.torch import save_file
 
 from sdbridge import models, tiny
+from sdbridge.cli import main
 from sdbridge.engine import Engine
 from sdbridge.loras import LoraRegistry
 from sdbridge.models import ModelEntry, ModelRegistry, describe, load_pipeline, scan
@@ -58,6 +61,48 @@ def test_pickle_checkpoints_are_listed_only_when_the_operator_allows_them(
     assert scan(folder) == []
     [entry] = scan(folder, allow_pickle=True)
     assert (entry.name, entry.family) == ("sd", "sd1")
+
+
+@pytest.fixture(scope="module")
+def pickled(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test model as a diffusers folder of `.bin` weights (`safe_serialization=False`)."""
+    folder = tmp_path_factory.mktemp("pickled") / "models" / "old-sd"
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe.save_pretrained(folder, safe_serialization=False)
+    # transformers writes the text encoder as safetensors whatever it is asked.
+    assert models.pickle_components(folder) == ["unet", "vae"]
+    return folder
+
+
+def test_a_folder_of_pickle_weights_is_listed_only_when_the_operator_allows_it(
+    pickled: Path,
+) -> None:
+    assert scan(pickled.parent) == []
+    assert [entry.name for entry in scan(pickled.parent, allow_pickle=True)] == ["old-sd"]
+    with pytest.raises(models.ModelRefused, match="unet.*--allow-pickle"):
+        describe(str(pickled), "old-sd")
+
+
+def test_a_folder_of_pickle_weights_loads_only_when_the_operator_allows_it(
+    pickled: Path,
+) -> None:
+    """Checked again at load: a listed folder's weights may be swapped for pickles later."""
+    entry = describe(str(pickled), "old-sd", allow_pickle=True)
+    with pytest.raises(models.ModelRefused, match="--allow-pickle"):
+        load_pipeline(entry, torch.float32)
+    assert load_pipeline(entry, torch.float32, allow_pickle=True).unet is not None
+
+
+def test_serving_a_folder_of_pickle_weights_without_permission_exits_2(
+    pickled: Path, capsys
+) -> None:
+    with socket.socket() as taken:  # should it ever load, it fails to listen instead of serving
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        code = main(["serve", "--model", str(pickled), "--listen", address, "--device", "cpu"])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "--allow-pickle" in message
 
 
 def _header_only_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
@@ -243,6 +288,8 @@ def test_a_model_that_fails_to_load_fails_its_job_and_the_previous_model_serves_
         assert [e["event"] for e in events] == ["accepted", "started", "loading", "error"]
         assert events[2]["model"] == "broken"
         assert (events[-1]["code"], events[-1]["field"]) == ("model_load_failed", "model")
+        # The listed name and what went wrong; the operator's paths stay in the daemon's log.
+        assert "'broken'" in events[-1]["message"] and str(library) not in events[-1]["message"]
         assert np.array_equal(result_image(library_peer.generate(**JOB)), before)
         assert listing(library_peer)["broken"]["loaded"] is False
     finally:

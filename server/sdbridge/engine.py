@@ -35,6 +35,7 @@ from .loras import LoraEntry, LoraRegistry
 from .models import (
     UNKNOWN,
     ModelEntry,
+    ModelRefused,
     ModelRegistry,
     describe,
     load_pipeline,
@@ -192,6 +193,7 @@ class Engine:
         self.memory = memory or MemoryOptions()
         self.max_loaded = max(1, max_loaded)
         self.model_settings = dict(model_settings or {})
+        self.allow_pickle = allow_pickle
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self.acceleration = mode_from_env()  # `off` unless $SDBRIDGE_ACCELERATE says otherwise
         # Guards `_loaded` between the worker (loading) and the socket thread (listing).
@@ -248,16 +250,20 @@ class Engine:
         try:
             # Read from disk before anything is unloaded: a broken file leaves the resident
             # models serving. Only moving to the device comes after making room.
-            pipe = load_pipeline(entry, self.dtype)
+            pipe = load_pipeline(entry, self.dtype, self.allow_pickle)
             self._evict(keep=self.max_loaded - 1)
             loaded = self._prepare(entry, pipe)
         except Exception as exc:
             if first:
                 raise  # the daemon cannot start without its first model
             # If it failed on the device, the next job reloads the previous model by name.
-            log.warning("cannot load %s: %s", name, exc)
+            log.warning("cannot load %s from %s: %s", name, entry.path, exc)
+            # Other errors name files of the operator's machine: the client gets their kind.
+            reason = str(exc) if isinstance(exc, ModelRefused) else type(exc).__name__
             raise ProtocolError(
-                ErrorCode.MODEL_LOAD_FAILED, f"model {name!r} did not load: {exc}", "model"
+                ErrorCode.MODEL_LOAD_FAILED,
+                f"model {name!r} did not load: {reason} (the daemon's log has the details)",
+                "model",
             ) from exc
         with self._lock:
             self._loaded[name] = loaded

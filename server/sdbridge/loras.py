@@ -18,6 +18,8 @@ from pathlib import Path
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
+from .protocol import ErrorCode, ProtocolError
+
 log = logging.getLogger("sdbridge.loras")
 
 
@@ -74,9 +76,33 @@ def applied(pipe: DiffusionPipeline, loras: list[tuple[LoraEntry, float]]) -> It
     adapters = [f"sdbridge_{i}" for i in range(len(loras))]
     try:
         for adapter, (entry, _) in zip(adapters, loras, strict=True):
-            # A state dict, not a path: diffusers would treat a path it cannot open as a hub id.
-            pipe.load_lora_weights(load_file(str(entry.path)), adapter_name=adapter)
+            _load(pipe, entry, adapter)
         pipe.set_adapters(adapters, [weight for _, weight in loras])
         yield
     finally:
         pipe.unload_lora_weights()
+
+
+def _load(pipe: DiffusionPipeline, entry: LoraEntry, adapter: str) -> None:
+    """Load one LoRA as `adapter`, or refuse the job with `lora_load_failed` naming it (the
+    reason without paths; the daemon's log has the details)."""
+    try:
+        # A state dict, not a path: diffusers would treat a path it cannot open as a hub id.
+        state = load_file(str(entry.path))
+    except Exception as exc:
+        log.warning("cannot read LoRA %s: %s", entry.path, exc)
+        raise ProtocolError(
+            ErrorCode.LORA_LOAD_FAILED,
+            f"lora {entry.name!r} did not load: not a readable .safetensors file",
+            "loras",
+        ) from exc
+    try:
+        pipe.load_lora_weights(state, adapter_name=adapter)
+    except Exception as exc:
+        log.warning("cannot load LoRA %s: %s", entry.path, exc)
+        raise ProtocolError(
+            ErrorCode.LORA_LOAD_FAILED,
+            f"lora {entry.name!r} did not load: it holds no LoRA weights for this model's "
+            f"layers ({type(exc).__name__}; a LoRA of another family?)",
+            "loras",
+        ) from exc

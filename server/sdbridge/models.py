@@ -70,6 +70,30 @@ CHECKPOINT_FAMILIES = {
 SD_UNET_PREFIX = "model.diffusion_model."
 
 
+class ModelRefused(ValueError):
+    """A model this daemon will not load, said without paths: clients may be shown it."""
+
+
+def pickle_components(folder: Path) -> list[str]:
+    """The components of a diffusers folder whose weights exist only as pickle files."""
+    return sorted(
+        part.name
+        for part in folder.iterdir()
+        if part.is_dir()
+        and any(file.suffix in PICKLE_SUFFIXES for file in part.iterdir())
+        and not any(file.suffix in SAFE_SUFFIXES for file in part.iterdir())
+    )
+
+
+def _refuse_pickle(folder: Path) -> None:
+    pickled = pickle_components(folder)
+    if pickled:
+        raise ModelRefused(
+            f"its {', '.join(pickled)} weights are pickle files only (.bin), which can run code "
+            "when loaded: --allow-pickle lets them in"
+        )
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
@@ -210,6 +234,8 @@ def describe(
         family = folder_family(path)
         if family is None:
             raise ValueError(f"{path} is not a diffusers model folder (no model_index.json)")
+        if not allow_pickle:
+            _refuse_pickle(path)
         index = _read_json(path / "model_index.json") or {}
         scheduler = index.get("scheduler", [None, ""])[-1] or ""
         return ModelEntry(name, str(path), family, _size(path), scheduler=scheduler)
@@ -258,12 +284,26 @@ def scan(folder: Path, allow_pickle: bool = False) -> list[ModelEntry]:
     return entries
 
 
-def load_pipeline(entry: ModelEntry, dtype: torch.dtype) -> DiffusionPipeline:
-    """The text-to-image pipeline of an entry, from the auto pipeline of its family."""
+def load_pipeline(
+    entry: ModelEntry, dtype: torch.dtype, allow_pickle: bool = False
+) -> DiffusionPipeline:
+    """The text-to-image pipeline of an entry, from the auto pipeline of its family; pickle
+    weights only if `allow_pickle` (checked again here: files change after they are listed)."""
     path = Path(entry.path)
+    # None: safetensors where a component has them, else pickle; True: safetensors or an error.
+    use_safetensors = None if allow_pickle else True
     if path.is_dir():
-        return AutoPipelineForText2Image.from_pretrained(path, dtype=dtype)
+        if not allow_pickle:
+            _refuse_pickle(path)
+        return AutoPipelineForText2Image.from_pretrained(
+            path, dtype=dtype, use_safetensors=use_safetensors
+        )
     if path.is_file():
+        if path.suffix not in SAFE_SUFFIXES and not allow_pickle:
+            raise ModelRefused(
+                "it is a pickle checkpoint, which can run code when loaded: "
+                "--allow-pickle lets it in"
+            )
         key = FAMILY_PIPELINE_KEY.get(entry.family, entry.family)
         pipeline_class = AUTO_TEXT2IMAGE_PIPELINES_MAPPING.get(key)
         if pipeline_class is None:
@@ -279,7 +319,9 @@ def load_pipeline(entry: ModelEntry, dtype: torch.dtype) -> DiffusionPipeline:
                 f"could be fetched from the hub; pass --model-config FOLDER ({exc})"
             ) from exc
     try:
-        return AutoPipelineForText2Image.from_pretrained(entry.path, dtype=dtype)
+        return AutoPipelineForText2Image.from_pretrained(
+            entry.path, dtype=dtype, use_safetensors=use_safetensors
+        )
     except OSError as exc:
         offline = " (offline: HF_HUB_OFFLINE is set)" if hub_constants.HF_HUB_OFFLINE else ""
         raise OSError(
