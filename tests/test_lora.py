@@ -20,9 +20,13 @@ JOB = {
 }
 
 
+def loras(peer: Peer) -> dict[str, dict]:
+    return {entry["name"]: entry for entry in peer.answer("models")["loras"]}
+
+
 def listed(peer: Peer, name: str) -> None:
     """Wait until a LoRA just put in the folder is listed (the `models` op rescans)."""
-    wait_until(lambda: name in {entry["name"] for entry in peer.answer("models")["loras"]})
+    wait_until(lambda: name in loras(peer))
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +100,9 @@ def test_a_kohya_lora_works_like_the_same_lora_in_diffusers_format(
 
 
 def test_the_models_op_and_hello_list_the_loras(library_peer, library: Path) -> None:
-    listed = {entry["name"]: entry for entry in library_peer.answer("models")["loras"]}
-    assert set(listed) == {"ink", "styles/paper"}
+    # Rescans are at most once a second: LoRAs other tests added and removed may linger a moment.
+    wait_until(lambda: set(loras(library_peer)) == {"ink", "styles/paper"})
+    listed = loras(library_peer)
     size = (library / "loras" / "ink.safetensors").stat().st_size
     assert listed["ink"]["size_bytes"] == size
     hello = library_peer.answer("hello")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from checkpoints import assert_same_picture, assert_same_weights
 from diffusers import StableDiffusionPipeline
-from helpers import Peer, result_image, sdbridge
+from helpers import Peer, result_image, sdbridge, wait_until
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -283,7 +283,8 @@ def test_a_model_that_fails_to_load_fails_its_job_and_the_previous_model_serves_
         {f"{models.SD_UNET_PREFIX}input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, str(broken)
     )
     try:
-        assert listing(library_peer)["broken"]["family"] == "sd1"  # rescanned: no restart needed
+        wait_until(lambda: "broken" in listing(library_peer))  # rescanned: no restart needed
+        assert listing(library_peer)["broken"]["family"] == "sd1"
         events = library_peer.generate(**JOB, model="broken")
         assert [e["event"] for e in events] == ["accepted", "started", "loading", "error"]
         assert events[2]["model"] == "broken"
