@@ -105,8 +105,10 @@ def test_png_output_carries_a1111_parameters(peer) -> None:
 
 def test_cancel_a_running_job_then_the_next_job_runs(peer) -> None:
     rid = peer.send("generate", **{**JOB, "num_inference_steps": 150})
-    events = peer.until(rid, {"progress"})
-    peer.send("cancel", job=rid)
+    peer.until(rid, {"progress"})
+    cancel = peer.send("cancel", job=rid)
+    # The answer comes at once; the job stops at its next step.
+    assert peer.until(cancel, {"cancel"})[-1]["state"] == "running"
     events = peer.until(rid)
     assert (events[-1]["event"], events[-1]["reason"]) == ("cancelled", "client")
     assert peer.generate(**JOB)[-1]["event"] == "result"
@@ -116,7 +118,14 @@ def test_cancel_a_queued_job(peer) -> None:
     long_job = peer.send("generate", **{**JOB, "num_inference_steps": 60})
     queued = peer.send("generate", **JOB)
     peer.until(queued, {"accepted"})
-    peer.send("cancel", job=queued)
+    cancel = peer.send("cancel", job=queued)
+    assert peer.until(cancel, {"cancel"})[-1] == {
+        "v": 1,
+        "event": "cancel",
+        "id": cancel,
+        "job": queued,
+        "state": "queued",
+    }
     assert peer.until(queued)[-1]["event"] == "cancelled"
     assert peer.until(long_job)[-1]["event"] == "result"
 
@@ -186,13 +195,16 @@ def test_malformed_messages_get_errors_and_the_daemon_keeps_serving(peer) -> Non
     assert peer.generate(**JOB)[-1]["event"] == "result"
 
 
-def test_duplicate_live_id_is_refused(peer) -> None:
+def test_duplicate_live_id_is_refused_without_ending_the_live_job(peer) -> None:
     first = peer.send("generate", **{**JOB, "num_inference_steps": 40}, id="dup")
     peer.until(first, {"accepted"})
     peer.send("generate", **JOB, id="dup")
-    errors = peer.until("dup", {"error"})
-    assert errors[-1]["code"] == "duplicate_id"
-    assert peer.until("dup")[-1]["event"] == "result"
+    # Under the id "dup" a client keyed by id would take the error for the live job's end.
+    error = peer.until(None, {"error"})[-1]
+    assert (error["code"], error["field"]) == ("duplicate_id", "id")
+    events = peer.until("dup")
+    assert [event["event"] for event in events if event["event"] == "error"] == []
+    assert events[-1]["event"] == "result"
 
 
 def test_status_shows_the_queue_and_hides_other_clients_ids(daemon) -> None:

@@ -57,6 +57,13 @@ def test_hello_reports_the_configured_limits(limited: DaemonProcess) -> None:
     assert hello["limits"] == LIMITS
 
 
+def test_a_daemon_without_limit_settings_sizes_images_for_its_devices_memory(daemon) -> None:
+    hello = ask(daemon.address, {"v": 1, "op": "hello", "id": "h"})
+    expected = Limits.for_memory(job_memory_bytes(torch.device("cpu")))
+    assert hello["limits"] == expected.to_dict()
+    assert expected.max_pixels < expected.max_side**2  # on this machine's RAM (24 GiB)
+
+
 @pytest.mark.parametrize(
     ("fields", "field", "words"),
     [
@@ -158,8 +165,10 @@ def test_a_job_on_a_cpu_runs_in_the_machines_ram() -> None:
     assert job_memory_bytes(torch.device("cpu")) == total_kib * 1024
 
 
-def test_the_queue_is_bounded_per_connection_and_in_total(limited: DaemonProcess) -> None:
-    alice, bob = Peer(limited.address), Peer(limited.address)
+def test_the_queue_is_bounded_per_client_address_and_in_total(limited: DaemonProcess) -> None:
+    # Bob connects from another loopback address: the per-client limit is per address.
+    alice = Peer(limited.address)
+    bob = Peer(limited.address.replace("tcp://", "tcp://127.0.0.2:0;"))
     try:
         # 1 running + 1 queued; the first has started, so the total queue holds one job.
         first = alice.send("generate", **LONG)

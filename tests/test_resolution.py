@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_daemon import Peer, pixels
+from helpers import Peer, pixels
 
 from sdbridge.resolution import refine_size, size_range
 

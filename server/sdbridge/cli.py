@@ -8,9 +8,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, protocol
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 
 def _tiny_present() -> bool:
@@ -66,6 +69,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from .daemon import Daemon
     from .engine import Engine, MemoryOptions
+    from .images import job_memory_bytes
     from .loras import LoraRegistry
     from .models import ModelRegistry, describe
 
@@ -120,7 +124,7 @@ def serve(args: argparse.Namespace) -> int:
             engine,
             outputs,
             address=settings.listen,
-            limits=settings.limits,
+            limits=_limits_for(settings, job_memory_bytes(engine.device)),
             heartbeat_ms=args.heartbeat_ms,
             token=token,
         )
@@ -135,6 +139,18 @@ def serve(args: argparse.Namespace) -> int:
 
 
 _LIMIT_NAMES = tuple(protocol.Limits().to_dict())
+# Limits that follow from the device's memory unless the operator sets them.
+_MEMORY_LIMITS = ("max_pixels", "max_message_bytes")
+
+
+def _limits_for(settings: Settings, memory_bytes: int) -> protocol.Limits:
+    """The operator's limits, the others sized for a device of ``memory_bytes``."""
+    given = {
+        name: value
+        for name, value in settings.limits.to_dict().items()
+        if settings.sources[f"limits.{name}"] != "default"
+    }
+    return protocol.Limits.for_memory(memory_bytes, **given)
 
 
 def _add_limit_options(parser: argparse.ArgumentParser) -> None:
@@ -142,8 +158,9 @@ def _add_limit_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits (reported by hello; see docs/protocol.md)")
     for name, default in protocol.Limits().to_dict().items():
         # None: not given, so that the config file's value stands.
+        shown = "from the device's memory" if name in _MEMORY_LIMITS else default
         group.add_argument(
-            f"--{name.replace('_', '-')}", type=int, metavar="N", help=f"default {default}"
+            f"--{name.replace('_', '-')}", type=int, metavar="N", help=f"default {shown}"
         )
 
 

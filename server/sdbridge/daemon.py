@@ -1,29 +1,40 @@
 """The daemon: a ZeroMQ ROUTER socket in front of one warm engine.
 
 Threads: the main thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe) and does
-all routing; one worker thread runs jobs on the engine, one at a time, in order of arrival.
-The worker hands events back over an inproc PUSH/PULL pair, which the main thread polls together
-with the ROUTER: no polling intervals, no copies of result images on the way out.
+all routing; one worker thread runs jobs on the engine, one at a time, connections served round
+robin (jobqueue.py); one scanner thread rescans the model and LoRA folders when a request needs
+it, so that a slow disk never stalls the socket. Both hand their work back over inproc
+PUSH/PULL pairs, which the main thread polls together with the ROUTER.
+
+Jobs belong to connections, not to ZeroMQ routing ids: a peer may choose its routing id, and a
+later connection claiming a departed one's id must not receive that one's results. libzmq's
+socket monitor reports each TCP connection (by file descriptor) as it opens and closes, and every
+message carries the descriptor it came in on; a ZAP handler admits connections (the token, the
+connection limit) before they can send anything.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import queue
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import __version__, protocol
 from .engine import Engine, GeneratedImage, JobCancelled
+from .images import check_images
+from .jobqueue import FairQueue
 from .outputs import OutputFolder, SavedImage, rgba_bytes
 from .protocol import ErrorCode, GenerateRequest, Limits, ProtocolError
 from .schedulers import SAMPLERS
+from .security import LoginGuard
 
 log = logging.getLogger("sdbridge.daemon")
 
@@ -31,15 +42,35 @@ HEARTBEAT_IVL_MS = 5_000
 HEARTBEAT_TIMEOUT_MS = 30_000
 # How long the worker waits for the main thread to send a result before compressing its files.
 RESULT_SENT_WAIT_S = 1.0
+# Folder rescans (the `models` op, a name not in the last scan) run at most this often; requests
+# in between are answered from the last scan.
+RESCAN_INTERVAL_S = 1.0
+# Messages handled per turn of the main loop before it looks at its other sockets again.
+RECEIVE_BATCH = 64
 CAPABILITIES = ["txt2img", "img2img", "inpaint", "preview", "cancel", "png", "models", "loras"]
-# libzmq asks the socket bound here (in the same context) to authenticate PLAIN peers (RFC 27).
+# libzmq asks the socket bound here (in the same context) to admit each new connection (RFC 27).
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"sdbridge"
+# ZAP answers: 400 is "wrong credentials"; 500 here means "not now: too many connections".
+ZAP_OK, ZAP_REFUSED, ZAP_FULL = b"200", b"400", b"500"
+MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+
+
+@dataclass(eq=False)
+class Connection:
+    """One TCP connection of a peer, from its monitor event to its close."""
+
+    serial: int
+    fd: int
+    # Learnt from its first message: the routing id the ROUTER knows it by, its IP address.
+    routing_id: bytes | None = None
+    address: str = ""
+    open: bool = True
 
 
 @dataclass(eq=False)
 class Job:
-    peer: bytes
+    connection: Connection
     id: str
     request: GenerateRequest
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -48,8 +79,8 @@ class Job:
     running: bool = False
 
     @property
-    def key(self) -> tuple[bytes, str]:
-        return (self.peer, self.id)
+    def key(self) -> tuple[int, str]:
+        return (self.connection.serial, self.id)
 
 
 class Daemon:
@@ -69,52 +100,71 @@ class Daemon:
         self.outputs = outputs
         self.limits = limits or Limits()
         self.token = token
-        self.context = zmq.Context.instance()
-        self.zap: zmq.Socket | None = None
-        if token is not None:
-            # Bound before the ROUTER, so no peer can connect before authentication is in place.
-            self.zap = self.context.socket(zmq.REP)
-            self.zap.setsockopt(zmq.LINGER, 0)
-            self.zap.bind(ZAP_ENDPOINT)
+        self.logins = LoginGuard()
+        # A context of its own: the ZAP endpoint is one per context.
+        self.context = zmq.Context()
+        # Bound before the ROUTER, so no peer can connect before admission is in place.
+        self.zap = self.context.socket(zmq.REP)
+        self.zap.setsockopt(zmq.LINGER, 0)
+        self.zap.bind(ZAP_ENDPOINT)
         self.router = self.context.socket(zmq.ROUTER)
         if token is not None:
             self.router.setsockopt(zmq.PLAIN_SERVER, 1)
-            self.router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        self.router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)  # makes libzmq ask ZAP for NULL too
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        # No receive queue limit: libzmq 4.3 aborts the whole process (`!_io_error`, libzmq
+        # issues #3937 and #4767) when a peer whose queue is full hangs up and a heartbeat or a
+        # PING follows. The main loop reads far faster than a job-sized request can arrive.
+        self.router.setsockopt(zmq.RCVHWM, 0)
         self.router.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
         self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.router.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+        self.monitor = self.router.get_monitor_socket(MONITOR_EVENTS)
         self.router.bind(address)
-        inproc = f"inproc://sdbridge-events-{id(self)}"
         self.events_in = self.context.socket(zmq.PULL)
-        self.events_in.bind(inproc)
-        self._events_out_address = inproc
-        # Jobs by (peer, id); the queue holds the ones not yet started. Both under one lock.
+        self._events_address = f"inproc://sdbridge-events-{id(self)}"
+        self.events_in.bind(self._events_address)
+        self.rescanned_in = self.context.socket(zmq.PULL)
+        self._rescanned_address = f"inproc://sdbridge-rescanned-{id(self)}"
+        self.rescanned_in.bind(self._rescanned_address)
+        # Live connections by file descriptor, and every connection by serial (the worker's
+        # events name it) until its last job ends.
+        self.connections: dict[int, Connection] = {}
+        self._serials = iter(range(1, 2**63))
+        # Jobs by (connection serial, id); the queue holds the ones not yet started. Both, and
+        # `current` and `progress`, under one lock shared with the worker.
         self.lock = threading.Condition()
-        self.jobs: dict[tuple[bytes, str], Job] = {}
-        self.queue: deque[Job] = deque()
+        self.jobs: dict[tuple[int, str], Job] = {}
+        self.queue: FairQueue[Job] = FairQueue()
         self.current: Job | None = None
-        self.progress: tuple[int, int] | None = None
+        self.progress: tuple[int, int | None] | None = None
+        # Requests waiting for a folder rescan, and those rescanned, ready to be handled again.
+        self.rescans: queue.SimpleQueue[tuple[Connection, dict[str, Any]]] = queue.SimpleQueue()
+        self.rescanned: queue.SimpleQueue[tuple[Connection, dict[str, Any]]] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.worker = threading.Thread(target=self._work, name="sdbridge-worker", daemon=True)
+        self.scanner = threading.Thread(target=self._scan, name="sdbridge-scanner", daemon=True)
 
     # --- main thread -------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
         self.worker.start()
+        self.scanner.start()
         poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self.events_in, zmq.POLLIN)
-        if self.zap is not None:
-            poller.register(self.zap, zmq.POLLIN)
+        for socket in (self.router, self.events_in, self.zap, self.monitor, self.rescanned_in):
+            poller.register(socket, zmq.POLLIN)
         log.info("listening on %s%s", self.address, " (token required)" if self.token else "")
         while not self.stopping.is_set():
             ready = dict(poller.poll(200))
-            if self.zap is not None and self.zap in ready:
-                self._authenticate()
+            # Connections first: a message or a login can only follow its connection's opening.
+            self._watch_connections()
+            if self.zap in ready:
+                self._admit()
             if self.events_in in ready:
                 self._forward_events()
+            if self.rescanned_in in ready:
+                self._handle_rescanned()
             if self.router in ready:
                 self._receive()
         self._shut_down()
@@ -126,48 +176,104 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop())
 
-    def _authenticate(self) -> None:
+    def _watch_connections(self) -> None:
+        """Apply the monitor's news: a connection opened or closed."""
+        while True:
+            try:
+                news = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            fd = news["value"]
+            if news["event"] == zmq.EVENT_ACCEPTED:
+                self._close_connection(fd)  # a descriptor is reused only once closed
+                self.connections[fd] = Connection(next(self._serials), fd)
+            else:
+                self._close_connection(fd)
+
+    def _close_connection(self, fd: int) -> None:
+        """The client is gone for good: its queued jobs are dropped; a running one finishes and
+        is saved, but its events go nowhere (a new connection never gets them)."""
+        connection = self.connections.pop(fd, None)
+        if connection is None:
+            return
+        connection.open = False
+        with self.lock:
+            dropped = self.queue.drop(connection.serial)
+            for job in dropped:
+                job.cancelled.set()
+                del self.jobs[job.key]
+        if dropped:
+            log.info(
+                "a client from %s left: dropped its %d queued jobs",
+                connection.address,
+                len(dropped),
+            )
+
+    def _admit(self) -> None:
         """Answer one ZAP request: version, request id, domain, address, identity, mechanism,
         then for PLAIN the username and password. Only the password (the token) counts."""
-        assert self.zap is not None and self.token is not None
         request = self.zap.recv_multipart()
         request_id = request[1] if len(request) > 1 else b""
-        allowed = (
-            len(request) == 8
-            and request[0] == b"1.0"
-            and request[5] == b"PLAIN"
-            and hmac.compare_digest(request[7], self.token)
-        )
-        if not allowed:
-            log.warning("refused a peer from %s: wrong or missing token", _zap_address(request))
-        status = (b"200", b"OK") if allowed else (b"400", b"wrong token")
+        address = request[3].decode("ascii", "replace") if len(request) > 3 else "?"
+        well_formed = len(request) >= 6 and request[0] == b"1.0"
+        if self.token is None:
+            authorized = well_formed and request[5] == b"NULL"
+        elif not well_formed or self.logins.locked_out(address):
+            authorized = False
+        else:
+            authorized = (
+                len(request) == 8
+                and request[5] == b"PLAIN"
+                and hmac.compare_digest(request[7], self.token)
+            )
+        if not authorized:
+            if self.token is not None:
+                self.logins.refused(address)
+            status = (ZAP_REFUSED, b"wrong token")
+        elif len(self.connections) > self.limits.max_connections:  # this one counted too
+            log.warning(
+                "refused a peer from %s: %d connections already",
+                address,
+                self.limits.max_connections,
+            )
+            status = (ZAP_FULL, b"too many connections")
+        else:
+            status = (ZAP_OK, b"OK")
         self.zap.send_multipart([b"1.0", request_id, *status, b"", b""])
 
     def _forward_events(self) -> None:
         while True:
             try:
-                peer, terminal, payload = self.events_in.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self.events_in.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            terminal_event = terminal.bytes != b"\x00"
-            if terminal_event:
-                with self.lock:
-                    self.jobs.pop((peer.bytes, terminal.bytes.decode()), None)
-            self.router.send_multipart([peer, payload], copy=False)
-            if terminal_event:
+            serial, job_id, terminal, payload = frames
+            key = (int.from_bytes(serial.bytes, "big"), job_id.bytes.decode())
+            with self.lock:
+                job = self.jobs.get(key)
+                if terminal.bytes and job is not None:
+                    del self.jobs[key]
+            if job is not None and job.connection.open:
+                self.router.send_multipart([job.connection.routing_id, payload], copy=False)
+            if terminal.bytes:
                 with self.lock:
                     self.lock.notify_all()  # the worker waits for its result to be sent
 
-    def _send(self, peer: bytes, message: dict[str, Any]) -> None:
-        self.router.send_multipart([peer, protocol.pack(message)])
+    def _send(self, connection: Connection, message: dict[str, Any]) -> None:
+        if connection.open:
+            self.router.send_multipart([connection.routing_id, protocol.pack(message)])
 
     def _receive(self) -> None:
-        while True:
+        # A bounded batch: under a flood, logins and the worker's events still get their turn.
+        for _ in range(RECEIVE_BATCH):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            peer, body = frames[0], frames[1:]
+            connection = self._connection_of(frames)
+            if connection is None:
+                continue
+            body = frames[1:]
             message: dict[str, Any] = {}
             try:
                 if len(body) != 1:
@@ -175,27 +281,79 @@ class Daemon:
                         ErrorCode.BAD_MESSAGE,
                         f"a message must be exactly one frame, got {len(body)}",
                     )
-                message = protocol.unpack(body[0])
-                self._handle(peer, message)
-            except ProtocolError as error:
-                self._send(peer, protocol.error_event(protocol.request_id(message), error))
+                message = protocol.unpack(body[0].buffer)
+                self._handle(connection, message)
             except Exception as exc:  # a bug handling one message must not take the daemon down
-                log.exception("failed to handle a message")
-                error = ProtocolError(ErrorCode.INTERNAL, f"the daemon failed on it: {exc}")
-                self._send(peer, protocol.error_event(protocol.request_id(message), error))
+                self._refuse(connection, message, exc)
 
-    def _handle(self, peer: bytes, message: dict[str, Any]) -> None:
+    def _connection_of(self, frames: list[zmq.Frame]) -> Connection | None:
+        """The connection a message came in on; None for a stale message of a closed one."""
+        fd = frames[-1].get(zmq.SRCFD)
+        routing_id = frames[0].bytes
+        connection = self.connections.get(fd)
+        if connection is None:  # its monitor event is late: libzmq sends it before the message
+            self._watch_connections()
+            connection = self.connections.get(fd)
+        if connection is None:
+            log.warning("dropped a message from a connection the monitor never reported")
+            return None
+        if connection.routing_id is None:
+            connection.routing_id = routing_id
+            connection.address = frames[-1].get("Peer-Address") or ""
+        elif connection.routing_id != routing_id:  # a closed connection's, on a reused descriptor
+            return None
+        return connection
+
+    def _refuse(self, connection: Connection, message: dict[str, Any], exc: Exception) -> None:
+        """Answer a request that failed with one `error` event."""
+        if isinstance(exc, ProtocolError):
+            error = exc
+        else:
+            log.exception("failed to handle a message")
+            error = ProtocolError(ErrorCode.INTERNAL, f"the daemon failed on it: {exc}")
+        # A duplicate's id is the live job's: an error under it would read as that job's end.
+        rid = None if error.code == ErrorCode.DUPLICATE_ID else protocol.request_id(message)
+        self._send(connection, protocol.error_event(rid, error))
+
+    def _handle(
+        self, connection: Connection, message: dict[str, Any], rescanned: bool = False
+    ) -> None:
+        """Answer one request. ``rescanned``: the folders were just rescanned for it."""
         op, rid = protocol.validate_envelope(message)
         if op == "hello":
-            self._send(peer, self._hello(rid))
+            self._send(connection, self._hello(rid))
         elif op == "status":
-            self._send(peer, self._status(peer, rid))
+            self._send(connection, self._status(connection, rid))
         elif op == "models":
-            self._send(peer, self._models(rid))
+            if rescanned:
+                self._send(connection, self._models(rid))
+            else:
+                self.rescans.put((connection, message))
         elif op == "cancel":
-            self._cancel(peer, rid, protocol.validate_cancel(message))
+            self._cancel(connection, rid, protocol.validate_cancel(message))
         else:
-            self._submit(peer, rid, protocol.validate_generate(message, self.limits))
+            request = protocol.validate_generate(message, self.limits)
+            try:
+                self.engine.check(request)
+            except ProtocolError as error:
+                unknown = error.code in (ErrorCode.UNKNOWN_MODEL, ErrorCode.UNKNOWN_LORA)
+                if rescanned or not unknown:
+                    raise
+                self.rescans.put((connection, message))  # perhaps downloaded since the last scan
+                return
+            self._submit(connection, rid, request)
+
+    def _handle_rescanned(self) -> None:
+        while True:
+            try:
+                self.rescanned_in.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            connection, message = self.rescanned.get()
+            try:
+                self._handle(connection, message, rescanned=True)
+            except Exception as exc:
+                self._refuse(connection, message, exc)
 
     def _hello(self, rid: str) -> dict[str, Any]:
         engine = self.engine
@@ -216,10 +374,8 @@ class Daemon:
         )
 
     def _models(self, rid: str) -> dict[str, Any]:
-        """Every listed model and LoRA, the folders rescanned: new downloads appear here."""
+        """Every listed model and LoRA, from the scan made for this request."""
         engine = self.engine
-        engine.registry.refresh()
-        engine.loras.refresh()
         loaded = set(engine.loaded_names())
         models = [
             {
@@ -231,15 +387,15 @@ class Daemon:
         loras = [entry.to_dict() for entry in engine.loras.entries()]
         return protocol.event("models", rid, model=engine.model, models=models, loras=loras)
 
-    def _status(self, peer: bytes, rid: str) -> dict[str, Any]:
+    def _status(self, connection: Connection, rid: str) -> dict[str, Any]:
         with self.lock:
             waiting = [self.current, *self.queue] if self.current else list(self.queue)
             queue = [
                 {
-                    "id": job.id if job.peer == peer else None,
+                    "id": job.id if job.connection is connection else None,
                     "state": "running" if job.running else "queued",
                     "position": position,
-                    "mine": job.peer == peer,
+                    "mine": job.connection is connection,
                 }
                 for position, job in enumerate(waiting)
             ]
@@ -256,19 +412,22 @@ class Daemon:
             running=running,
         )
 
-    def _submit(self, peer: bytes, rid: str, request: GenerateRequest) -> None:
-        self.engine.check(request)
+    def _submit(self, connection: Connection, rid: str, request: GenerateRequest) -> None:
+        check_images(request)  # its PNGs decode, before `accepted`
         with self.lock:
-            if (peer, rid) in self.jobs:
+            if (connection.serial, rid) in self.jobs:
                 raise ProtocolError(
                     ErrorCode.DUPLICATE_ID, f"a job with id {rid!r} is still live", "id"
                 )
-            # Live jobs count, queued or running: one connection cannot hold the daemon alone.
-            mine = sum(1 for job in self.jobs.values() if job.peer == peer)
+            # Live jobs count, queued or running, of every connection from the same address:
+            # one client cannot hold the daemon alone by opening more connections.
+            mine = sum(
+                1 for job in self.jobs.values() if job.connection.address == connection.address
+            )
             if mine >= self.limits.max_queue_per_client:
                 raise ProtocolError(
                     ErrorCode.BUSY,
-                    f"this connection already has {mine} live jobs, the most allowed "
+                    f"your address already has {mine} live jobs, the most allowed "
                     f"(max_queue_per_client); wait for one to finish",
                 )
             if len(self.queue) >= self.limits.max_queue:
@@ -276,53 +435,85 @@ class Daemon:
                     ErrorCode.BUSY,
                     f"the queue is full ({self.limits.max_queue} jobs); try again later",
                 )
-            job = Job(peer, rid, request)
+            job = Job(connection, rid, request)
             self.jobs[job.key] = job
-            self.queue.append(job)
-            position = len(self.queue) - 1 + (1 if self.current else 0)
-            self.lock.notify()
-        self._send(peer, protocol.event("accepted", rid, position=position))
+            position = self.queue.push(connection.serial, job) + (1 if self.current else 0)
+            self.lock.notify_all()
+        self._send(connection, protocol.event("accepted", rid, position=position))
 
-    def _cancel(self, peer: bytes, rid: str, job_id: str) -> None:
+    def _cancel(self, connection: Connection, rid: str, job_id: str) -> None:
         with self.lock:
-            job = self.jobs.get((peer, job_id))
+            job = self.jobs.get((connection.serial, job_id))
             if job is None:
                 raise ProtocolError(
                     ErrorCode.UNKNOWN_JOB, f"no live job {job_id!r} on this connection", "job"
                 )
             job.cancelled.set()
-            queued = not job.running
-            if queued:
-                self.queue.remove(job)
+            state = "running" if job.running else "queued"
+            if not job.running:
+                self.queue.remove(connection.serial, job)
                 del self.jobs[job.key]
-        if queued:
-            self._send(peer, protocol.event("cancelled", job_id, reason=job.cancel_reason))
+        self._send(connection, protocol.event("cancel", rid, job=job_id, state=state))
+        if state == "queued":
+            self._send(connection, protocol.event("cancelled", job_id, reason=job.cancel_reason))
 
     def _shut_down(self) -> None:
         """Answer every queued job, let the running one stop at its next step, then close."""
         with self.lock:
-            queued = list(self.queue)
-            self.queue.clear()
+            queued = self.queue.clear()
             for job in queued:
                 del self.jobs[job.key]
             if self.current:
                 self.current.cancel_reason = "shutdown"
                 self.current.cancelled.set()
-            self.lock.notify()
+            self.lock.notify_all()
         for job in queued:
-            self._send(job.peer, protocol.event("cancelled", job.id, reason="shutdown"))
+            self._send(job.connection, protocol.event("cancelled", job.id, reason="shutdown"))
         self.worker.join(timeout=60)
+        self.scanner.join(timeout=5)
         self._forward_events()
-        self.router.close(linger=1000)
-        self.events_in.close()
-        if self.zap is not None:
-            self.zap.close()
+        self.router.disable_monitor()
+        for socket in (self.router, self.monitor, self.events_in, self.rescanned_in, self.zap):
+            socket.close(linger=1000 if socket is self.router else 0)
+        if not self.worker.is_alive():  # else its socket is open and term() would wait for it
+            self.context.term()
+
+    # --- scanner thread ----------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        """Rescan the folders for the requests that need it, at most once per interval, and hand
+        them back to the main thread."""
+        wake = self.context.socket(zmq.PUSH)
+        wake.connect(self._rescanned_address)
+        last_scan = float("-inf")
+        try:
+            while not self.stopping.is_set():
+                try:
+                    waiting = [self.rescans.get(timeout=0.5)]
+                except queue.Empty:
+                    continue
+                if time.monotonic() - last_scan >= RESCAN_INTERVAL_S:
+                    try:
+                        self.engine.rescan()
+                    except Exception:  # the last scan stands; the daemon must go on
+                        log.exception("rescanning the model folders failed")
+                    last_scan = time.monotonic()
+                while True:  # everything asked for meanwhile is answered by this scan too
+                    try:
+                        waiting.append(self.rescans.get_nowait())
+                    except queue.Empty:
+                        break
+                for item in waiting:
+                    self.rescanned.put(item)
+                    wake.send(b"")
+        finally:
+            wake.close(linger=0)
 
     # --- worker thread -----------------------------------------------------------------------
 
     def _work(self) -> None:
         out = self.context.socket(zmq.PUSH)
-        out.connect(self._events_out_address)
+        out.connect(self._events_address)
         try:
             while True:
                 job = self._next_job()
@@ -338,16 +529,17 @@ class Daemon:
                 if self.stopping.is_set():
                     return None
                 self.lock.wait(0.5)
-            job = self.queue.popleft()
+            job = self.queue.pop()
             job.running = True
             self.current = job
-            self.progress = (0, job.request.num_inference_steps or 0)
+            self.progress = (0, None)  # the total is known once the job's schedule is
             return job
 
     def _run(self, job: Job, out: zmq.Socket) -> None:
+        route = [job.connection.serial.to_bytes(8, "big"), job.id.encode()]
+
         def emit(message: dict[str, Any], terminal: bool = False) -> None:
-            flag = job.id.encode() if terminal else b"\x00"
-            out.send_multipart([job.peer, flag, protocol.pack(message)])
+            out.send_multipart([*route, b"\x01" if terminal else b"", protocol.pack(message)])
 
         start = time.perf_counter()
         emit(protocol.event("started", job.id))
@@ -401,6 +593,7 @@ class Daemon:
             image = generated.image
             raw = job.request.output_format == "raw"
             rgba = rgba_bytes(image) if raw else None
+            # A full or read-only output folder costs the client only the copy on disk.
             stored = self.outputs.save(image, generated.info, rgba)
             saved.append(stored)
             encoded.append(
@@ -410,7 +603,8 @@ class Daemon:
                     "format": job.request.output_format,
                     "data": rgba if raw else stored.png,
                     "seed": generated.seed,
-                    "path": str(stored.path),
+                    "path": None if stored.path is None else str(stored.path),
+                    "parameters": generated.info.to_parameters(),
                 }
             )
         result = protocol.event(
@@ -419,9 +613,6 @@ class Daemon:
             images=encoded,
             parameters=images[0].info.to_parameters(),
             elapsed=elapsed,
+            warning=next((image.warning for image in saved if image.warning), None),
         )
         return result, saved
-
-
-def _zap_address(request: list[bytes]) -> str:
-    return request[3].decode("ascii", "replace") if len(request) > 3 else "an unknown address"

@@ -12,7 +12,8 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .protocol import TOKEN_ENV
@@ -92,3 +93,51 @@ def check_listen(address: str, token: bytes | None) -> None:
             f"--token-file FILE, or set {TOKEN_ENV}; clients then need the same token "
             "(see docs/security.md). Or listen on loopback (tcp://127.0.0.1:PORT) and tunnel."
         )
+
+
+class LoginGuard:
+    """Wrong tokens from one address: a few are let through, then every login attempt from that
+    address is refused until the window has passed, so guessing runs at a handful a minute
+    instead of ~1,300 a second. Refusals are logged once per address and window, not one line
+    each, so that a guesser cannot fill the operator's disk."""
+
+    def __init__(
+        self,
+        failures_allowed: int = 5,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failures_allowed = failures_allowed
+        self.window_s = window_s
+        self._clock = clock
+        # address -> (when its window began, refusals in it)
+        self._refusals: dict[str, tuple[float, int]] = {}
+
+    def locked_out(self, address: str) -> bool:
+        """True while ``address`` has used up its wrong tokens for this window."""
+        self._expire()
+        _, count = self._refusals.get(address, (0.0, 0))
+        return count >= self.failures_allowed
+
+    def refused(self, address: str) -> None:
+        """Count a refused login (wrong token, or one attempted while locked out)."""
+        self._expire()
+        began, count = self._refusals.get(address, (self._clock(), 0))
+        self._refusals[address] = (began, count + 1)
+        if count == 0:
+            log.warning("refused a peer from %s: wrong or missing token", address)
+        elif count + 1 == self.failures_allowed:
+            log.warning(
+                "refused %d logins from %s: refusing every login from it for %g s",
+                count + 1,
+                address,
+                self.window_s,
+            )
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for address, (began, count) in list(self._refusals.items()):
+            if now - began >= self.window_s:
+                del self._refusals[address]
+                if count > self.failures_allowed:
+                    log.warning("refused %d logins from %s in %g s", count, address, self.window_s)

@@ -46,6 +46,11 @@ _GREETING_SPLIT = 11  # signature (10 bytes) and major version
 _NULL = b"NULL"
 _PLAIN = b"PLAIN"
 _SOCKET_TYPE = b"DEALER"
+# libzmq 4.3.5's PLAIN server sends ERROR without its name's length byte: `^RROR` + reason.
+_LIBZMQ_PLAIN_ERROR = b"^RROR"
+# The reason an sdbridge daemon refuses a connection for (a ZAP status code): too many open.
+ZAP_FULL_REASON = "500"
+_FULL_MESSAGE = "the daemon has too many connections open (limits.max_connections); try again later"
 _PEER_SOCKET_TYPE = b"ROUTER"
 # Without this a write to a closed peer raises SIGPIPE in hosts that do not ignore it (Python
 # does, but an embedding editor may not).
@@ -228,6 +233,8 @@ class ZmtpConnection:
                 raise ZmtpAuthError(refusal, refused=True) from exc
             if name == b"ERROR":
                 reason = self._error_reason(data)
+                if reason == ZAP_FULL_REASON:
+                    raise ZmtpError(_FULL_MESSAGE)
                 raise ZmtpAuthError(f"the peer refused the credentials: {reason}", refused=True)
             if name != b"WELCOME":
                 raise ZmtpError(f"expected WELCOME from the peer, got {name!r}")
@@ -236,7 +243,10 @@ class ZmtpConnection:
             self._sendall([rest, _command(b"READY", self._ready_properties())])
         name, data = self._read_command()
         if name == b"ERROR":
-            raise ZmtpError(f"the peer refused the handshake: {self._error_reason(data)}")
+            reason = self._error_reason(data)
+            if reason == ZAP_FULL_REASON:
+                raise ZmtpError(_FULL_MESSAGE)
+            raise ZmtpError(f"the peer refused the handshake: {reason}")
         if name != b"READY":
             raise ZmtpError(f"expected READY from the peer, got {name!r}")
         socket_type = _parse_properties(data).get(b"socket-type")
@@ -257,6 +267,8 @@ class ZmtpConnection:
 
     @staticmethod
     def _split_command(body: Frame) -> tuple[bytes, bytes]:
+        if bytes(body[:5]) == _LIBZMQ_PLAIN_ERROR:
+            return b"ERROR", bytes(body[5:])
         if not body or len(body) < 1 + body[0]:
             raise ZmtpError("malformed command frame from the peer")
         return bytes(body[1 : 1 + body[0]]), bytes(body[1 + body[0] :])

@@ -16,10 +16,10 @@ from pathlib import Path
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # tests/ for daemons.py, pipelines.py
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # tests/ for helpers.py, pipelines.py
 
-from daemons import DaemonProcess  # noqa: E402
 from gimp_runner import Gimp, chroot_missing  # noqa: E402
+from helpers import DaemonProcess  # noqa: E402
 from pipelines import build_pipeline  # noqa: E402
 
 from sdbridge import tiny  # noqa: E402
