@@ -328,7 +328,9 @@ def status(args: argparse.Namespace) -> int:
     print(f"device   {state['device']} ({state['dtype']})")
     print(f"model    {state['model']} (native {hello['native_size'][0]} px)")
     running = state["running"]
-    if running:
+    if running and running["total"] is None:
+        print("running  starting (loading its model or planning its steps)")
+    elif running:
         print(f"running  step {running['step']}/{running['total']}")
     print(f"queue    {len(state['queue'])} job(s)")
     return 0
