@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -75,11 +74,11 @@ def test_status_and_the_address_from_the_environment(daemon) -> None:
 
 def test_no_daemon_is_a_plain_error_not_a_hang() -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
-    start = time.monotonic()
+    # A hang (on the job's 600 s --timeout, or for ever) runs into sdbridge()'s own timeout,
+    # which fails the test; no bound on a busy machine's clock needed.
     run = sdbridge("generate", "x", "--address", address, "--wait", "1")
     assert run.returncode == 1
-    assert address in run.stderr
-    assert time.monotonic() - start < 30
+    assert f"no sdbridge daemon at {address}" in run.stderr
 
 
 def test_a_bad_request_is_reported_by_field(daemon) -> None:

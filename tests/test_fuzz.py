@@ -22,7 +22,6 @@ from typing import Any
 
 import msgpack
 import pytest
-import zmq
 from helpers import DaemonProcess, Peer, solid_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -193,47 +192,27 @@ def target(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     process.stop()
 
 
-class Dealer:
-    def __init__(self, address: str) -> None:
-        self.socket = zmq.Context.instance().socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(address)
-
-    def drain(self, wait_ms: int = 0) -> list[dict[str, Any]]:
-        events = []
-        while self.socket.poll(wait_ms):
-            events.append(protocol.unpack(self.socket.recv()))
-            wait_ms = 0
-        return events
-
-    def close(self) -> None:
-        self.socket.close()
-
-
-class GoodClient(Dealer):
+class GoodClient(Peer):
     """A well-behaved client submitting jobs between the fuzzer's inputs."""
 
     def __init__(self, address: str) -> None:
         super().__init__(address)
         self.sent: list[str] = []
-        self.events: list[dict[str, Any]] = []
 
     def submit(self) -> None:
-        rid = f"good-{len(self.sent)}"
-        self.socket.send(protocol.pack({"v": 1, "op": "generate", "id": rid, **GOOD_JOB}))
-        self.sent.append(rid)
+        self.sent.append(self.send("generate", id=f"good-{len(self.sent)}", **GOOD_JOB))
 
     def collect(self, timeout: float = 120.0) -> dict[str, list[str]]:
         """Every event per job id, once each job has its terminal event."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.events += self.drain(200)
-            terminal = {e["id"] for e in self.events if e["event"] in protocol.TERMINAL_EVENTS}
+            self.drain(200)
+            terminal = {e["id"] for e in self.inbox if e["event"] in protocol.TERMINAL_EVENTS}
             if terminal >= set(self.sent):
                 break
-        self.events += self.drain(500)  # anything late would be a second terminal event
+        self.drain(500)  # anything late would be a second terminal event
         kinds: dict[str, list[str]] = collections.defaultdict(list)
-        for event in self.events:
+        for event in self.inbox:
             kinds[event["id"]].append(event["event"])
         return kinds
 
@@ -256,14 +235,14 @@ def good(target: DaemonProcess) -> Iterator[GoodClient]:
 
 
 def test_a_daemon_fed_random_messages_keeps_serving(target: DaemonProcess, good) -> None:
-    fuzzer = Dealer(target.address)
+    fuzzer = Peer(target.address)
     answers: list[dict[str, Any]] = []
 
     @LIVE
     @given(st.lists(message_bytes(), min_size=1, max_size=3))
     def feed(frames: list[bytes]) -> None:
         TRIED["live messages"] += 1
-        fuzzer.socket.send_multipart(frames)
+        fuzzer.send_raw(*frames)
         if TRIED["live messages"] % 25 == 0:
             good.submit()
         answers.extend(fuzzer.drain())

@@ -17,20 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zmq
 from checkpoints import assert_same_picture, write_single_file_checkpoint
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from helpers import TIMEOUT, Peer, ask, result_image
 from huggingface_hub import constants as hub_constants
 from safetensors import safe_open
 
-from sdbridge import protocol
 from sdbridge.cli import main
 from sdbridge.engine import Engine
 from sdbridge.protocol import GenerateRequest
 
 HUB_ID = "sdbridge-test/tiny-sd"
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 4, "seed": 42}
-TIMEOUT = 120.0
 
 
 def engine_image(engine: Engine) -> np.ndarray:
@@ -41,35 +39,19 @@ def engine_image(engine: Engine) -> np.ndarray:
 
 
 def daemon_image(address: str) -> np.ndarray:
-    """The RGB pixels of one job, asked of a running daemon over a pyzmq DEALER."""
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
+    """The RGB pixels of one job, asked of a running daemon."""
+    peer = Peer(address)
     try:
-        dealer.connect(address)
-        dealer.send(protocol.pack({"v": 1, "op": "generate", "id": "job", **JOB}))
-        while dealer.poll(int(TIMEOUT * 1000)):
-            event = protocol.unpack(dealer.recv())
-            if event["event"] in protocol.TERMINAL_EVENTS:
-                assert event["event"] == "result", event
-                image = event["images"][0]
-                shape = (image["height"], image["width"], 4)
-                return np.frombuffer(image["data"], np.uint8).reshape(shape)[..., :3]
-        raise TimeoutError("no result from the daemon")
+        return result_image(peer.generate(**JOB))[..., :3]
     finally:
-        dealer.close()
+        peer.close()
 
 
 def daemon_model(address: str) -> str:
     """The model a running daemon says, in its hello, that it serves."""
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    try:
-        dealer.connect(address)
-        dealer.send(protocol.pack({"v": 1, "op": "hello", "id": "hello"}))
-        assert dealer.poll(int(TIMEOUT * 1000)), "no hello from the daemon"
-        return protocol.unpack(dealer.recv())["model"]
-    finally:
-        dealer.close()
+    hello = ask(address, {"v": 1, "op": "hello", "id": "hello"}, timeout=TIMEOUT)
+    assert hello is not None, "no hello from the daemon"
+    return hello["model"]
 
 
 def write_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
