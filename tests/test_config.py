@@ -4,14 +4,17 @@ says where each value came from."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers.models.attention_processor import SlicedAttnProcessor
 from helpers import ask, sdbridge
 
 from sdbridge import protocol
 from sdbridge.engine import Engine, MemoryOptions
+from sdbridge.images import job_memory_bytes
 from sdbridge.settings import SettingsError, default_config_path, load_settings
 
 NO_FLAGS: dict[str, object] = {}
@@ -109,6 +112,35 @@ def test_sdbridge_config_prints_every_value_with_its_source(tmp_path: Path) -> N
     bad = write(tmp_path / "bad.toml", "devise = 1\n")
     run = sdbridge("config", "--config", str(bad))
     assert run.returncode == 2 and "unknown setting 'devise'" in run.stderr
+
+
+def test_sdbridge_config_shows_the_limits_a_daemon_sizes_from_its_devices_memory(
+    tmp_path: Path,
+) -> None:
+    """Not `Limits()`' fixed values: what a daemon on this machine's CPU would use, said to come
+    from the device's memory; max_message_bytes follows the operator's max_pixels."""
+    config = write(tmp_path / "config.toml", "")
+    sized = protocol.Limits.for_memory(job_memory_bytes(torch.device("cpu")))
+    lines = config_lines(sdbridge("config", "--config", str(config)))
+    for name in ("max_pixels", "max_message_bytes"):
+        value, source = lines[name]
+        assert value == str(getattr(sized, name))
+        assert source.startswith("from the device's memory at start (here for ")
+    lines = config_lines(sdbridge("config", "--config", str(config), "--max-pixels", "100000"))
+    assert lines["max_pixels"] == ("100000", "flag")
+    assert lines["max_message_bytes"] == (str(8 * 100_000 + 2**20), "from max_pixels")
+
+
+def config_lines(run: subprocess.CompletedProcess) -> dict[str, tuple[str, str]]:
+    """`sdbridge config`'s lines as name -> (value, source comment)."""
+    assert run.returncode == 0, run.stderr
+    lines = {}
+    for line in run.stdout.splitlines():
+        setting, _, source = line.partition(" # ")
+        if "=" in setting:
+            name, _, value = setting.partition("=")
+            lines[name.strip()] = (value.strip(), source.strip())
+    return lines
 
 
 def test_the_daemon_takes_its_limits_from_the_file_and_flags_beat_it(library_daemon) -> None:

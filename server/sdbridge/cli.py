@@ -8,12 +8,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import __version__, protocol
-
-if TYPE_CHECKING:
-    from .settings import Settings
 
 
 def _tiny_present() -> bool:
@@ -124,7 +121,7 @@ def serve(args: argparse.Namespace) -> int:
             engine,
             outputs,
             address=settings.listen,
-            limits=_limits_for(settings, job_memory_bytes(engine.device)),
+            limits=settings.limits_for(job_memory_bytes(engine.device)),
             heartbeat_ms=args.heartbeat_ms,
             token=token,
         )
@@ -139,18 +136,6 @@ def serve(args: argparse.Namespace) -> int:
 
 
 _LIMIT_NAMES = tuple(protocol.Limits().to_dict())
-# Limits that follow from the device's memory unless the operator sets them.
-_MEMORY_LIMITS = ("max_pixels", "max_message_bytes")
-
-
-def _limits_for(settings: Settings, memory_bytes: int) -> protocol.Limits:
-    """The operator's limits, the others sized for a device of ``memory_bytes``."""
-    given = {
-        name: value
-        for name, value in settings.limits.to_dict().items()
-        if settings.sources[f"limits.{name}"] != "default"
-    }
-    return protocol.Limits.for_memory(memory_bytes, **given)
 
 
 def _add_limit_options(parser: argparse.ArgumentParser) -> None:
@@ -158,17 +143,19 @@ def _add_limit_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits (reported by hello; see docs/protocol.md)")
     for name, default in protocol.Limits().to_dict().items():
         # None: not given, so that the config file's value stands.
-        shown = "from the device's memory" if name in _MEMORY_LIMITS else default
+        shown = "from the device's memory" if name in protocol.MEMORY_LIMITS else default
         group.add_argument(
             f"--{name.replace('_', '-')}", type=int, metavar="N", help=f"default {shown}"
         )
 
 
 def show_config(args: argparse.Namespace) -> int:
+    import psutil  # not torch: `config` answers at once, and the RAM is what a CPU daemon has
+
     from .settings import SettingsError
 
     try:
-        print(_settings(args).render())
+        print(_settings(args).render(psutil.virtual_memory().total))
     except SettingsError as exc:
         print(f"sdbridge: {exc}", file=sys.stderr)
         return 2

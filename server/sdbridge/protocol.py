@@ -95,6 +95,10 @@ def message_bytes_for(max_pixels: int) -> int:
     return 2 * 4 * max_pixels + MESSAGE_MARGIN_BYTES
 
 
+# Limits that `Limits.for_memory` sizes from the device's memory unless the operator sets them.
+MEMORY_LIMITS = ("max_pixels", "max_message_bytes")
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for; reported by `hello` and enforced by `validate_request`.

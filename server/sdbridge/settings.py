@@ -114,16 +114,36 @@ class Settings:
         except KeyError:
             raise AttributeError(name) from None
 
-    def render(self) -> str:
-        """The effective configuration as TOML, each value commented with its source."""
+    def limits_for(self, memory_bytes: int) -> protocol.Limits:
+        """The operator's limits, the others sized for a device of `memory_bytes`."""
+        given = {
+            name: value
+            for name, value in self.limits.to_dict().items()
+            if self.sources[f"limits.{name}"] != "default"
+        }
+        return protocol.Limits.for_memory(memory_bytes, **given)
+
+    def render(self, ram_bytes: int) -> str:
+        """The effective configuration as TOML, each value commented with its source. The
+        limits a daemon sizes from its device's memory at start are shown for `ram_bytes`, the
+        memory of a daemon on this machine's CPU."""
         state = "" if self.file_found else " (not found: nothing read from it)"
         lines = [f"# config file: {self.path}{state}"]
         for option in options():
             value = self.values[option.name]
             lines.append(_line(option.name, value, self.sources[option.name]))
         lines += ["", "[limits]"]
-        for name, value in self.limits.to_dict().items():
-            lines.append(_line(name, value, self.sources[f"limits.{name}"]))
+        for name, value in self.limits_for(ram_bytes).to_dict().items():
+            source = self.sources[f"limits.{name}"]
+            if source == "default" and name in protocol.MEMORY_LIMITS:
+                if name == "max_message_bytes" and self.sources["limits.max_pixels"] != "default":
+                    source = "from max_pixels"
+                else:
+                    source = (
+                        "from the device's memory at start "
+                        f"(here for {ram_bytes / 2**30:.0f} GiB of RAM)"
+                    )
+            lines.append(_line(name, value, source))
         for model, table in self.models.items():
             lines += ["", f"[models.{_toml(model)}]"]
             for key, value in table.items():
