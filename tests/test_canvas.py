@@ -24,6 +24,7 @@ from sdbridge.canvas import (
     plan_area,
     plan_job,
     rgba_to_bgra,
+    unsaved_warning,
 )
 
 CANVAS = Extent(400, 300)
@@ -231,3 +232,13 @@ def test_canvas_needs_only_the_standard_library():
 
 def _raw(extent: Extent, rgba: tuple[int, int, int, int]) -> dict:
     return solid_image(extent.width, extent.height, rgba)
+
+
+def test_an_unsaved_result_warns_and_a_saved_one_does_not():
+    """The daemon could not save (full disk): the result has path nil and a warning; the
+    editors and the CLI show it instead of "Saved as None"."""
+    unsaved = {"images": [{"path": None}], "warning": "not saved: no space left on device"}
+    assert (
+        unsaved_warning(unsaved) == "The daemon's own copy was not saved: no space left on device."
+    )
+    assert unsaved_warning({"images": [{"path": "/out/00001-7.png"}], "warning": None}) is None

@@ -349,6 +349,9 @@ def paint(
         image, drawables, placement, canvas.layer_name(settings.prompt, image_map["seed"])
     )
     Gimp.displays_flush()
+    unsaved = canvas.unsaved_warning(result)
+    if unsaved:  # the layer holds the image; only the daemon's file is missing
+        Gimp.message(f"sdbridge: {unsaved}")
     return layer
 
 

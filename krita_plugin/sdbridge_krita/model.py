@@ -215,9 +215,10 @@ class Model(QObject):
         self.last_seed = seeds[0]
         self.last_seed_changed.emit(seeds[0])
         self.preview_changed.emit(qimage(images[0]))
-        saved = images[0].get("path", "")
+        unsaved = canvas.unsaved_warning(event)
+        saved = unsaved or f"Saved as {images[0]['path']}."
         if not job.document.is_open:
-            self.message_changed.emit(f"The image was closed; the result is in {saved}", True)
+            self.message_changed.emit(f"The image was closed; nothing was added. {saved}", True)
             return
         try:
             placements = [canvas.place_result(image, job.plan) for image in images]
@@ -228,4 +229,4 @@ class Model(QObject):
         group = f"{names[0]} ×{len(names)}"
         job.document.add_layers(placements, names, group)
         added = names[0] if len(names) == 1 else f"{len(names)} layers in '{group}'"
-        self.message_changed.emit(f"Added {added}. Saved as {saved}", False)
+        self.message_changed.emit(f"Added {added}. {saved}", unsaved is not None)

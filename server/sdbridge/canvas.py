@@ -290,3 +290,10 @@ def layer_name(prompt: str, seed: int, max_chars: int = 40) -> str:
     if len(text) > max_chars:
         text = text[: max_chars - 1].rstrip() + "…"
     return f"{text} ({seed})"
+
+
+def unsaved_warning(result: dict[str, Any]) -> str | None:
+    """A sentence for the user when the daemon could not save a `result`'s images (a full or
+    read-only output folder: its `path` is nil, the image came back all the same), else None."""
+    warning = result.get("warning")
+    return f"The daemon's own copy was {warning}." if warning else None

@@ -190,6 +190,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 def generate(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .canvas import unsaved_warning
     from .client import Client, ClientError, JobCancelled, JobFailed
     from .outputs import encode_png, write_atomically
 
@@ -262,8 +263,9 @@ def generate(args: argparse.Namespace) -> int:
             return 1
         copy = f"saved by the daemon as {image['path']}" if image["path"] else "no daemon copy"
         print(f"{path}  (seed {image['seed']}, {copy})")
-    if result["warning"]:
-        print(f"sdbridge: the daemon's own copy was {result['warning']}", file=sys.stderr)
+    unsaved = unsaved_warning(result)
+    if unsaved:
+        print(f"sdbridge: {unsaved}", file=sys.stderr)
     return 0
 
 
