@@ -31,6 +31,7 @@ LIMITS = {
     "max_connections": 16,
 }
 LONG = {"prompt": "slow", "num_inference_steps": 100, "width": 8, "height": 8}
+PORTRAIT = raw_image(np.zeros((64, 32, 3), np.uint8))  # 2048 pixels, max_pixels exactly
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,10 @@ def test_a_daemon_without_limit_settings_sizes_images_for_its_devices_memory(dae
         ({"num_inference_steps": 101}, "num_inference_steps", "1..100"),
         ({"width": 65}, "width", "8..64"),
         ({"width": 64, "height": 64}, "width", "at most 2048 pixels"),
+        # A side left out counts as it will be: the init image's, or the model's (64).
+        ({"width": 40, "init_image": PORTRAIT}, "width", "40x64 is more (height 64: the init"),
+        ({"width": 40}, "width", "40x64 is more (height 64: the model's native size)"),
+        ({"height": 40, "exact_size": True}, "height", "64x40 is more (width 64: the model's"),
         ({"num_images": 2}, "num_images", "1..1"),
         ({"prompt": "eleven char"}, "prompt", "longer than 10 characters"),
         ({"negative_prompt": "x" * 11}, "negative_prompt", "longer than 10 characters"),
@@ -205,3 +210,20 @@ def test_an_oversized_message_is_dropped_by_zeromq_and_the_daemon_serves_on(
 def test_a_bad_limit_is_refused_at_start() -> None:
     run = sdbridge("serve", "--max-queue", "0", "--model", "x", env={})
     assert run.returncode == 2 and "max_queue must be a positive integer" in run.stderr
+
+
+def test_a_model_loaded_for_the_job_is_checked_at_its_own_native_size(
+    library: Path, daemon_factory
+) -> None:
+    """Not resident when the job comes, the model's native size (64) is known once it loads."""
+    daemon = daemon_factory("--models-dir", str(library / "models"), "--max-pixels", "2048")
+    peer = Peer(daemon.address)
+    try:
+        events = peer.generate(prompt="ok", model="tiny-sd-turbo", width=40)
+    finally:
+        peer.close()
+    assert events[0]["event"] == "accepted"
+    refused = events[-1]
+    assert refused["event"] == "error", refused
+    assert (refused["code"], refused["field"]) == ("out_of_range", "width")
+    assert "40x64 is more (height 64: the model's native size)" in refused["message"]

@@ -334,7 +334,7 @@ class Daemon:
         else:
             request = protocol.validate_generate(message, self.limits)
             try:
-                self.engine.check(request)
+                self.engine.check(request, self.limits.max_pixels)
             except ProtocolError as error:
                 unknown = error.code in (ErrorCode.UNKNOWN_MODEL, ErrorCode.UNKNOWN_LORA)
                 if rescanned or not unknown:
@@ -561,7 +561,12 @@ class Daemon:
         saved: list[SavedImage] = []
         try:
             images = self.engine.run(
-                job.request, on_progress, on_preview, job.cancelled.is_set, on_loading
+                job.request,
+                on_progress,
+                on_preview,
+                job.cancelled.is_set,
+                on_loading,
+                max_pixels=self.limits.max_pixels,
             )
             result, saved = self._result(job, images, time.perf_counter() - start)
             emit(result, terminal=True)

@@ -314,9 +314,11 @@ class Engine:
         self.registry.refresh()
         self.loras.refresh()
 
-    def check(self, request: GenerateRequest) -> None:
-        """Refuse names that no listed model, scheduler or LoRA has, before the job is queued.
-        A lookup in the current listings only: it never rescans (`rescan` does)."""
+    def check(self, request: GenerateRequest, max_pixels: int | None = None) -> None:
+        """Refuse names that no listed model, scheduler or LoRA has, before the job is queued,
+        and a result over `max_pixels` at a resident model's native size (`run` checks it for
+        the model it gets). A lookup in the current listings only: it never rescans (`rescan`
+        does)."""
         if request.model is not None and self.registry.get(request.model) is None:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_MODEL,
@@ -336,6 +338,11 @@ class Engine:
                 f"unknown lora {missing[0]!r}; the models op lists them",
                 "loras",
             )
+        if max_pixels is not None:
+            with self._lock:
+                resident = self._loaded.get(request.model or self.model)
+            if resident is not None:
+                request.check_size(max_pixels, resident.native_size)
 
     def plan(self, request: GenerateRequest, defaults: JobDefaults) -> JobPlan:
         preset = lora_preset([lora.name for lora in request.loras])
@@ -384,12 +391,14 @@ class Engine:
         on_preview: PreviewCallback,
         should_cancel: Callable[[], bool],
         on_loading: Callable[[str], None] | None = None,
+        max_pixels: int | None = None,
     ) -> list[GeneratedImage]:
+        """`max_pixels`: the daemon's limit on the result's size (None: none)."""
         model = self.activate(request.model or self.model, on_loading)
+        if max_pixels is not None:  # the model may differ from the one `check` saw
+            request.check_size(max_pixels, model.native_size)
         plan = self.plan(request, model.defaults)
-        width = request.width or (request.init_image.width if request.init_image else None)
-        height = request.height or (request.init_image.height if request.init_image else None)
-        width, height = width or model.native_size, height or model.native_size
+        width, height = request.output_size(model.native_size)
         if request.exact_size:  # only the VAE's factor remains a constraint
             first = dataclasses.replace(model.sizes, multiple=8).round(width, height)
         else:

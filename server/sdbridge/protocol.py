@@ -349,6 +349,31 @@ class GenerateRequest:
             return "txt2img"
         return "inpaint" if self.mask_image is not None else "img2img"
 
+    def output_size(self, native_size: int) -> tuple[int, int]:
+        """The result's size: as asked, else the init image's, else the model's native size
+        (0: not known yet)."""
+        init = self.init_image
+        return (
+            self.width or (init.width if init else native_size),
+            self.height or (init.height if init else native_size),
+        )
+
+    def check_size(self, max_pixels: int, native_size: int = 0) -> None:
+        """Refuse a result over `max_pixels`, a side left out counting as it will be (the init
+        image's, the model's); `native_size` 0 (at validation): sides it gives go unchecked."""
+        width, height = self.output_size(native_size)
+        if not (width and height) or width * height <= max_pixels:
+            return
+        source = "the init image's" if self.init_image else "the model's native size"
+        sides = (("width", self.width, width), ("height", self.height, height))
+        taken = [f"{name} {side}: {source}" for name, asked, side in sides if asked is None]
+        raise ProtocolError(
+            ErrorCode.OUT_OF_RANGE,
+            f"width x height must be at most {max_pixels} pixels; {width}x{height} is more"
+            + (f" ({', '.join(taken)})" if taken else ""),
+            "height" if self.height and not self.width else "width",
+        )
+
 
 COMMON_FIELDS = frozenset({"v", "op", "id"})
 OP_FIELDS: dict[str, frozenset[str]] = {
@@ -464,12 +489,6 @@ def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateReques
     for name, side in (("width", width), ("height", height)):
         if side is not None:
             _check_range(name, side, 8, limits.max_side)
-    if width is not None and height is not None and width * height > limits.max_pixels:
-        raise ProtocolError(
-            ErrorCode.OUT_OF_RANGE,
-            f"width x height must be at most {limits.max_pixels} pixels",
-            "width",
-        )
     num_images = _get(message, "num_images", int, 1)
     _check_range("num_images", num_images, 1, limits.max_images)
     preview_every = _get(message, "preview_every", int, 0)
@@ -505,7 +524,7 @@ def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateReques
         raise ProtocolError(
             ErrorCode.MISSING_FIELD, "strength below 1 needs an init_image", "init_image"
         )
-    return GenerateRequest(
+    request = GenerateRequest(
         prompt=prompt,
         negative_prompt=negative,
         num_inference_steps=steps,
@@ -525,6 +544,8 @@ def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateReques
         exact_size=exact_size,
         refine_strength=refine_strength,
     )
+    request.check_size(limits.max_pixels)  # the model's native size is the engine's to check
+    return request
 
 
 def _name(message: dict[str, Any], field_name: str) -> str | None:
