@@ -45,6 +45,8 @@ RESULT_SENT_WAIT_S = 1.0
 # Folder rescans (the `models` op, a name not in the last scan) run at most this often; requests
 # in between are answered from the last scan.
 RESCAN_INTERVAL_S = 1.0
+# How long a closed connection's routing id is remembered: its last messages are read by then.
+DEPARTED_MEMORY_S = 10.0
 # Messages handled per turn of the main loop before it looks at its other sockets again.
 RECEIVE_BATCH = 64
 CAPABILITIES = ["txt2img", "img2img", "inpaint", "preview", "cancel", "png", "models", "loras"]
@@ -132,6 +134,9 @@ class Daemon:
         # events name it) until its last job ends.
         self.connections: dict[int, Connection] = {}
         self._serials = iter(range(1, 2**63))
+        # Routing ids of recently closed connections (in order of closing): their messages may
+        # still be read after their descriptor went to a new connection.
+        self._departed: dict[bytes, float] = {}
         # Jobs by (connection serial, id); the queue holds the ones not yet started. Both, and
         # `current` and `progress`, under one lock shared with the worker.
         self.lock = threading.Condition()
@@ -197,6 +202,11 @@ class Daemon:
         if connection is None:
             return
         connection.open = False
+        if connection.routing_id is not None:
+            now = time.monotonic()
+            self._departed[connection.routing_id] = now
+            while now - next(iter(self._departed.values())) > DEPARTED_MEMORY_S:
+                del self._departed[next(iter(self._departed))]
         with self.lock:
             dropped = self.queue.drop(connection.serial)
             for job in dropped:
@@ -273,6 +283,14 @@ class Daemon:
             connection = self._connection_of(frames)
             if connection is None:
                 continue
+            if not _generated(connection.routing_id):
+                # libzmq's own ids are unique; a chosen one could be a departed client's.
+                refusal = ProtocolError(
+                    ErrorCode.BAD_MESSAGE,
+                    "the daemon takes no client-chosen ZeroMQ routing id: set no ROUTING_ID",
+                )
+                self._send(connection, protocol.error_event(None, refusal))
+                continue
             body = frames[1:]
             message: dict[str, Any] = {}
             try:
@@ -294,13 +312,14 @@ class Daemon:
         if connection is None:  # its monitor event is late: libzmq sends it before the message
             self._watch_connections()
             connection = self.connections.get(fd)
-        if connection is None:
-            log.warning("dropped a message from a connection the monitor never reported")
+        if connection is None:  # sent just before its connection closed: no one to answer
             return None
         if connection.routing_id is None:
+            if routing_id in self._departed:  # a closed one's, read after its descriptor's reuse
+                return None
             connection.routing_id = routing_id
             connection.address = frames[-1].get("Peer-Address") or ""
-        elif connection.routing_id != routing_id:  # a closed connection's, on a reused descriptor
+        elif connection.routing_id != routing_id:
             return None
         return connection
 
@@ -475,7 +494,8 @@ class Daemon:
         self.router.disable_monitor()
         for socket in (self.router, self.monitor, self.events_in, self.rescanned_in, self.zap):
             socket.close(linger=1000 if socket is self.router else 0)
-        if not self.worker.is_alive():  # else its socket is open and term() would wait for it
+        # A thread still running holds a socket open, and term() would wait for it.
+        if not self.worker.is_alive() and not self.scanner.is_alive():
             self.context.term()
 
     # --- scanner thread ----------------------------------------------------------------------
@@ -621,3 +641,8 @@ class Daemon:
             warning=next((image.warning for image in saved if image.warning), None),
         )
         return result, saved
+
+
+def _generated(routing_id: bytes | None) -> bool:
+    """Whether libzmq's ROUTER made this routing id (a zero byte, then a 32-bit counter)."""
+    return routing_id is not None and len(routing_id) == 5 and routing_id[0] == 0
