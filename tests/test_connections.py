@@ -9,10 +9,12 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import zmq
-from helpers import DaemonProcess, Peer, wait_until
+from helpers import DaemonProcess, Peer, ask, wait_until
 
+from sdbridge import protocol
 from sdbridge.client import Client
 from sdbridge.zmtp import ZmtpConnection, ZmtpError
 
@@ -194,15 +196,22 @@ def test_a_flood_of_rescans_does_not_stall_other_clients(daemon_factory, tmp_pat
     sent = [0] * 8
 
     def flood(kind: int) -> None:
+        """Keeps 20 requests in flight: a new one for each answer."""
         peer = Peer(daemon.address)
+
+        def one() -> None:
+            sent[kind] += 1
+            if kind % 2:
+                peer.send("models")
+            else:
+                peer.send("generate", prompt="x", model="not-downloaded-yet")
+
         try:
+            for _ in range(20):
+                one()
             while not stop.is_set():
-                sent[kind] += 1
-                if kind % 2:
-                    peer.send("models")
-                else:
-                    peer.send("generate", prompt="x", model="not-downloaded-yet")
-                peer.drain(0)
+                if peer.drain(100):
+                    one()
         finally:
             peer.close()
 
@@ -212,7 +221,8 @@ def test_a_flood_of_rescans_does_not_stall_other_clients(daemon_factory, tmp_pat
     watcher = Peer(daemon.address)
     try:
         round_trips = []
-        for _ in range(40):
+        watch_until = time.monotonic() + 5
+        while time.monotonic() < watch_until:
             asked = time.monotonic()
             watcher.answer("status")
             round_trips.append(time.monotonic() - asked)
@@ -230,3 +240,28 @@ def test_a_flood_of_rescans_does_not_stall_other_clients(daemon_factory, tmp_pat
         f"301-model folder; status round trip median {statistics.median(round_trips) * 1000:.0f}"
         f" ms, slowest {max(round_trips) * 1000:.0f} ms"
     )
+
+
+def test_a_client_that_floods_without_reading_is_cut_off_and_the_daemon_lives_on(
+    daemon_factory,
+) -> None:
+    # Heartbeats every 200 ms: libzmq 4.3 aborts the process when one fires on a connection
+    # whose full receive queue's peer has hung up, unless that queue is never full.
+    daemon = daemon_factory("--heartbeat-ms", "200")
+    memory = psutil.Process(daemon.process.pid)
+    idle = memory.memory_info().rss
+    flooder = ZmtpConnection.connect(daemon.address, timeout=10)
+    request = protocol.pack({"v": 1, "op": "status", "id": "s"})
+    sent = 0
+    with pytest.raises(ZmtpError):  # the daemon shuts the connection down under it
+        while sent < 2_000_000:
+            flooder.send([request])
+            sent += 1
+    flooder.close()
+    time.sleep(1.0)  # several heartbeats
+    assert daemon.process.poll() is None
+    assert ask(daemon.address, {"v": 1, "op": "hello", "id": "h"})["event"] == "hello"
+    assert "over 2000 messages a second" in daemon.log()
+    grown = memory.memory_info().rss - idle
+    assert grown < 256 * 2**20
+    print(f"\nflood without reading: cut off after {sent} messages, daemon RSS +{grown >> 20} MiB")

@@ -57,7 +57,7 @@ def _load_every_png(folder: Path) -> list[Path]:
 
 @pytest.mark.parametrize("moment", ["first_image_on_disk", "next_image_being_written"])
 def test_a_daemon_killed_while_saving_leaves_only_whole_images(daemon_factory, moment) -> None:
-    daemon = daemon_factory()
+    daemon = daemon_factory("--max-pixels", str(2048 * 2048))  # over what 24 GiB gives
     peer = Peer(daemon.address)
     # 3 raw images of 2048x2048: each written stored, 16 MiB a file.
     peer.send("generate", prompt="a big picture", width=2048, height=2048, num_images=3,

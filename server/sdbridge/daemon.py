@@ -15,10 +15,13 @@ connection limit) before they can send anything.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
+import os
 import queue
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,6 +52,9 @@ RESCAN_INTERVAL_S = 1.0
 DEPARTED_MEMORY_S = 10.0
 # Messages handled per turn of the main loop before it looks at its other sockets again.
 RECEIVE_BATCH = 64
+# More messages than this in a second from one connection: no editor sends that many; the
+# connection is closed (the daemon's memory would follow a faster sender, RCVHWM below).
+MAX_MESSAGES_PER_S = 2000
 CAPABILITIES = ["txt2img", "img2img", "inpaint", "preview", "cancel", "png", "models", "loras"]
 # libzmq asks the socket bound here (in the same context) to admit each new connection (RFC 27).
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -68,6 +74,9 @@ class Connection:
     routing_id: bytes | None = None
     address: str = ""
     open: bool = True
+    # Messages in the current one-second window, for the flood guard.
+    window_start: float = 0.0
+    window_count: int = 0
 
 
 @dataclass(eq=False)
@@ -157,8 +166,8 @@ class Daemon:
         self.worker.start()
         self.scanner.start()
         poller = zmq.Poller()
-        for socket in (self.router, self.events_in, self.zap, self.monitor, self.rescanned_in):
-            poller.register(socket, zmq.POLLIN)
+        for listened in (self.router, self.events_in, self.zap, self.monitor, self.rescanned_in):
+            poller.register(listened, zmq.POLLIN)
         log.info("listening on %s%s", self.address, " (token required)" if self.token else "")
         while not self.stopping.is_set():
             ready = dict(poller.poll(200))
@@ -281,7 +290,7 @@ class Daemon:
             except zmq.Again:
                 return
             connection = self._connection_of(frames)
-            if connection is None:
+            if connection is None or self._flooding(connection):
                 continue
             if not _generated(connection.routing_id):
                 # libzmq's own ids are unique; a chosen one could be a departed client's.
@@ -303,6 +312,29 @@ class Daemon:
                 self._handle(connection, message)
             except Exception as exc:  # a bug handling one message must not take the daemon down
                 self._refuse(connection, message, exc)
+
+    def _flooding(self, connection: Connection) -> bool:
+        """Count the message; a connection sending more than any editor would is cut off.
+
+        libzmq reads every connection as fast as it can (see RCVHWM above), so a client that
+        sends faster than the daemon answers would otherwise fill its memory."""
+        now = time.monotonic()
+        if now - connection.window_start >= 1.0:
+            connection.window_start, connection.window_count = now, 0
+        connection.window_count += 1
+        if connection.window_count <= MAX_MESSAGES_PER_S:
+            return False
+        log.warning(
+            "disconnected a client from %s: over %d messages a second",
+            connection.address,
+            MAX_MESSAGES_PER_S,
+        )
+        # Shutting the socket down makes libzmq see the peer gone and close its side cleanly;
+        # closing the descriptor under it would not. Its queued messages are then stale.
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(connection.fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+        self._close_connection(connection.fd)
+        return True
 
     def _connection_of(self, frames: list[zmq.Frame]) -> Connection | None:
         """The connection a message came in on; None for a stale message of a closed one."""
@@ -492,8 +524,8 @@ class Daemon:
         self.scanner.join(timeout=5)
         self._forward_events()
         self.router.disable_monitor()
-        for socket in (self.router, self.monitor, self.events_in, self.rescanned_in, self.zap):
-            socket.close(linger=1000 if socket is self.router else 0)
+        for closing in (self.router, self.monitor, self.events_in, self.rescanned_in, self.zap):
+            closing.close(linger=1000 if closing is self.router else 0)
         # A thread still running holds a socket open, and term() would wait for it.
         if not self.worker.is_alive() and not self.scanner.is_alive():
             self.context.term()
