@@ -50,6 +50,8 @@ RESULT_SENT_WAIT_S = 1.0
 RESCAN_INTERVAL_S = 1.0
 # How long a closed connection's routing id is remembered: its last messages are read by then.
 DEPARTED_MEMORY_S = 10.0
+# Refused connections (max_connections) are logged at most this often.
+FULL_LOG_INTERVAL_S = 60.0
 # Messages handled per turn of the main loop before it looks at its other sockets again.
 RECEIVE_BATCH = 64
 # More messages than this in a second from one connection: no editor sends that many; the
@@ -112,6 +114,7 @@ class Daemon:
         self.limits = limits or Limits()
         self.token = token
         self.logins = LoginGuard()
+        self._full_logged_at = float("-inf")
         # A context of its own: the ZAP endpoint is one per context.
         self.context = zmq.Context()
         # Bound before the ROUTER, so no peer can connect before admission is in place.
@@ -250,11 +253,14 @@ class Daemon:
                 self.logins.refused(address)
             status = (ZAP_REFUSED, b"wrong token")
         elif len(self.connections) > self.limits.max_connections:  # this one counted too
-            log.warning(
-                "refused a peer from %s: %d connections already",
-                address,
-                self.limits.max_connections,
-            )
+            now = time.monotonic()
+            if now - self._full_logged_at >= FULL_LOG_INTERVAL_S:  # a storm logs a line a minute
+                self._full_logged_at = now
+                log.warning(
+                    "refusing connections (from %s, ...): %d open already (max_connections)",
+                    address,
+                    self.limits.max_connections,
+                )
             status = (ZAP_FULL, b"too many connections")
         else:
             status = (ZAP_OK, b"OK")
