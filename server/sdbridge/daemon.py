@@ -470,33 +470,38 @@ class Daemon:
         )
 
     def _submit(self, connection: Connection, rid: str, request: GenerateRequest) -> None:
+        # The cheap refusals first: decoding its images can take a while. Only this thread
+        # adds jobs, so there is still room after the decode.
+        with self.lock:
+            self._check_room(connection, rid)
         check_images(request)  # its PNGs decode, before `accepted`
         with self.lock:
-            if (connection.serial, rid) in self.jobs:
-                raise ProtocolError(
-                    ErrorCode.DUPLICATE_ID, f"a job with id {rid!r} is still live", "id"
-                )
-            # Live jobs count, queued or running, of every connection from the same address:
-            # one client cannot hold the daemon alone by opening more connections.
-            mine = sum(
-                1 for job in self.jobs.values() if job.connection.address == connection.address
-            )
-            if mine >= self.limits.max_queue_per_client:
-                raise ProtocolError(
-                    ErrorCode.BUSY,
-                    f"your address already has {mine} live jobs, the most allowed "
-                    f"(max_queue_per_client); wait for one to finish",
-                )
-            if len(self.queue) >= self.limits.max_queue:
-                raise ProtocolError(
-                    ErrorCode.BUSY,
-                    f"the queue is full ({self.limits.max_queue} jobs); try again later",
-                )
             job = Job(connection, rid, request)
             self.jobs[job.key] = job
             position = self.queue.push(connection.serial, job) + (1 if self.current else 0)
             self.lock.notify_all()
         self._send(connection, protocol.event("accepted", rid, position=position))
+
+    def _check_room(self, connection: Connection, rid: str) -> None:
+        """Refuse a duplicate id, or a job over the queue's limits (under the lock)."""
+        if (connection.serial, rid) in self.jobs:
+            raise ProtocolError(
+                ErrorCode.DUPLICATE_ID, f"a job with id {rid!r} is still live", "id"
+            )
+        # Live jobs count, queued or running, of every connection from the same address:
+        # one client cannot hold the daemon alone by opening more connections.
+        mine = sum(1 for job in self.jobs.values() if job.connection.address == connection.address)
+        if mine >= self.limits.max_queue_per_client:
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                f"your address already has {mine} live jobs, the most allowed "
+                f"(max_queue_per_client); wait for one to finish",
+            )
+        if len(self.queue) >= self.limits.max_queue:
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                f"the queue is full ({self.limits.max_queue} jobs); try again later",
+            )
 
     def _cancel(self, connection: Connection, rid: str, job_id: str) -> None:
         with self.lock:
