@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import struct
 import threading
 import time
 from pathlib import Path
@@ -265,3 +266,28 @@ def test_a_client_that_floods_without_reading_is_cut_off_and_the_daemon_lives_on
     grown = memory.memory_info().rss - idle
     assert grown < 256 * 2**20
     print(f"\nflood without reading: cut off after {sent} messages, daemon RSS +{grown >> 20} MiB")
+
+
+def test_half_sent_messages_pin_at_most_max_connections_times_max_message_bytes(
+    daemon_factory,
+) -> None:
+    # 1 MP images make 9 MiB messages; 4 connections may hold one half-sent message each.
+    daemon = daemon_factory("--max-pixels", str(1 << 20), "--max-connections", "4")
+    message_bytes = protocol.message_bytes_for(1 << 20)
+    memory = psutil.Process(daemon.process.pid)
+    idle = memory.memory_info().rss
+    stalled = []
+    for _ in range(4):
+        connection = ZmtpConnection.connect(daemon.address, timeout=10)
+        # A LONG frame announcing the largest message, 90% of it sent, then nothing more.
+        header = bytes([0x02]) + struct.pack(">Q", message_bytes)
+        connection._sock.sendall(header + bytes(message_bytes * 9 // 10))
+        stalled.append(connection)
+    with pytest.raises(ZmtpError, match="too many connections"):
+        ZmtpConnection.connect(daemon.address, timeout=10)
+    time.sleep(1.0)  # let the daemon read what was sent
+    pinned = memory.memory_info().rss - idle
+    assert pinned <= 4 * message_bytes + 64 * 2**20, pinned >> 20
+    for connection in stalled:
+        connection.close()
+    print(f"\nhalf-sent messages: 4 connections x {message_bytes >> 20} MiB, +{pinned >> 20} MiB")
