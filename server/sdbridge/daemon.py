@@ -38,6 +38,7 @@ from .outputs import OutputFolder, SavedImage, rgba_bytes
 from .protocol import ErrorCode, GenerateRequest, Limits, ProtocolError
 from .schedulers import SAMPLERS
 from .security import LoginGuard
+from .zmtp import ZAP_FULL_REASON
 
 log = logging.getLogger("sdbridge.daemon")
 
@@ -62,7 +63,7 @@ CAPABILITIES = ["txt2img", "img2img", "inpaint", "preview", "cancel", "png", "mo
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"sdbridge"
 # ZAP answers: 400 is "wrong credentials"; 500 here means "not now: too many connections".
-ZAP_OK, ZAP_REFUSED, ZAP_FULL = b"200", b"400", b"500"
+ZAP_OK, ZAP_REFUSED, ZAP_FULL = b"200", b"400", ZAP_FULL_REASON.encode()
 MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 
 

@@ -48,9 +48,8 @@ _PLAIN = b"PLAIN"
 _SOCKET_TYPE = b"DEALER"
 # libzmq 4.3.5's PLAIN server sends ERROR without its name's length byte: `^RROR` + reason.
 _LIBZMQ_PLAIN_ERROR = b"^RROR"
-# The reason an sdbridge daemon refuses a connection for (a ZAP status code): too many open.
+# The ERROR reason (a ZAP status code) of an sdbridge daemon with too many connections open.
 ZAP_FULL_REASON = "500"
-_FULL_MESSAGE = "the daemon has too many connections open (limits.max_connections); try again later"
 _PEER_SOCKET_TYPE = b"ROUTER"
 # Without this a write to a closed peer raises SIGPIPE in hosts that do not ignore it (Python
 # does, but an embedding editor may not).
@@ -71,6 +70,14 @@ class ZmtpAuthError(ZmtpError):
         super().__init__(message)
         self.refused = refused
         self.mechanism = mechanism
+
+
+def _raise_if_full(reason: str) -> None:
+    """An ERROR for too many connections is no refusal of the credentials: retry later."""
+    if reason == ZAP_FULL_REASON:
+        raise ZmtpError(
+            "the daemon has too many connections open (limits.max_connections); try again later"
+        )
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -233,8 +240,7 @@ class ZmtpConnection:
                 raise ZmtpAuthError(refusal, refused=True) from exc
             if name == b"ERROR":
                 reason = self._error_reason(data)
-                if reason == ZAP_FULL_REASON:
-                    raise ZmtpError(_FULL_MESSAGE)
+                _raise_if_full(reason)
                 raise ZmtpAuthError(f"the peer refused the credentials: {reason}", refused=True)
             if name != b"WELCOME":
                 raise ZmtpError(f"expected WELCOME from the peer, got {name!r}")
@@ -244,8 +250,7 @@ class ZmtpConnection:
         name, data = self._read_command()
         if name == b"ERROR":
             reason = self._error_reason(data)
-            if reason == ZAP_FULL_REASON:
-                raise ZmtpError(_FULL_MESSAGE)
+            _raise_if_full(reason)
             raise ZmtpError(f"the peer refused the handshake: {reason}")
         if name != b"READY":
             raise ZmtpError(f"expected READY from the peer, got {name!r}")
