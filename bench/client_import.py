@@ -12,7 +12,7 @@ import psutil
 
 from bench.common import CACHE, REPO, Stats, parser, report, start_daemon, table
 
-# Runs in a fresh interpreter: the cost of `import sdbridge.client` on top of a bare Python.
+# Runs in a fresh interpreter: the cost of `import sdbridge.wire.client` on top of a bare Python.
 PROBE = """
 import json, os, sys, time
 def rss_kib():
@@ -20,7 +20,7 @@ def rss_kib():
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 before = rss_kib()
 start = time.perf_counter()
-import sdbridge.client
+import sdbridge.wire.client
 elapsed = time.perf_counter() - start
 after = rss_kib()
 heavy = sorted(m for m in ("numpy", "torch", "PIL", "zmq", "diffusers") if m in sys.modules)
@@ -39,7 +39,7 @@ def probe() -> dict:
 def idle_rss(settle_s: float) -> tuple[str, float, float]:
     """The daemon with its default model (no --model): RSS once ready, and after one job."""
     from sdbridge import tiny
-    from sdbridge.client import Client
+    from sdbridge.wire.client import Client
 
     if not (tiny.MODEL_DIR / "model_index.json").is_file():
         return "the embedded model is not trained yet", float("nan"), float("nan")
@@ -64,7 +64,7 @@ def main() -> None:
     probe()  # warms the page cache and the bytecode cache
     runs = [probe() for _ in range(args.repeats)]
     heavy = sorted({m for run in runs for m in run["heavy"]})
-    assert not heavy, f"importing sdbridge.client loaded {heavy}"
+    assert not heavy, f"importing sdbridge.wire.client loaded {heavy}"
     seconds = Stats.of([run["s"] for run in runs])
     memory = Stats.of([run["kib"] / 1024 for run in runs])
     name, ready, after_job = idle_rss(0.5 if args.quick else 2.0)
@@ -72,7 +72,7 @@ def main() -> None:
     table(
         ["what", "value"],
         [
-            ["import sdbridge.client, ms", seconds.show(1e3, 1)],
+            ["import sdbridge.wire.client, ms", seconds.show(1e3, 1)],
             ["its memory (RSS growth), MiB", memory.show(1, 1)],
             ["modules loaded in all", runs[0]["n"]],
             ["numpy / torch / PIL / zmq loaded", "none"],

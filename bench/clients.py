@@ -37,8 +37,8 @@ from bench.common import (
     start_daemon,
     table,
 )
-from sdbridge import protocol
-from sdbridge.zmtp import ZmtpConnection, ZmtpError
+from sdbridge.wire import protocol
+from sdbridge.wire.zmtp import ZmtpConnection, ZmtpError
 
 PARTS = ["fairness", "clients", "batching"]
 # How long a connection keeps listening after its last terminal event for a stray second one.

@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from bench.common import CACHE, PROMPT, REPO, quiet, report, table
 from bench.unet import sd15_unet
-from sdbridge import acceleration
+from sdbridge.daemon import acceleration
 
 # H100 SXM dense fp16/bf16 tensor-core peak (NVIDIA's datasheet, without sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}

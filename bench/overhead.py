@@ -31,7 +31,7 @@ from bench.common import (
     start_daemon,
     table,
 )
-from sdbridge.client import Client
+from sdbridge.wire.client import Client
 
 SEED = 1234
 

@@ -18,7 +18,7 @@ from bench.common import (
     start_daemon,
     table,
 )
-from sdbridge.client import Client
+from sdbridge.wire.client import Client
 
 
 def timed_job(client: Client, steps: int, preview_every: int, seed: int) -> dict[str, float]:

@@ -90,10 +90,10 @@ def bf16_weights(unet: UNet2DConditionModel) -> Step:
 
 
 def engine(mode: str) -> Callable[[UNet2DConditionModel], Step]:
-    """The engine's own path: `sdbridge.acceleration` as the daemon applies it at load time."""
+    """The engine's own path: `sdbridge.daemon.acceleration`, applied as at load time."""
 
     def build(unet: UNet2DConditionModel) -> Step:
-        from sdbridge import acceleration
+        from sdbridge.daemon import acceleration
 
         return plain(acceleration.accelerate_unet(copy.deepcopy(unet), mode))
 

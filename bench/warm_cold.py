@@ -22,8 +22,8 @@ from bench.common import (
     start_daemon,
     table,
 )
-from sdbridge.client import Client
-from sdbridge.protocol import ADDRESS_ENV
+from sdbridge.wire.client import Client
+from sdbridge.wire.protocol import ADDRESS_ENV
 
 
 def timed(command: list[str]) -> float:

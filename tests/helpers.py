@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from sdbridge import protocol
+from sdbridge.wire import protocol
 
 READY_TIMEOUT = 120.0
 TIMEOUT = 60.0  # for one job of the tiny test model, on a loaded 2-core machine

@@ -7,7 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from pipelines import build_unet
 
-from sdbridge import acceleration
+from sdbridge.daemon import acceleration
 
 
 def _unet() -> UNet2DConditionModel:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from helpers import Peer, raw_image, result_image
 
-from sdbridge import protocol
+from sdbridge.wire import protocol
 
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 8, "seed": 42}
 

@@ -9,7 +9,7 @@ from types import FrameType
 import pytest
 from helpers import solid_image
 
-from sdbridge.canvas import (
+from sdbridge.editor.canvas import (
     Bounds,
     Extent,
     JobPlan,
@@ -151,7 +151,7 @@ def test_a_soft_selection_mask_keeps_its_values():
 
 
 def test_generated_fields_pass_the_daemons_validation():
-    from sdbridge import protocol
+    from sdbridge.wire import protocol
 
     settings = Settings("a cat", "blurry", 8, 5.0, 0.6, 3, 2, None, 2)
     modes = []
@@ -217,7 +217,7 @@ def test_layer_name_has_prompt_and_seed_on_one_short_line():
 
 def test_canvas_needs_only_the_standard_library():
     # The editors' Pythons have no numpy/PIL: import the file with site-packages switched off.
-    path = Path(__file__).parents[1] / "server" / "sdbridge" / "canvas.py"
+    path = Path(__file__).parents[1] / "server" / "sdbridge" / "editor" / "canvas.py"
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('canvas', {str(path)!r})\n"

@@ -1,4 +1,4 @@
-"""The pure-Python client (sdbridge.client) against libzmq ROUTERs: a scripted one and the daemon.
+"""The pure-Python client (sdbridge.wire.client) against libzmq ROUTERs: scripted and real.
 
 The scripted ROUTER (pyzmq, with heartbeats on) makes connection failures, restarts and exact
 event sequences cheap to produce; the tests at the end run against the real daemon.
@@ -22,8 +22,8 @@ import pytest
 import zmq
 from helpers import Peer, free_port, wait_until
 
-from sdbridge import protocol
-from sdbridge.client import (
+from sdbridge.wire import protocol
+from sdbridge.wire.client import (
     Client,
     ClientError,
     ClientTimeout,
@@ -33,7 +33,7 @@ from sdbridge.client import (
     JobEvent,
     JobFailed,
 )
-from sdbridge.protocol import Image
+from sdbridge.wire.protocol import Image
 
 SERVER_DIR = Path(__file__).resolve().parents[1] / "server"
 PROGRESS_STEPS = 3
@@ -518,9 +518,9 @@ def run_blocked(code: str, blocked: set[str]) -> str:
 
 @pytest.mark.parametrize("compiled_msgpack", [True, False])
 def test_plugin_modules_import_without_compiled_packages(compiled_msgpack: bool) -> None:
-    modules = ["sdbridge.protocol", "sdbridge.zmtp", "sdbridge.client"]
+    modules = ["sdbridge.wire.protocol", "sdbridge.wire.zmtp", "sdbridge.wire.client"]
     if (SERVER_DIR / "sdbridge" / "canvas.py").exists():
-        modules.append("sdbridge.canvas")
+        modules.append("sdbridge.editor.canvas")
     blocked = BLOCKED_PACKAGES | (set() if compiled_msgpack else {"msgpack._cmsgpack"})
     code = f"""
 import importlib, json, msgpack
@@ -537,8 +537,8 @@ print(json.dumps({{"packer": msgpack.Packer.__module__,
 def test_the_client_works_on_pure_python_msgpack(scripted: ScriptedDaemon) -> None:
     code = f"""
 import msgpack
-from sdbridge.client import Client, JobCancelled
-from sdbridge.protocol import Image
+from sdbridge.wire.client import Client, JobCancelled
+from sdbridge.wire.protocol import Image
 assert msgpack.Packer.__module__ == "msgpack.fallback"
 with Client({scripted.address!r}, timeout=10) as client:
     assert client.hello()["model"] == "scripted"

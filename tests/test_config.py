@@ -12,10 +12,10 @@ import torch
 from diffusers.models.attention_processor import SlicedAttnProcessor
 from helpers import ask, sdbridge
 
-from sdbridge import protocol
-from sdbridge.engine import Engine, MemoryOptions
-from sdbridge.images import job_memory_bytes
-from sdbridge.settings import SettingsError, default_config_path, load_settings
+from sdbridge.daemon.engine import Engine, MemoryOptions
+from sdbridge.daemon.images import job_memory_bytes
+from sdbridge.daemon.settings import SettingsError, default_config_path, load_settings
+from sdbridge.wire import protocol
 
 NO_FLAGS: dict[str, object] = {}
 

@@ -15,9 +15,9 @@ import pytest
 import zmq
 from helpers import DaemonProcess, Peer, ask, wait_until
 
-from sdbridge import protocol
-from sdbridge.client import Client
-from sdbridge.zmtp import ZmtpConnection, ZmtpError
+from sdbridge.wire import protocol
+from sdbridge.wire.client import Client
+from sdbridge.wire.zmtp import ZmtpConnection, ZmtpError
 
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 8, "seed": 42}
 LONG = {**JOB, "num_inference_steps": 60}

@@ -11,7 +11,7 @@ import pytest
 from helpers import Peer, pixels, raw_image, result_image
 from PIL import Image
 
-from sdbridge import protocol
+from sdbridge.wire import protocol
 
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 8, "seed": 42}
 

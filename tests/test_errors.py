@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdbridge import protocol
-from sdbridge.protocol import Limits, ProtocolError
+from sdbridge.wire import protocol
+from sdbridge.wire.protocol import Limits, ProtocolError
 
 
 @pytest.mark.parametrize(

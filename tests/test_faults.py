@@ -24,9 +24,9 @@ from diffusers import UNet2DConditionModel
 from helpers import Peer, free_port, wait_until
 from PIL import Image
 
-from sdbridge import protocol
-from sdbridge.client import Client
-from sdbridge.zmtp import ZmtpConnection
+from sdbridge.wire import protocol
+from sdbridge.wire.client import Client
+from sdbridge.wire.zmtp import ZmtpConnection
 
 JOB = {"prompt": "a red circle", "num_inference_steps": 3, "width": 32, "height": 32}
 TIMEOUT = 120.0
@@ -80,9 +80,9 @@ def _wait_for_queue(client: Client, length: int) -> None:
 @pytest.fixture
 def in_process(pipeline_dir: Path, tmp_path: Path) -> Iterator[Any]:
     """A daemon in this process, so that the test can reach into its pipeline."""
-    from sdbridge.daemon import Daemon
-    from sdbridge.engine import Engine
-    from sdbridge.outputs import OutputFolder
+    from sdbridge.daemon.daemon import Daemon
+    from sdbridge.daemon.engine import Engine
+    from sdbridge.daemon.outputs import OutputFolder
 
     engine = Engine(str(pipeline_dir), device="cpu")
     daemon = Daemon(engine, OutputFolder(tmp_path / "outputs"), f"tcp://127.0.0.1:{free_port()}")

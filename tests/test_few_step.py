@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import Peer
 
-from sdbridge.models import describe
-from sdbridge.presets import PRESETS, JobDefaults, detect_preset, job_defaults, lora_preset
+from sdbridge.daemon.models import describe
+from sdbridge.daemon.presets import PRESETS, JobDefaults, detect_preset, job_defaults, lora_preset
 
 JOB = {"prompt": "a red circle on a blue background", "seed": 42}
 

@@ -26,10 +26,10 @@ from helpers import DaemonProcess, Peer, solid_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdbridge import protocol
-from sdbridge.client import Client
-from sdbridge.protocol import ProtocolError
-from sdbridge.schedulers import NAMES
+from sdbridge.daemon.schedulers import NAMES
+from sdbridge.wire import protocol
+from sdbridge.wire.client import Client
+from sdbridge.wire.protocol import ProtocolError
 
 TRIED: collections.Counter[str] = collections.Counter()
 LIMITS = protocol.Limits()

@@ -15,8 +15,8 @@ import pytest
 from helpers import DaemonProcess, Peer, pixels, raw_image
 from PIL import Image
 
-from sdbridge import protocol
-from sdbridge.protocol import Limits, ProtocolError
+from sdbridge.wire import protocol
+from sdbridge.wire.protocol import Limits, ProtocolError
 
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 2, "seed": 3}
 

@@ -32,7 +32,7 @@ def test_install_krita_puts_the_plugin_in_pykrita_and_enables_it(linux_home, cap
     for name in (
         "__init__.py",
         "docker.py",
-        "vendor/sdbridge/client.py",
+        "vendor/sdbridge/wire/client.py",
         "vendor/msgpack/fallback.py",
     ):
         assert (pykrita / "sdbridge_krita" / name).is_file(), name
@@ -75,11 +75,11 @@ def test_vendored_client_runs_on_pure_python_msgpack_alone(tmp_path):
     folder = Path(install.install("krita", plugins_dir=tmp_path, enable=False)[0].split()[-1])
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "import msgpack, sdbridge.client, sdbridge.canvas\n"
-        "from sdbridge import protocol\n"
+        "import msgpack, sdbridge.wire.client, sdbridge.editor.canvas\n"
+        "from sdbridge.wire import protocol\n"
         "assert msgpack.Packer.__module__ == 'msgpack.fallback', msgpack.Packer.__module__\n"
         "assert protocol.unpack(protocol.pack({'a': b'x' * 300})) == {'a': b'x' * 300}\n"
-        "print(sdbridge.client.__file__)\n"
+        "print(sdbridge.wire.client.__file__)\n"
     )
     # -I -S: no site-packages, so nothing but the vendor folder and the standard library.
     out = subprocess.run(
@@ -96,7 +96,7 @@ def test_package_is_a_zip_that_krita_can_import(tmp_path):
     (archive,) = tmp_path.glob("sdbridge_krita-*.zip")
     names = zipfile.ZipFile(archive).namelist()
     assert "sdbridge_krita.desktop" in names and "sdbridge_krita/" in names
-    assert "sdbridge_krita/vendor/sdbridge/client.py" in names
+    assert "sdbridge_krita/vendor/sdbridge/wire/client.py" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".so")]
     if not KRITA_IMPORTER.is_file():
         pytest.skip("Krita is not installed: its plugin importer cannot be tried")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdbridge.jobqueue import FairQueue
+from sdbridge.daemon.jobqueue import FairQueue
 
 
 def drain(queue: FairQueue[str]) -> list[str]:

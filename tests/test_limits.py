@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers import DaemonProcess, Peer, ask, raw_image, sdbridge
 
-from sdbridge import protocol
-from sdbridge.images import job_memory_bytes
-from sdbridge.protocol import Limits
+from sdbridge.daemon.images import job_memory_bytes
+from sdbridge.wire import protocol
+from sdbridge.wire.protocol import Limits
 
 GIB = 2**30
 

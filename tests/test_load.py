@@ -25,9 +25,9 @@ import pytest
 from helpers import DaemonProcess
 from PIL import Image
 
-from sdbridge import protocol
-from sdbridge.client import Client, Job
-from sdbridge.zmtp import Frame
+from sdbridge.wire import protocol
+from sdbridge.wire.client import Client, Job
+from sdbridge.wire.zmtp import Frame
 
 CLIENTS = 20
 JOBS_PER_CLIENT = 10
@@ -45,7 +45,7 @@ TIMEOUT = 240.0
 
 KILLED_CLIENT = """
 import sys, time
-from sdbridge.client import Client
+from sdbridge.wire.client import Client
 client = Client(sys.argv[1], timeout=30)
 client.wait_connected(30)
 jobs = [client.generate(prompt=f"killed {seed}", seed=seed, num_inference_steps={steps},

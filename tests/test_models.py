@@ -24,8 +24,8 @@ from huggingface_hub import constants as hub_constants
 from safetensors import safe_open
 
 from sdbridge.cli import main
-from sdbridge.engine import Engine
-from sdbridge.protocol import GenerateRequest
+from sdbridge.daemon.engine import Engine
+from sdbridge.wire.protocol import GenerateRequest
 
 HUB_ID = "sdbridge-test/tiny-sd"
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 4, "seed": 42}

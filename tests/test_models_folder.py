@@ -17,12 +17,13 @@ from helpers import Peer, result_image, sdbridge, wait_until
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdbridge import models, tiny
+from sdbridge import tiny
 from sdbridge.cli import main
-from sdbridge.engine import Engine
-from sdbridge.loras import LoraRegistry
-from sdbridge.models import ModelEntry, ModelRegistry, describe, load_pipeline, scan
-from sdbridge.protocol import GenerateRequest, LoraWeight, ProtocolError
+from sdbridge.daemon import models
+from sdbridge.daemon.engine import Engine
+from sdbridge.daemon.loras import LoraRegistry
+from sdbridge.daemon.models import ModelEntry, ModelRegistry, describe, load_pipeline, scan
+from sdbridge.wire.protocol import GenerateRequest, LoraWeight, ProtocolError
 
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 4, "seed": 42}
 

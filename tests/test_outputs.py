@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdbridge.outputs import GenerationInfo, OutputFolder, rgba_bytes
+from sdbridge.daemon.outputs import GenerationInfo, OutputFolder, rgba_bytes
 
 
 def _image() -> Image.Image:

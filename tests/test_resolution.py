@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import Peer, pixels
 
-from sdbridge.resolution import refine_size, size_range
+from sdbridge.daemon.resolution import refine_size, size_range
 
 # The library daemon serves several models: these tests are about the 64 px test model.
 JOB = {

@@ -11,7 +11,7 @@ from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from helpers import Peer, result_image
 from PIL import Image
 
-from sdbridge.schedulers import NAMES, SAMPLERS, build_scheduler, sampler_name
+from sdbridge.daemon.schedulers import NAMES, SAMPLERS, build_scheduler, sampler_name
 
 JOB = {
     "prompt": "a red circle on a blue background",

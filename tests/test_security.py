@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import DaemonProcess, Peer, free_port, sdbridge, wait_until
 
-from sdbridge.client import Client, Disconnected
-from sdbridge.security import TokenError, is_loopback, read_token
+from sdbridge.daemon.security import TokenError, is_loopback, read_token
+from sdbridge.wire.client import Client, Disconnected
 
 TOKEN = "s3cret-token-for-the-tests-0123456789"
 JOB = {"prompt": "a red circle", "num_inference_steps": 2, "seed": 5, "width": 32, "height": 32}
@@ -159,6 +159,6 @@ def test_read_token(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(TokenError, match="300 bytes; it must be 16..255"):
         read_token(None, {"SDBRIDGE_TOKEN": "x" * 300})
     token_file.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="sdbridge.security"):
+    with caplog.at_level(logging.WARNING, logger="sdbridge.daemon.security"):
         read_token(str(token_file), {})
     assert "readable by other users" in caplog.text

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from sdbridge.tiny import MODEL_DIR, NAME
-from sdbridge.tiny.analyse import ATTRIBUTES, analyse, score
-from sdbridge.tiny.scenes import (
+from tools.tiny.analyse import ATTRIBUTES, analyse, score
+from tools.tiny.scenes import (
     HELD_OUT,
     SIZE,
     Obj,
@@ -23,7 +23,7 @@ from sdbridge.tiny.scenes import (
     sample_scene,
     vocabulary,
 )
-from sdbridge.tiny.tokenizer import MAX_LENGTH, build_tokenizer
+from tools.tiny.tokenizer import MAX_LENGTH, build_tokenizer
 
 trained = pytest.mark.skipif(
     not (MODEL_DIR / "model_index.json").exists(), reason="the tiny model is not trained yet"
@@ -131,7 +131,7 @@ def test_generates_the_object_where_asked(generated) -> None:
 
 @trained
 def test_vae_round_trip_keeps_scenes_readable(pipe) -> None:
-    from sdbridge.tiny.evaluate import round_trip
+    from tools.tiny.evaluate import round_trip
 
     scenes = [sample_scene(seed, two_objects=0) for seed in range(8)]
     out = round_trip(pipe, scenes)
@@ -144,7 +144,7 @@ def test_vae_round_trip_keeps_scenes_readable(pipe) -> None:
 def test_first_step_layout_puts_the_object_where_the_prompt_says(pipe) -> None:
     # The layout is decided at the first sampling step, from pure noise: one copy in the asked-for
     # corner or center, not one in every corner (what the previous weights did: docs/tiny-model.md).
-    from sdbridge.tiny.evaluate import eval_scenes, first_step_layout
+    from tools.tiny.evaluate import eval_scenes, first_step_layout
 
     scenes = eval_scenes(HELD_OUT, seed=1)[::3]
     layouts = first_step_layout(pipe, scenes)
@@ -187,7 +187,7 @@ def test_training_is_reproducible_and_saves_a_loadable_model(tmp_path) -> None:
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from sdbridge.tiny.train import main
+    from tools.tiny.train import main
 
     steps = ["--vae-steps", "3", "--decoder-steps", "2", "--pool", "64", "--unet-steps", "3"]
     for run in ("a", "b"):

@@ -1,4 +1,4 @@
-"""ZMTP 3.1 DEALER over a plain socket (sdbridge.zmtp) against libzmq's ROUTER through pyzmq."""
+"""ZMTP 3.1 DEALER over a plain socket (sdbridge.wire.zmtp) against libzmq's ROUTER (pyzmq)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from helpers import free_port, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdbridge.zmtp import ZmtpAuthError, ZmtpConnection, ZmtpError, parse_address
+from sdbridge.wire.zmtp import ZmtpAuthError, ZmtpConnection, ZmtpError, parse_address
 
 HEARTBEAT_IVL_MS = 100
 HEARTBEAT_TIMEOUT_MS = 400

@@ -2,7 +2,7 @@
 """sdbridge for GIMP 3: Filters > sdbridge > Generate... and Repaint selection...
 
 Both procedures send the image (or selection) to a running `sdbridge serve` daemon and put the
-result on a new layer. The request and the placement rules come from `sdbridge.canvas`, shared
+result on a new layer. The request and the placement rules come from `sdbridge.editor`, shared
 with the Krita plugin; this file only reads and writes GIMP's pixels and drives the UI.
 `sdbridge install gimp` puts the pure-Python sdbridge modules and msgpack in `vendor/` here.
 """
@@ -32,8 +32,8 @@ from gi.repository import GdkPixbuf, Gegl, Gimp, GimpUi, GLib, GObject, Gtk  # n
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "vendor"))
 try:
     from sdbridge import canvas
-    from sdbridge.client import Client, ClientError, Job, JobEvent
-    from sdbridge.protocol import ADDRESS_ENV, DEFAULT_ADDRESS
+    from sdbridge.wire.client import Client, ClientError, Job, JobEvent
+    from sdbridge.wire.protocol import ADDRESS_ENV, DEFAULT_ADDRESS
 
     IMPORT_ERROR = ""
 except ImportError as exc:  # still register, so the menu entry can say what is wrong

@@ -1,6 +1,6 @@
 """The daemon connection, kept off Krita's GUI thread.
 
-`sdbridge.client.Client` connects in its constructor and `hello()` waits for an answer, so every
+`sdbridge.wire.Client` connects in its constructor and `hello()` waits for an answer, so every
 client call runs on one worker thread fed by a queue; the client's own reader thread delivers
 events. Both hand their news to the GUI thread as Qt signals, which Qt queues because the
 emitting thread is not the one this object lives in.
@@ -18,11 +18,11 @@ from typing import Any
 from PyQt5.QtCore import QObject, pyqtSignal
 
 from sdbridge import __version__
-from sdbridge.client import Client, ClientError, Job
-from sdbridge.protocol import TERMINAL_EVENTS, ErrorCode, ProtocolError, error_event
+from sdbridge.wire.client import Client, ClientError, Job
+from sdbridge.wire.protocol import TERMINAL_EVENTS, ErrorCode, ProtocolError, error_event
 
 CLIENT_NAME = f"sdbridge-krita/{__version__}"
-# How sdbridge.client words a connection that the daemon's token check refused.
+# How sdbridge.wire.client words a connection that the daemon's token check refused.
 AUTH_REFUSED = re.compile(r"refused the token|requires a token|takes no token")
 _log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The thin layer between Krita's document API and sdbridge.canvas: everything that touches a
+"""The thin layer between Krita's document API and sdbridge.editor.canvas: everything that touches a
 Krita `Document` lives here, so the rest of the plugin deals in Bounds and RGBA bytes."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from krita import Krita
 
-from sdbridge import canvas
-from sdbridge.canvas import Bounds, Extent, JobPlan, Placement
+from sdbridge.editor import canvas
+from sdbridge.editor.canvas import Bounds, Extent, JobPlan, Placement
 
 
 class DocumentError(Exception):

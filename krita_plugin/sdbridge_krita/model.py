@@ -12,9 +12,9 @@ from krita import Krita
 from PyQt5.QtCore import QObject, pyqtSignal
 from PyQt5.QtGui import QImage
 
-from sdbridge import canvas
-from sdbridge.canvas import JobPlan, Settings
-from sdbridge.protocol import DEFAULT_ADDRESS, MAX_SEED, ErrorCode
+from sdbridge.editor import canvas
+from sdbridge.editor.canvas import JobPlan, Settings
+from sdbridge.wire.protocol import DEFAULT_ADDRESS, MAX_SEED, ErrorCode
 
 from .connection import Connection
 from .document import DocumentError, KritaDocument

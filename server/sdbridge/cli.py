@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, protocol
+from . import __version__
+from .wire import protocol
 
 
 def _tiny_present() -> bool:
@@ -21,7 +22,7 @@ def _tiny_present() -> bool:
 
 def _settings(args: argparse.Namespace) -> Any:
     """The effective settings for `serve` and `config`: flags over environment over file."""
-    from .settings import load_settings, options
+    from .daemon.settings import load_settings, options
 
     names = [option.name for option in options()] + list(_LIMIT_NAMES)
     return load_settings(args.config, {name: getattr(args, name) for name in names}, os.environ)
@@ -34,9 +35,9 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbridge: %(message)s")
     from . import tiny
-    from .outputs import OutputFolder
-    from .security import TokenError, check_listen, read_token
-    from .settings import SettingsError
+    from .daemon.outputs import OutputFolder
+    from .daemon.security import TokenError, check_listen, read_token
+    from .daemon.settings import SettingsError
 
     try:  # before loading the model: a refusal should not take a minute to arrive
         settings = _settings(args)
@@ -64,11 +65,11 @@ def serve(args: argparse.Namespace) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from .daemon import Daemon
-    from .engine import Engine, MemoryOptions
-    from .images import job_memory_bytes
-    from .loras import LoraRegistry
-    from .models import ModelRegistry, describe
+    from .daemon.daemon import Daemon
+    from .daemon.engine import Engine, MemoryOptions
+    from .daemon.images import job_memory_bytes
+    from .daemon.loras import LoraRegistry
+    from .daemon.models import ModelRegistry, describe
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
@@ -152,7 +153,7 @@ def _add_limit_options(parser: argparse.ArgumentParser) -> None:
 def show_config(args: argparse.Namespace) -> int:
     import psutil  # not torch: `config` answers at once, and the RAM is what a CPU daemon has
 
-    from .settings import SettingsError
+    from .daemon.settings import SettingsError
 
     try:
         print(_settings(args).render(psutil.virtual_memory().total))
@@ -190,9 +191,9 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 def generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .canvas import unsaved_warning
-    from .client import Client, ClientError, JobCancelled, JobFailed
-    from .outputs import encode_png, write_atomically
+    from .daemon.outputs import encode_png, write_atomically
+    from .editor.canvas import unsaved_warning
+    from .wire.client import Client, ClientError, JobCancelled, JobFailed
 
     fields: dict[str, Any] = {
         "prompt": args.prompt,
@@ -281,7 +282,7 @@ def _lora(spec: str) -> dict[str, Any]:
 def _ask(args: argparse.Namespace, *requests: str) -> tuple[str, list[dict[str, Any]]] | None:
     """The daemon's address and its answers to `Client` requests (`hello`, `status`, `models`),
     or None after telling the user why not."""
-    from .client import Client, ClientError
+    from .wire.client import Client, ClientError
 
     with Client(args.address, timeout=args.timeout) as client:
         if not client.wait_connected(args.wait):
@@ -363,7 +364,7 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 def _add_settings_options(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (docs/models.md); every default is None so that an absent flag
     leaves the environment's or the config file's value in place."""
-    from .settings import CONFIG_ENV, default_config_path, options
+    from .daemon.settings import CONFIG_ENV, default_config_path, options
 
     parser.add_argument(
         "--config", help=f"TOML config file (default ${CONFIG_ENV} or {default_config_path()})"

@@ -26,7 +26,8 @@ import msgpack
 import sdbridge
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PURE_MODULES = ("__init__.py", "protocol.py", "zmtp.py", "client.py", "canvas.py")
+# The layers that run inside the editors (pure Python), copied whole with the package root.
+PURE_PACKAGES = ("wire", "editor")
 MSGPACK_FILES = ("__init__.py", "exceptions.py", "ext.py", "fallback.py")
 VENDOR = "vendor"
 
@@ -162,8 +163,9 @@ def _assemble(target: Target, dest: Path) -> Path:
     vendor_sdbridge.mkdir(parents=True)
     vendor_msgpack.mkdir()
     package_dir = Path(sdbridge.__file__).parent
-    for name in PURE_MODULES:
-        shutil.copy2(package_dir / name, vendor_sdbridge / name)
+    shutil.copy2(package_dir / "__init__.py", vendor_sdbridge / "__init__.py")
+    for name in PURE_PACKAGES:
+        shutil.copytree(package_dir / name, vendor_sdbridge / name, ignore=_ignore)
     msgpack_dir = Path(msgpack.__file__).parent
     for name in MSGPACK_FILES:
         shutil.copy2(msgpack_dir / name, vendor_msgpack / name)

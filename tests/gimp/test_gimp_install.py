@@ -28,7 +28,7 @@ def test_install_gimp_puts_an_executable_plugin_in_the_gimp3_profile(
     script = plugins / PLUGIN
     # GIMP silently skips a plug-in that is not executable.
     assert script.is_file() and os.access(script, os.X_OK)
-    for name in ("sdbridge/client.py", "sdbridge/canvas.py", "msgpack/fallback.py"):
+    for name in ("sdbridge/wire/client.py", "sdbridge/editor/canvas.py", "msgpack/fallback.py"):
         assert (plugins / "sdbridge_gimp" / "vendor" / name).is_file(), name
     # The folder must not be called `sdbridge`: it would shadow the vendored package.
     assert not (plugins / "sdbridge").exists()
@@ -61,7 +61,7 @@ def test_package_gimp_is_a_zip_to_unpack_into_plug_ins(tmp_path: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
         names = zf.namelist()
         mode = zf.getinfo(PLUGIN).external_attr >> 16
-    assert PLUGIN in names and "sdbridge_gimp/vendor/sdbridge/zmtp.py" in names
+    assert PLUGIN in names and "sdbridge_gimp/vendor/sdbridge/wire/zmtp.py" in names
     assert {n.split("/")[0] for n in names} == {"sdbridge_gimp"}
     assert mode & stat.S_IXUSR, "unzip must restore the run bit GIMP needs"
     assert not [n for n in names if "__pycache__" in n or n.endswith(".so")]

@@ -12,9 +12,9 @@ import zmq
 from gimp_runner import Gimp, chroot_missing
 from PIL import Image
 
-from sdbridge import protocol
-from sdbridge.canvas import layer_name
+from sdbridge.editor.canvas import layer_name
 from sdbridge.install import package
+from sdbridge.wire import protocol
 
 pytestmark = pytest.mark.gimp
 

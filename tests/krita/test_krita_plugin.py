@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdbridge.canvas import Bounds, Extent, job_bounds
-from sdbridge.client import Client
+from sdbridge.editor.canvas import Bounds, Extent, job_bounds
+from sdbridge.wire.client import Client
 
 pytestmark = pytest.mark.krita
 

@@ -1,6 +1,6 @@
 """Train the embedded tiny model from scratch on procedural scenes and save a diffusers folder.
 
-    python -m sdbridge.tiny.train [--out DIR] [--minutes-budget 78] [--device cuda]
+    python -m tools.tiny.train [--out DIR] [--minutes-budget 78] [--device cuda]
 
 Phase 1 trains a narrow AutoencoderKL (x8, 4 latent channels) on crops around objects, then
 its decoder alone on full scenes (--decoder-only does just that to an existing model); phase 2
@@ -36,7 +36,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from . import MODEL_DIR, NAME
+from sdbridge.tiny import MODEL_DIR, NAME
+
 from .scenes import BACKGROUNDS, CORNERS, POSITIONS, SIZE, Scene, caption, render, sample_scene
 from .tokenizer import MAX_LENGTH, build_tokenizer
 

@@ -37,7 +37,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 
-log = logging.getLogger("sdbridge.models")
+log = logging.getLogger(__name__)
 
 SAFE_SUFFIXES = (".safetensors",)
 # Pickle files can run code when loaded: only an operator's explicit flag lets them in.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import protocol
+from ..wire import protocol
 from .outputs import default_output_dir
 from .presets import PRESETS
 

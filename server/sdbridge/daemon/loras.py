@@ -18,9 +18,9 @@ from pathlib import Path
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
-from .protocol import ErrorCode, ProtocolError
+from ..wire.protocol import ErrorCode, ProtocolError
 
-log = logging.getLogger("sdbridge.loras")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
 from PIL import Image, ImageFilter
 
+from ..wire import protocol
+from ..wire.protocol import ErrorCode, GenerateRequest, ProtocolError
 from . import loras as lora_loading
-from . import protocol
 from .acceleration import accelerate, mode_from_env
 from .images import decode_image
 from .loras import LoraEntry, LoraRegistry
@@ -44,7 +45,6 @@ from .models import (
 from .outputs import GenerationInfo
 from .presets import PRESETS, JobDefaults, job_defaults, lora_preset
 from .previews import LatentPreviewer
-from .protocol import ErrorCode, GenerateRequest, ProtocolError
 from .resolution import SizeRange, refine_size, size_range
 from .schedulers import (
     SAMPLERS,
@@ -54,7 +54,7 @@ from .schedulers import (
     sampler_name,
 )
 
-log = logging.getLogger("sdbridge.engine")
+log = logging.getLogger(__name__)
 
 SEEDS = protocol.MAX_SEED + 1  # seeds are 0 .. MAX_SEED
 # Inward feather of the inpainting mask, as a fraction of the mask's shorter side.

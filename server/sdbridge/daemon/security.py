@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .protocol import TOKEN_ENV
-from .zmtp import parse_address
+from ..wire.protocol import TOKEN_ENV
+from ..wire.zmtp import parse_address
 
-log = logging.getLogger("sdbridge.security")
+log = logging.getLogger(__name__)
 
 # Long enough that guessing over the network is hopeless, short enough for PLAIN (255 bytes).
 MIN_TOKEN_BYTES = 16

@@ -30,17 +30,18 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import __version__, protocol
+from .. import __version__
+from ..wire import protocol
+from ..wire.protocol import ErrorCode, GenerateRequest, Limits, ProtocolError
+from ..wire.zmtp import ZAP_FULL_REASON
 from .engine import Engine, GeneratedImage, JobCancelled
 from .images import check_images
 from .jobqueue import FairQueue
 from .outputs import OutputFolder, SavedImage, rgba_bytes
-from .protocol import ErrorCode, GenerateRequest, Limits, ProtocolError
 from .schedulers import SAMPLERS
 from .security import LoginGuard
-from .zmtp import ZAP_FULL_REASON
 
-log = logging.getLogger("sdbridge.daemon")
+log = logging.getLogger(__name__)
 
 HEARTBEAT_IVL_MS = 5_000
 HEARTBEAT_TIMEOUT_MS = 30_000

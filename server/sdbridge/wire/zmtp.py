@@ -4,7 +4,7 @@ Pure Python (stdlib only) because Krita's and GIMP's Python cannot load pyzmq. I
 DEALER talking to the daemon's ROUTER needs: greeting, NULL handshake or PLAIN login (RFC 24),
 multi-frame messages with short and long frames, and PING -> PONG. `ZmtpConnection` is safe
 for one reader thread plus any number of sending threads; it does no reconnecting (that is
-`sdbridge.client`'s job).
+`sdbridge.wire.client`'s job).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Evaluate the tiny model on captions it never saw, scored by the pixel analyser.
 
-    python -m sdbridge.tiny.evaluate [--model DIR] [--sheet held_out.png]
+    python -m tools.tiny.evaluate [--model DIR] [--sheet held_out.png]
 
 Held-out captions pair each colour with the one shape it never appeared with in training, at
 every position and both sizes. Also reports the same scores on seen combinations, on an empty
@@ -21,7 +21,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from . import MODEL_DIR
+from sdbridge.tiny import MODEL_DIR
+
 from .analyse import ATTRIBUTES, analyse, score
 from .scenes import (
     BACKGROUNDS,

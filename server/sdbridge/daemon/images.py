@@ -15,8 +15,8 @@ import psutil  # a dependency of accelerate
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import protocol
-from .protocol import ErrorCode, GenerateRequest, ProtocolError
+from ..wire import protocol
+from ..wire.protocol import ErrorCode, GenerateRequest, ProtocolError
 
 
 def decode_image(image: protocol.Image, mode: str, field: str | None = None) -> Image.Image:

@@ -34,7 +34,7 @@ _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # Temporaries: `.sdbridge-<16 hex>.png.tmp`, and `.00001-7.png.tmp` as sdbridge 0.1.0 named them
 # while compressing.
 _TEMPORARY = re.compile(r"^\.(sdbridge-[0-9a-f]{16}|\d{5}-\d+)\.png\.tmp$")
-_log = logging.getLogger("sdbridge.outputs")
+_log = logging.getLogger(__name__)
 _STORED_BLOCK = 65535  # the largest stored deflate block
 
 

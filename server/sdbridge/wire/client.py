@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeAlias
 
-from . import __version__
+from .. import __version__
 from .protocol import (
     ADDRESS_ENV,
     DEFAULT_ADDRESS,
