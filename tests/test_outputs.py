@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdbridge.daemon.outputs import GenerationInfo, OutputFolder, rgba_bytes
+from sdbridge.daemon.outputs import OutputFolder, rgba_bytes
+from sdbridge.daemon.parameters import GenerationInfo
 
 
 def _image() -> Image.Image:

@@ -42,7 +42,7 @@ from .models import (
     load_pipeline,
     pipeline_family,
 )
-from .outputs import GenerationInfo
+from .parameters import GenerationInfo
 from .presets import PRESETS, JobDefaults, job_defaults, lora_preset
 from .previews import LatentPreviewer
 from .resolution import SizeRange, refine_size, size_range

@@ -1,7 +1,7 @@
 """Finished images on disk: PNG files with AUTOMATIC1111-style `parameters` metadata.
 
-Image browsers and A1111's "PNG Info" read the `parameters` text chunk, so every image the daemon
-makes can be traced back to its prompt and seed even if the client that asked went away.
+Every PNG carries its `parameters` text chunk (`parameters.GenerationInfo`), so every image the
+daemon makes can be traced back to its prompt and seed even if the client that asked went away.
 
 A file under a PNG name is always complete: it is written under a temporary name in the same
 folder, flushed to the disk, and only then linked to its final name.
@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .parameters import GenerationInfo
+
 try:
     import fcntl
 except ImportError:  # Windows, where a file that is open cannot be removed anyway
@@ -36,53 +38,6 @@ _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TEMPORARY = re.compile(r"^\.(sdbridge-[0-9a-f]{16}|\d{5}-\d+)\.png\.tmp$")
 _log = logging.getLogger(__name__)
 _STORED_BLOCK = 65535  # the largest stored deflate block
-
-
-@dataclass(frozen=True)
-class GenerationInfo:
-    """What A1111 records about an image; `to_parameters` renders its text format."""
-
-    prompt: str
-    negative_prompt: str
-    steps: int
-    sampler: str
-    cfg_scale: float
-    seed: int
-    width: int
-    height: int
-    model: str
-    denoising_strength: float | None = None
-    # (name, weight) pairs, written into the prompt as A1111's `<lora:name:weight>` tags so that
-    # pasting the parameters into A1111 applies them again.
-    loras: tuple[tuple[str, float], ...] = ()
-    hires_upscale: float | None = None  # the second pass's scale over the first image
-
-    def to_parameters(self) -> str:
-        fields = [
-            f"Steps: {self.steps}",
-            f"Sampler: {self.sampler}",
-            f"CFG scale: {self.cfg_scale:g}",
-            f"Seed: {self.seed}",
-            f"Size: {self.width}x{self.height}",
-            f"Model: {self.model}",
-        ]
-        if self.denoising_strength is not None:
-            fields.append(f"Denoising strength: {self.denoising_strength:g}")
-        if self.hires_upscale is not None:
-            fields.append(f"Hires upscale: {self.hires_upscale:.3g}")
-        # Readers split the text into lines: a line break in a prompt would let it forge a
-        # "Negative prompt:" or parameters line, so each prompt becomes one line.
-        prompt = _one_line(self.prompt)
-        lines = [prompt + "".join(f" <lora:{name}:{weight:g}>" for name, weight in self.loras)]
-        if self.negative_prompt:
-            lines.append(f"Negative prompt: {_one_line(self.negative_prompt)}")
-        lines.append(", ".join(fields))
-        return "\n".join(lines)
-
-
-def _one_line(text: str) -> str:
-    """``text`` with every line break (those `str.splitlines` knows) turned into a space."""
-    return " ".join(text.splitlines())
 
 
 def default_output_dir() -> Path:
