@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import sdbridge
 from sdbridge import cli, install
 
 KRITA_IMPORTER = Path("/usr/share/krita/pykrita/plugin_importer/plugin_importer.py")
@@ -71,24 +72,58 @@ def test_krita_folders_per_platform(monkeypatch, platform, env, plugins, kritarc
     assert install.kritarc_path() == Path(kritarc).expanduser()
 
 
-def test_vendored_client_runs_on_pure_python_msgpack_alone(tmp_path):
-    folder = Path(install.install("krita", plugins_dir=tmp_path, enable=False)[0].split()[-1])
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "import msgpack, sdbridge.wire.client, sdbridge.editor.canvas\n"
-        "from sdbridge.wire import protocol\n"
-        "assert msgpack.Packer.__module__ == 'msgpack.fallback', msgpack.Packer.__module__\n"
-        "assert protocol.unpack(protocol.pack({'a': b'x' * 300})) == {'a': b'x' * 300}\n"
-        "print(sdbridge.wire.client.__file__)\n"
-    )
-    # -I -S: no site-packages, so nothing but the vendor folder and the standard library.
+# Run in `python -I -S` (no site-packages): only the vendor folder and the standard library are
+# there, and importing what the editors' Pythons lack fails even if a system path provides it.
+PURE_IMPORTS = """
+import importlib, sys
+from pathlib import Path
+
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"torch", "numpy", "PIL", "zmq"}:
+            raise ImportError(f"{name} is not in an editor's Python")
+
+sys.meta_path.insert(0, Blocked())
+vendor = Path(sys.argv[1])
+sys.path.insert(0, str(vendor))
+for name in sys.argv[2:]:
+    module = importlib.import_module(name)
+    assert Path(module.__file__).is_relative_to(vendor), module.__file__
+import msgpack
+from sdbridge.wire import protocol
+assert msgpack.Packer.__module__ == "msgpack.fallback", msgpack.Packer.__module__
+assert protocol.unpack(protocol.pack({"a": b"x" * 300})) == {"a": b"x" * 300}
+print("imported", *sys.argv[2:])
+"""
+
+
+def pure_modules() -> list[str]:
+    """Every module of the layers that run in the editors, found by listing their folders, so a
+    module added there is checked without naming it here."""
+    root = Path(sdbridge.__file__).parent
+    names = []
+    for package in install.PURE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root.parent).with_suffix("").parts
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def assert_vendor_imports_alone(vendor: Path) -> None:
+    modules = pure_modules()
     out = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code, str(folder / "vendor")],
+        [sys.executable, "-I", "-S", "-c", PURE_IMPORTS, str(vendor), *modules],
         capture_output=True,
         text=True,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().startswith(str(folder / "vendor"))
+    assert "sdbridge.wire.client" in modules and "sdbridge.editor.canvas" in modules
+
+
+@pytest.mark.parametrize("target", sorted(install.TARGETS))
+def test_vendor_imports_without_torch_numpy_pil_or_zmq(tmp_path, target):
+    folder = Path(install.install(target, plugins_dir=tmp_path, enable=False)[0].split()[-1])
+    assert_vendor_imports_alone(folder / install.VENDOR)
 
 
 def test_package_is_a_zip_that_krita_can_import(tmp_path):
