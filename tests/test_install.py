@@ -1,6 +1,8 @@
 """`sdbridge install` / `sdbridge package`: the plugin lands where the editor looks, switched on,
 with everything it imports."""
 
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,6 +13,7 @@ import pytest
 import sdbridge
 from sdbridge import cli, install
 
+REPO = Path(__file__).resolve().parents[1]
 KRITA_IMPORTER = Path("/usr/share/krita/pykrita/plugin_importer/plugin_importer.py")
 
 
@@ -124,6 +127,82 @@ def assert_vendor_imports_alone(vendor: Path) -> None:
 def test_vendor_imports_without_torch_numpy_pil_or_zmq(tmp_path, target):
     folder = Path(install.install(target, plugins_dir=tmp_path, enable=False)[0].split()[-1])
     assert_vendor_imports_alone(folder / install.VENDOR)
+
+
+def _files(folder: Path) -> set[str]:
+    return {
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def _pip(*args: str | Path) -> None:
+    # Nothing from an index: the build and the install use only what this machine has.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "-q", *map(str, args), "--no-index", "--no-deps"],
+        check=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_a_wheel_installed_outside_the_checkout_installs_both_plugins(tmp_path):
+    """sdist -> wheel -> `pip install --target`, then the installed `sdbridge` command, run
+    outside the checkout: the plugin sources must come from the wheel's package data."""
+    # A copy of what a clone has (plus new files), so the build writes nothing into the checkout
+    # and sees no stale build/ folder of its own.
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    src = tmp_path / "src"
+    for name in filter(None, listed.split("\0")):
+        if (REPO / name).is_file():  # a tracked file may be deleted in the working tree
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    dist = tmp_path / "dist"
+    # The sdist first, so that MANIFEST.in is checked too: the wheel is built from it.
+    build_sdist = (
+        "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])"
+    )
+    subprocess.run([sys.executable, "-c", build_sdist, dist], cwd=src, check=True, timeout=300)
+    (sdist,) = dist.glob("sdbridge-*.tar.gz")
+    _pip("wheel", "--no-build-isolation", sdist, "-w", dist)
+    (wheel,) = dist.glob("sdbridge-*.whl")
+    site = tmp_path / "site"
+    _pip("install", "--target", site, wheel)
+
+    env = {**os.environ, "PYTHONPATH": str(site), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    code = "from sdbridge import install; print(install.__file__); print(install.PLUGINS_ROOT)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    module, plugins_root = out.stdout.splitlines()
+    assert Path(module).is_relative_to(site), module  # not the editable checkout
+    assert Path(plugins_root) == site / "sdbridge" / "plugins"
+    plugins = tmp_path / "plugins"
+    for target in install.TARGETS:
+        command = [site / "bin" / "sdbridge", "install", target, "--plugins-dir", plugins]
+        subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
+
+    package = Path(sdbridge.__file__).parent
+    for target in install.TARGETS.values():
+        folder = plugins / target.folder
+        vendor = folder / install.VENDOR
+        assert {f for f in _files(folder) if not f.startswith("vendor/")} == _files(target.source)
+        for layer in install.PURE_PACKAGES:
+            assert _files(vendor / "sdbridge" / layer) == _files(package / layer), layer
+        assert (vendor / "msgpack" / "fallback.py").is_file()
+        for name in target.extra_files:
+            assert (plugins / name).read_bytes() == (target.source.parent / name).read_bytes()
+        if target.executable:
+            assert os.access(folder / target.executable, os.X_OK)
+        assert_vendor_imports_alone(vendor)
+    assert "enable_sdbridge_krita=true" in (tmp_path / "config" / "kritarc").read_text()
 
 
 def test_package_is_a_zip_that_krita_can_import(tmp_path):

@@ -5,6 +5,9 @@ The editors' own Pythons have no pyzmq and may have no msgpack, so each plugin g
 folder with the pure sdbridge modules and msgpack's pure-Python files (msgpack falls back to
 them when its C extension is absent). The plugin puts that folder first on `sys.path`.
 
+The plugins' own sources come from `sdbridge/plugins/` in an installed wheel (setup.py puts them
+there) or from the top of the checkout (which an editable install also runs from).
+
 Each editor is one `Target` row in `TARGETS`.
 """
 
@@ -25,7 +28,12 @@ import msgpack
 
 import sdbridge
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# Where `krita_plugin/` and `gimp_plugin/` are: the wheel's copy inside the package, else the
+# checkout's top (server/sdbridge/../..), where an editable install finds them.
+PLUGINS_ROOT = (
+    _PACKAGE_DIR / "plugins" if (_PACKAGE_DIR / "plugins").is_dir() else _PACKAGE_DIR.parents[1]
+)
 # The layers that run inside the editors (pure Python), copied whole with the package root.
 PURE_PACKAGES = ("wire", "editor")
 MSGPACK_FILES = ("__init__.py", "exceptions.py", "ext.py", "fallback.py")
@@ -35,7 +43,7 @@ VENDOR = "vendor"
 @dataclass(frozen=True)
 class Target:
     name: str
-    source: Path  # the plugin's folder in the checkout
+    source: Path  # the plugin's folder under PLUGINS_ROOT
     folder: str  # the plugin's folder name inside the editor's plugin folder
     plugins_dir: Callable[[], Path]  # where the editor looks, for this user and platform
     extra_files: tuple[str, ...] = ()  # files beside `source` that go beside the folder
@@ -117,7 +125,7 @@ def gimp_plugins_dir() -> Path:
 TARGETS: dict[str, Target] = {
     "krita": Target(
         name="krita",
-        source=REPO_ROOT / "krita_plugin" / "sdbridge_krita",
+        source=PLUGINS_ROOT / "krita_plugin" / "sdbridge_krita",
         folder="sdbridge_krita",
         plugins_dir=krita_plugins_dir,
         extra_files=("sdbridge_krita.desktop",),
@@ -127,7 +135,7 @@ TARGETS: dict[str, Target] = {
     # GIMP registers plug-ins/<name>/<name>.py only if it is executable; no switch to flip.
     "gimp": Target(
         name="gimp",
-        source=REPO_ROOT / "gimp_plugin" / "sdbridge_gimp",
+        source=PLUGINS_ROOT / "gimp_plugin" / "sdbridge_gimp",
         folder="sdbridge_gimp",
         plugins_dir=gimp_plugins_dir,
         executable="sdbridge_gimp.py",
@@ -143,7 +151,7 @@ def _target(name: str) -> Target:
     if not target.source.is_dir():
         raise FileNotFoundError(
             f"the {name} plugin sources are not at {target.source}; "
-            "install from a checkout of the sdbridge repository"
+            "reinstall sdbridge from its wheel or a checkout of the repository"
         )
     return target
 
