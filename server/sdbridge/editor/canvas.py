@@ -1,5 +1,5 @@
 """Editor-side rules shared by the Krita and GIMP plugins: which region a job covers, how the
-editor's pixels and selection become a `generate` request, and where and how the result lands.
+editor's pixels and selection become the job's images, and where and how the result lands.
 
 Pure standard library (it runs inside Krita's Python 3.10/3.11 and GIMP's 3.13, which have no
 numpy): pixel work uses bytes slicing, which copies in C, never a Python loop per pixel.
@@ -181,21 +181,6 @@ def image_map(extent: Extent, rgba: bytes | bytearray) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """What the artist chose in the plugin's panel."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 20
-    guidance_scale: float = 7.5
-    strength: float = 1.0  # 1.0 = paint something new; lower keeps more of the canvas
-    seed: int | None = None  # None: the daemon picks one and reports it
-    num_images: int = 1
-    model: str | None = None  # None: the daemon's loaded model
-    preview_every: int = 0
-
-
-@dataclass(frozen=True)
 class JobPlan:
     """Everything the plugin must remember between sending a job and placing its result."""
 
@@ -229,39 +214,6 @@ def plan_area(canvas: Extent, selection: Bounds | None) -> JobPlan:
     return JobPlan(bounds, bounds, None)
 
 
-def generate_fields(
-    settings: Settings, plan: JobPlan, rgba: bytes | bytearray | None
-) -> dict[str, Any]:
-    """The fields of a protocol `generate` request (without v/op/id).
-
-    `rgba` is the canvas's merged image over `plan.bounds`. It travels as the init image when
-    strength < 1 (repaint what is there) and whenever there is a selection: inpainting needs it
-    for the surroundings even at strength 1, where the selected area is painted from scratch.
-    """
-    fields: dict[str, Any] = {
-        "prompt": settings.prompt,
-        "negative_prompt": settings.negative_prompt,
-        "num_inference_steps": settings.steps,
-        "guidance_scale": float(settings.guidance_scale),
-        "width": plan.bounds.width,
-        "height": plan.bounds.height,
-        "num_images": settings.num_images,
-        "preview_every": settings.preview_every,
-    }
-    if settings.seed is not None:
-        fields["seed"] = settings.seed
-    if settings.model:
-        fields["model"] = settings.model
-    if settings.strength < 1.0 or plan.mask is not None:
-        if rgba is None:
-            raise ValueError("the canvas pixels are needed for strength < 1 or a selection")
-        fields["init_image"] = image_map(plan.bounds.extent, rgba)
-        fields["strength"] = float(settings.strength)
-    if plan.mask is not None:
-        fields["mask_image"] = image_map(plan.bounds.extent, mask_to_rgba(plan.mask))
-    return fields
-
-
 @dataclass(frozen=True)
 class Placement:
     bounds: Bounds  # canvas coordinates of the new layer's pixels
@@ -290,10 +242,3 @@ def layer_name(prompt: str, seed: int, max_chars: int = 40) -> str:
     if len(text) > max_chars:
         text = text[: max_chars - 1].rstrip() + "…"
     return f"{text} ({seed})"
-
-
-def unsaved_warning(result: dict[str, Any]) -> str | None:
-    """A sentence for the user when the daemon could not save a `result`'s images (a full or
-    read-only output folder: its `path` is nil, the image came back all the same), else None."""
-    warning = result.get("warning")
-    return f"The daemon's own copy was {warning}." if warning else None

@@ -9,6 +9,7 @@ reconnects after the daemon goes away. Events are dicts exactly as on the wire (
 from __future__ import annotations
 
 import contextlib
+import enum
 import itertools
 import logging
 import os
@@ -36,7 +37,14 @@ from .protocol import (
     pack,
     unpack,
 )
-from .zmtp import Frame, ZmtpAuthError, ZmtpConnection, ZmtpError, parse_address
+from .zmtp import (
+    Frame,
+    ZmtpAuthError,
+    ZmtpConnection,
+    ZmtpError,
+    ZmtpFullError,
+    parse_address,
+)
 
 __all__ = [
     "Client",
@@ -47,11 +55,14 @@ __all__ = [
     "JobCancelled",
     "JobEvent",
     "JobFailed",
+    "Link",
+    "resolve_address",
 ]
 
 JobEvent: TypeAlias = dict[str, Any]
 EventCallback: TypeAlias = Callable[[JobEvent], None]
 StateCallback: TypeAlias = Callable[[bool, str], None]
+LinkCallback: TypeAlias = Callable[["Link", str], None]
 
 DEFAULT_CLIENT_NAME = f"sdbridge-client/{__version__}"
 # A loopback daemon answers a connect at once; this only bounds a peer that accepts and stalls.
@@ -64,6 +75,29 @@ AUTH_RETRY_DELAY = 10.0
 _RESERVED_FIELDS = frozenset({"v", "op", "id"})
 
 _log = logging.getLogger(__name__)
+
+
+def resolve_address(address: str | None = None) -> str:
+    """Where a `Client` connects: `address`, else ``$SDBRIDGE_ADDRESS``, else the default."""
+    return address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+
+
+class Link(enum.Enum):
+    """The state of the connection, for a front-end to act on without reading `state_message`."""
+
+    CONNECTING = "connecting"  # the first attempt has not finished
+    CONNECTED = "connected"
+    UNREACHABLE = "unreachable"  # no daemon there, or it went away: retried every 0.1-2 s
+    FULL = "full"  # the daemon has limits.max_connections open: retried every 0.1-2 s
+    TOKEN_REFUSED = "token_refused"  # it refused our token: retried every 10 s
+    TOKEN_REQUIRED = "token_required"  # it wants a token and we have none
+    TOKEN_UNEXPECTED = "token_unexpected"  # we have a token and it takes none
+    CLOSED = "closed"  # `close()` was called
+
+    @property
+    def needs_token_change(self) -> bool:
+        """Only another token (or none) helps: retrying as we are is refused again."""
+        return self in (Link.TOKEN_REFUSED, Link.TOKEN_REQUIRED, Link.TOKEN_UNEXPECTED)
 
 
 class ClientError(Exception):
@@ -250,8 +284,9 @@ class Client:
     bounds `hello` and `status` (and connecting). The first connection attempt happens in the
     constructor, which never raises for an absent daemon: requests then raise `Disconnected`
     while the reader thread keeps retrying (0.1 s .. 2 s apart). ``on_state(connected, message)``
-    is called each time the connection comes up or goes down: for the first attempt on the
-    constructing thread, after that on the reader thread.
+    is called each time `link` changes (the connection comes up, goes down, or fails for
+    another reason): for the first attempt on the constructing thread, then on the reader thread.
+    ``on_link(link, message)`` likewise, with the `Link` that says why.
     """
 
     def __init__(
@@ -261,8 +296,9 @@ class Client:
         client_name: str = DEFAULT_CLIENT_NAME,
         on_state: StateCallback | None = None,
         token: str | bytes | None = None,
+        on_link: LinkCallback | None = None,
     ) -> None:
-        self.address = address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+        self.address = resolve_address(address)
         parse_address(self.address)  # a malformed address is a caller's bug: say so now
         token = token or os.environ.get(TOKEN_ENV) or None
         if isinstance(token, str):
@@ -270,15 +306,15 @@ class Client:
         if token is not None and len(token) > 255:
             raise ValueError("an sdbridge token is at most 255 bytes")
         self._plain = (TOKEN_USERNAME, token) if token else None
-        self._auth_failed = False  # the last attempt failed on the token, not the network
         self.timeout = timeout
         self.client_name = client_name
         self._on_state = on_state
+        self._on_link = on_link
         self._lock = threading.Lock()  # guards the connection, the routing tables, the state
         self._conn: ZmtpConnection | None = None
         self._jobs: dict[str, Job] = {}
         self._calls: dict[str, queue.SimpleQueue[JobEvent]] = {}
-        self._state: bool | None = None  # None until the first attempt is reported
+        self._link = Link.CONNECTING
         self._state_message = f"not connected to the sdbridge daemon at {self.address} yet"
         self._up = threading.Event()
         self._closed = threading.Event()
@@ -311,6 +347,12 @@ class Client:
     @property
     def connected(self) -> bool:
         return self._up.is_set()
+
+    @property
+    def link(self) -> Link:
+        """What the connection is doing now (`on_state` is called each time it changes)."""
+        with self._lock:
+            return self._link
 
     @property
     def state_message(self) -> str:
@@ -413,7 +455,8 @@ class Client:
         with self._lock:
             conn = self._conn
             if conn is None:
-                code = ErrorCode.UNAUTHORIZED if self._auth_failed else ErrorCode.CONNECTION_LOST
+                unauthorized = self._link.needs_token_change
+                code = ErrorCode.UNAUTHORIZED if unauthorized else ErrorCode.CONNECTION_LOST
                 raise Disconnected(code, self._state_message)
             if isinstance(route, Job):
                 self._jobs[request_id] = route
@@ -452,7 +495,7 @@ class Client:
                     return
                 if self._connect():
                     delay = RECONNECT_MIN_DELAY
-                elif self._auth_failed:
+                elif self.link.needs_token_change:
                     delay = AUTH_RETRY_DELAY
                 else:
                     delay = min(delay * 2, RECONNECT_MAX_DELAY)
@@ -470,15 +513,15 @@ class Client:
                 self.address, min(self.timeout, CONNECT_TIMEOUT), plain=self._plain
             )
         except ZmtpAuthError as exc:
-            with self._lock:
-                self._auth_failed = True
-            self._set_state(False, self._auth_message(exc))
+            self._set_state(self._auth_link(exc), self._auth_message(exc))
+            return False
+        except ZmtpFullError as exc:
+            self._set_state(Link.FULL, f"the sdbridge daemon at {self.address}: {exc}")
             return False
         except ZmtpError as exc:
-            with self._lock:
-                self._auth_failed = False
             self._set_state(
-                False, f"no sdbridge daemon at {self.address} ({exc}); is `sdbridge serve` running?"
+                Link.UNREACHABLE,
+                f"no sdbridge daemon at {self.address} ({exc}); is `sdbridge serve` running?",
             )
             return False
         with self._lock:
@@ -486,9 +529,13 @@ class Client:
                 conn.close()
                 return False
             self._conn = conn
-            self._auth_failed = False
-        self._set_state(True, f"connected to the sdbridge daemon at {self.address}")
+        self._set_state(Link.CONNECTED, f"connected to the sdbridge daemon at {self.address}")
         return True
+
+    def _auth_link(self, exc: ZmtpAuthError) -> Link:
+        if exc.refused:
+            return Link.TOKEN_REFUSED
+        return Link.TOKEN_REQUIRED if self._plain is None else Link.TOKEN_UNEXPECTED
 
     def _auth_message(self, exc: ZmtpAuthError) -> str:
         daemon = f"the sdbridge daemon at {self.address}"
@@ -515,11 +562,11 @@ class Client:
             self._calls.clear()
         if self._closed.is_set():
             reason = "the client was closed"
-            state = f"disconnected from the sdbridge daemon at {self.address} (closed)"
+            link, state = Link.CLOSED, f"disconnected from the sdbridge daemon at {self.address}"
         else:
             reason = f"the sdbridge daemon at {self.address} went away (stopped or restarted)"
-            state = f"{reason}; reconnecting ({exc})"
-        self._set_state(False, state)
+            link, state = Link.UNREACHABLE, f"{reason}; reconnecting ({exc})"
+        self._set_state(link, state)
         for request_id, answers in calls:
             answers.put(error_event(request_id, ProtocolError(ErrorCode.CONNECTION_LOST, reason)))
         for job in jobs:
@@ -551,10 +598,11 @@ class Client:
         else:
             _log.debug("dropping an event for no live request: %r", event.get("event"))
 
-    def _set_state(self, connected: bool, message: str) -> None:
+    def _set_state(self, link: Link, message: str) -> None:
+        connected = link is Link.CONNECTED
         with self._lock:
-            changed = self._state is not connected
-            self._state = connected
+            changed = self._link is not link
+            self._link = link
             self._state_message = message
         if connected:
             self._up.set()
@@ -564,3 +612,5 @@ class Client:
             _log.info("%s", message)
             if self._on_state is not None:
                 _call_back(self._on_state, connected, message)
+            if self._on_link is not None:
+                _call_back(self._on_link, link, message)

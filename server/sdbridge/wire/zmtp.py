@@ -72,10 +72,14 @@ class ZmtpAuthError(ZmtpError):
         self.mechanism = mechanism
 
 
+class ZmtpFullError(ZmtpError):
+    """The daemon has as many connections open as it takes: no refusal of credentials, retry."""
+
+
 def _raise_if_full(reason: str) -> None:
     """An ERROR for too many connections is no refusal of the credentials: retry later."""
     if reason == ZAP_FULL_REASON:
-        raise ZmtpError(
+        raise ZmtpFullError(
             "the daemon has too many connections open (limits.max_connections); try again later"
         )
 
