@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .editor.session import JobView, LoraChoice
 from .wire import protocol
 
 
@@ -65,8 +66,9 @@ def serve(args: argparse.Namespace) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    from .daemon.cache import MemoryOptions
     from .daemon.daemon import Daemon
-    from .daemon.engine import Engine, MemoryOptions
+    from .daemon.engine import Engine
     from .daemon.images import job_memory_bytes
     from .daemon.loras import LoraRegistry
     from .daemon.models import ModelRegistry, describe
@@ -163,14 +165,13 @@ def show_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar(event: dict[str, Any], started: float) -> str:
-    step, total = event["step"], event["total"]
+def _progress_bar(view: JobView, started: float) -> str:
     width = 30
-    filled = round(width * step / total)
+    filled = round(width * view.step / view.total)
     elapsed = time.perf_counter() - started
     return (
-        f"\r[{'#' * filled}{'-' * (width - filled)}] step {step}/{total}"
-        f"  {elapsed:5.1f}s  ETA {event['eta']:5.1f}s"
+        f"\r[{'#' * filled}{'-' * (width - filled)}] step {view.step}/{view.total}"
+        f"  {elapsed:5.1f}s  ETA {view.eta:5.1f}s"
     )
 
 
@@ -192,91 +193,84 @@ def generate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .daemon.outputs import encode_png, write_atomically
-    from .editor.canvas import unsaved_warning
-    from .wire.client import Client, ClientError, JobCancelled, JobFailed
+    from .editor.session import Phase, Session, Settings, request_fields
 
-    fields: dict[str, Any] = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "seed": args.seed,
-        "num_images": args.batch,
-    }
-    # Left out when not given: the daemon fills in the model's defaults (few-step models...).
-    optional = {
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "width": args.width,
-        "height": args.height,
-        "strength": args.strength,
-        "model": args.model,
-        "scheduler": args.scheduler,
-        "refine_strength": args.refine,
-    }
-    fields.update((name, value) for name, value in optional.items() if value is not None)
-    if args.exact_size:
-        fields["exact_size"] = True
-    if args.lora:
-        fields["loras"] = [_lora(spec) for spec in args.lora]
+    # What is not given stays unset: the daemon fills in the model's defaults (few-step models...).
+    settings = Settings(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        model=args.model,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler,
+        strength=args.strength,
+        seed=args.seed,
+        num_images=args.batch,
+        loras=tuple(_lora(spec) for spec in args.lora),
+        refine_strength=args.refine,
+    )
     try:
-        if args.init_image:
-            fields["init_image"] = _load_image(args.init_image).to_dict()
-        if args.mask:
-            fields["mask_image"] = _load_image(args.mask).to_dict()
+        init = _load_image(args.init_image).to_dict() if args.init_image else None
+        mask = _load_image(args.mask).to_dict() if args.mask else None
     except OSError as exc:
         print(f"sdbridge: cannot read image: {exc}", file=sys.stderr)
         return 2
+    fields = request_fields(settings, args.width, args.height, init, mask, args.exact_size)
 
-    with Client(args.address, timeout=args.timeout) as client:
-        if not client.wait_connected(args.wait):
-            print(f"sdbridge: {client.state_message}", file=sys.stderr)
+    with Session(args.address, client_name=f"sdbridge-cli/{__version__}") as session:
+        if not session.client.wait_connected(args.wait):
+            print(f"sdbridge: {session.client.state_message}", file=sys.stderr)
             return 1
         started = time.perf_counter()
-        job = client.generate(**fields)
+        generation = session.submit(fields)
+        said = ""
         try:
-            for event in job.events(timeout=args.timeout):
-                if event["event"] == "accepted" and event["position"] > 0:
-                    print(f"queued at position {event['position']}", file=sys.stderr)
-                elif event["event"] == "loading":
-                    print(f"loading model {event['model']} …", file=sys.stderr)
-                elif event["event"] == "progress" and not args.quiet:
-                    print(_progress_bar(event, started), end="", file=sys.stderr, flush=True)
-            result = job.result(timeout=0)
+            for view in generation.views(timeout=args.timeout):
+                if view.phase in (Phase.QUEUED, Phase.LOADING) and view.message != said:
+                    said = view.message
+                    if view.message != "Starting …":
+                        print(view.message, file=sys.stderr)
+                elif view.phase is Phase.RUNNING and view.total and not args.quiet:
+                    print(_progress_bar(view, started), end="", file=sys.stderr, flush=True)
         except KeyboardInterrupt:
-            job.cancel()
+            generation.cancel()
             print("\nsdbridge: cancelled", file=sys.stderr)
             return 130
-        except (JobFailed, JobCancelled, ClientError) as exc:
-            print(f"\nsdbridge: {exc}", file=sys.stderr)
+        except TimeoutError:
+            generation.cancel()
+            print(f"\nsdbridge: no result within {args.timeout:g} s", file=sys.stderr)
             return 1
     if not args.quiet:
         print(file=sys.stderr)
+    result = view.result
+    if view.phase is not Phase.FINISHED or result is None:
+        print(f"sdbridge: {view.message}", file=sys.stderr)
+        return 1
     output = Path(args.output)
-    for image, path in zip(
-        result["images"], _output_paths(output, len(result["images"])), strict=True
-    ):
-        rgba = np.frombuffer(image["data"], np.uint8).reshape(image["height"], image["width"], 4)
+    for image, path in zip(result.images, _output_paths(output, len(result.images)), strict=True):
+        data, width, height = image.image["data"], image.image["width"], image.image["height"]
+        rgba = np.frombuffer(data, np.uint8).reshape(height, width, 4)
         # The daemon's images are RGB (alpha 255); written like its own copy, parameters too.
-        png = encode_png(rgba[..., :3], {"parameters": image["parameters"]}, compress=True)
+        png = encode_png(rgba[..., :3], {"parameters": image.parameters}, compress=True)
         try:
             write_atomically(path, png)
         except OSError as exc:
             print(f"sdbridge: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
             return 1
-        copy = f"saved by the daemon as {image['path']}" if image["path"] else "no daemon copy"
-        print(f"{path}  (seed {image['seed']}, {copy})")
-    unsaved = unsaved_warning(result)
-    if unsaved:
-        print(f"sdbridge: {unsaved}", file=sys.stderr)
+        copy = f"saved by the daemon as {image.path}" if image.path else "no daemon copy"
+        print(f"{path}  (seed {image.seed}, {copy})")
+    if result.warning:
+        print(f"sdbridge: {view.message}", file=sys.stderr)
     return 0
 
 
-def _lora(spec: str) -> dict[str, Any]:
+def _lora(spec: str) -> LoraChoice:
     """`NAME` or `NAME:WEIGHT` (names may hold colons: the weight is after the last one)."""
     name, _, weight = spec.rpartition(":")
     try:
-        return {"name": name, "weight": float(weight)} if name else {"name": spec}
+        return LoraChoice(name, float(weight)) if name else LoraChoice(spec)
     except ValueError:
-        return {"name": spec}
+        return LoraChoice(spec)
 
 
 def _ask(args: argparse.Namespace, *requests: str) -> tuple[str, list[dict[str, Any]]] | None:
