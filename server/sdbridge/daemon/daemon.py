@@ -424,7 +424,7 @@ class Daemon:
             device=engine.device.type,
             dtype=str(engine.dtype).removeprefix("torch."),
             model=engine.model,
-            models=engine.registry.names(),
+            models=engine.models.registry.names(),
             native_size=[engine.native_size, engine.native_size],
             schedulers=list(SAMPLERS),
             loras=[entry.name for entry in engine.loras.entries()],
@@ -435,13 +435,13 @@ class Daemon:
     def _models(self, rid: str) -> dict[str, Any]:
         """Every listed model and LoRA, from the scan made for this request."""
         engine = self.engine
-        loaded = set(engine.loaded_names())
+        loaded = set(engine.models.loaded_names())
         models = [
             {
                 **entry.to_dict(entry.name in loaded),
-                "defaults": engine.defaults(entry.name).to_dict(),
+                "defaults": engine.models.defaults(entry.name).to_dict(),
             }
-            for entry in engine.registry.entries()
+            for entry in engine.models.registry.entries()
         ]
         loras = [entry.to_dict() for entry in engine.loras.entries()]
         return protocol.event("models", rid, model=engine.model, models=models, loras=loras)
