@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from helpers import Peer, raw_image, result_image
 
+from sdbridge.daemon.engine import SEEDS, batch_seeds
 from sdbridge.wire import protocol
 
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 8, "seed": 42}
@@ -37,6 +38,12 @@ def test_the_lowest_refine_strength_adds_one_step_to_the_first_pass(peer: Peer) 
     events = peer.generate(**JOB, width=512, height=512, refine_strength=1e-9)
     assert progress_totals(events) == [(step, 9) for step in range(1, 10)]
     assert "Denoising strength: 0.001" in events[-1]["parameters"]
+
+
+def test_image_i_of_a_batch_gets_seed_plus_i_modulo_2_to_the_32() -> None:
+    assert SEEDS == 2**32 == protocol.MAX_SEED + 1
+    assert batch_seeds(42, 3) == (42, 43, 44)
+    assert batch_seeds(protocol.MAX_SEED - 1, 3) == (protocol.MAX_SEED - 1, protocol.MAX_SEED, 0)
 
 
 def test_a_batch_from_the_highest_seed_wraps_to_seeds_that_can_be_asked_for(peer: Peer) -> None:
