@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -219,3 +220,33 @@ class DaemonProcess:
     def restart(self) -> DaemonProcess:
         self.stop()
         return self.start()
+
+
+class SilentDaemon:
+    """A ROUTER that completes the ZMTP handshake and reads every request but never answers:
+    a hung daemon, for the bounds that keep an editor from waiting on it forever."""
+
+    def __init__(self) -> None:
+        self._context = zmq.Context()
+        self._router = self._context.socket(zmq.ROUTER)
+        port = self._router.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.requests: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._swallow, daemon=True)
+        self._reader.start()
+
+    def _swallow(self) -> None:
+        while not self._stop.is_set():
+            if self._router.poll(50):
+                frames = self._router.recv_multipart()
+                self.requests.append(protocol.unpack(frames[-1]))
+
+    def __enter__(self) -> SilentDaemon:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._reader.join()
+        self._router.close(0)
+        self._context.term()

@@ -159,3 +159,16 @@ def test_layer_name_has_prompt_and_seed_on_one_short_line():
 
 def _raw(extent: Extent, rgba: tuple[int, int, int, int]) -> dict:
     return solid_image(extent.width, extent.height, rgba)
+
+
+def test_area_plan_cuts_the_new_picture_to_a_shaped_or_feathered_selection():
+    """GIMP's Generate paints the selection's bounds afresh; only the selected pixels show."""
+    selection = Bounds(10, 10, 3, 1)
+    plan = plan_area(CANVAS, selection, bytes([0, 128, 255]))
+    assert plan.mask == bytes([0, 128, 255]) and not plan.inpaints
+    assert not plan.needs_canvas(1.0) and plan.needs_canvas(0.5)
+    placed = place_result(_raw(plan.bounds.extent, (1, 2, 3, 255)), plan)
+    assert placed.bounds == selection
+    assert bytes(placed.rgba) == bytes([1, 2, 3, 0, 1, 2, 3, 128, 1, 2, 3, 255])
+    # A rectangular selection (all 255) needs no cut: the layer is opaque.
+    assert plan_area(CANVAS, selection, b"\xff" * 3).mask is None

@@ -3,13 +3,10 @@ become one view of the job, the daemon's offer feeds the widgets, and Cancel nev
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-import zmq
-from helpers import DaemonProcess, free_port, solid_image, wait_until
+from helpers import DaemonProcess, SilentDaemon, free_port, solid_image, wait_until
 
 from sdbridge.editor.canvas import Bounds, Extent, plan_area, plan_job
 from sdbridge.editor.session import (
@@ -333,7 +330,7 @@ def test_a_changed_limit_reaches_the_session(daemon_factory) -> None:
 def test_the_link_says_why_the_daemon_refused_without_parsing_its_words(daemon_factory) -> None:
     daemon = daemon_factory(token=TOKEN)
     links: list[Link] = []
-    with Session(daemon.address, token="w" * 32, on_link=lambda link, _text: links.append(link)):
+    with Session(daemon.address, token="w" * 32, on_link=lambda link, *_: links.append(link)):
         wait_until(lambda: Link.TOKEN_REFUSED in links, timeout=10)
     with Session(daemon.address) as session:
         wait_until(lambda: session.link is Link.TOKEN_REQUIRED, timeout=10)
@@ -344,31 +341,9 @@ def test_the_link_says_why_the_daemon_refused_without_parsing_its_words(daemon_f
         assert session.link is Link.UNREACHABLE
 
 
-@pytest.fixture
-def silent_daemon() -> Iterator[str]:
-    """A ROUTER that completes the handshake and reads every request but never answers."""
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
-
-    def swallow() -> None:
-        while not stop.is_set():
-            if router.poll(50):
-                router.recv_multipart()
-
-    reader = threading.Thread(target=swallow, daemon=True)
-    reader.start()
-    yield f"tcp://127.0.0.1:{port}"
-    stop.set()
-    reader.join()
-    router.close(0)
-    context.term()
-
-
-def test_cancel_against_a_daemon_that_never_answers_gives_up_within_its_grace(silent_daemon):
+def test_cancel_against_a_daemon_that_never_answers_gives_up_within_its_grace():
     changes: list[JobView] = []
-    with Session(silent_daemon, on_link=None) as session:
+    with SilentDaemon() as silent, Session(silent.address) as session:
         assert session.client.wait_connected(10)
         generation = session.submit({"prompt": "a"}, on_view=changes.append)
         time.sleep(0.2)
@@ -377,6 +352,8 @@ def test_cancel_against_a_daemon_that_never_answers_gives_up_within_its_grace(si
         generation.cancel(grace=0.5)
         views = list(generation.views(timeout=5))
         waited = time.monotonic() - started
+        wait_until(lambda: len(silent.requests) == 2)
+    assert [r["op"] for r in silent.requests] == ["generate", "cancel"]
     assert views[-1].phase is Phase.CANCELLED and views[-1].is_error
     assert "did not confirm the cancel" in views[-1].message
     assert 0.5 <= waited < 2.0
@@ -387,7 +364,18 @@ def test_cancel_against_a_daemon_that_never_answers_gives_up_within_its_grace(si
 def test_a_refused_submission_is_a_failed_view_not_an_exception():
     with Session(f"tcp://127.0.0.1:{free_port()}") as session:
         generation = session.submit({"prompt": "a"})
-    view = generation.view
-    assert view.phase is Phase.FAILED and view.is_error
-    assert view.message.startswith("The job was not sent: no sdbridge daemon at tcp://")
-    assert list(generation.views(timeout=1)) == [view]
+        views = list(generation.views(timeout=5))
+    assert [view.phase for view in views] == [Phase.FAILED]
+    assert views[0].is_error and generation.view == views[0]
+    assert views[0].message.startswith("The job was not sent: no sdbridge daemon at tcp://")
+
+
+def test_generate_over_a_shaped_selection_sends_neither_pixels_nor_mask():
+    plan = plan_area(CANVAS, Bounds(10, 10, 2, 1), bytes([0, 255]))
+    assert editor_fields(Settings("a cat"), plan, None) == {
+        "prompt": "a cat",
+        "width": 2,
+        "height": 1,
+    }
+    img2img = editor_fields(Settings("a cat", strength=0.5), plan, b"\x00" * 8)
+    assert img2img["strength"] == 0.5 and "mask_image" not in img2img

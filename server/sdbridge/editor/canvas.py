@@ -186,7 +186,19 @@ class JobPlan:
 
     bounds: Bounds  # region sent to the daemon, canvas coordinates
     target: Bounds  # where the result lands: the selection's bounds, or `bounds`
-    mask: bytes | None  # one byte per pixel over `bounds`; None: no selection
+    mask: bytes | None  # the selection, one byte per pixel over `bounds`; None: everything
+    # True: the daemon repaints the masked part of the canvas (inpainting). False: it paints
+    # the whole area afresh and the mask only cuts the result to the selection's shape.
+    inpaint: bool = True
+
+    @property
+    def inpaints(self) -> bool:
+        return self.inpaint and self.mask is not None
+
+    def needs_canvas(self, strength: float) -> bool:
+        """Whether the job sends the canvas's pixels: to repaint them (strength < 1), or as
+        the surroundings of an inpainted selection."""
+        return strength < 1.0 or self.inpaints
 
 
 def plan_job(
@@ -205,13 +217,21 @@ def plan_job(
     return JobPlan(bounds, target, bytes(copy_region(selection_mask, selection, bounds, 1)))
 
 
-def plan_area(canvas: Extent, selection: Bounds | None) -> JobPlan:
-    """A job that paints a whole new picture of exactly the selection's bounds (or the canvas),
-    without a mask: GIMP's "Generate" puts it on a layer of its own, the size of that area."""
+def plan_area(
+    canvas: Extent, selection: Bounds | None, selection_mask: bytes | bytearray | None = None
+) -> JobPlan:
+    """A job that paints a whole new picture of exactly the selection's bounds (or the canvas):
+    GIMP's "Generate" puts it on a layer of its own, the size of that area, opaque where the
+    selection is (softly at a feathered edge) and transparent elsewhere."""
     bounds = Bounds.of(canvas) if selection is None else selection.clamp(canvas)
     if bounds.is_empty:
         raise SelectionOutsideCanvas("the selection is outside the canvas")
-    return JobPlan(bounds, bounds, None)
+    mask = None
+    if selection is not None and selection_mask is not None:
+        mask = bytes(copy_region(selection_mask, selection, bounds, 1))
+        if mask.count(255) == len(mask):
+            mask = None  # a rectangle: the whole area, no cut needed
+    return JobPlan(bounds, bounds, mask, inpaint=False)
 
 
 @dataclass(frozen=True)

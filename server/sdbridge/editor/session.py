@@ -126,16 +126,16 @@ def editor_fields(settings: Settings, plan: JobPlan, rgba: bytes | bytearray | N
     """A `generate` request for a region of an editor's canvas.
 
     `rgba` is the canvas's merged image over `plan.bounds`. It travels as the init image when
-    strength < 1 (repaint what is there) and whenever there is a selection: inpainting needs it
-    for the surroundings even at strength 1, where the selected area is painted from scratch.
+    strength < 1 (repaint what is there) and whenever the plan inpaints a selection: inpainting
+    needs it for the surroundings even at strength 1, where the selection is painted afresh.
     """
     strength = 1.0 if settings.strength is None else settings.strength
     init = mask = None
-    if strength < 1.0 or plan.mask is not None:
+    if plan.needs_canvas(strength):
         if rgba is None:
             raise ValueError("the canvas pixels are needed for strength < 1 or a selection")
         init = image_map(plan.bounds.extent, rgba)
-    if plan.mask is not None:
+    if plan.inpaints:
         mask = image_map(plan.bounds.extent, mask_to_rgba(plan.mask))
     # Without an init image the job paints from scratch: strength means nothing then.
     settings = replace(settings, strength=strength if init is not None else None)
@@ -387,6 +387,9 @@ def advance(view: JobView, event: JobEvent | None) -> JobView:
     raise TypeError(f"not a job event: {event!r}")
 
 
+NOT_SENT_CANCELLED = JobView(Phase.CANCELLED, NOTHING_ADDED)
+
+
 def start_cancelling(view: JobView) -> JobView:
     return view if view.done else replace(view, cancelling=True, message="Cancelling …")
 
@@ -449,7 +452,8 @@ def link_text(link: Link, address: str, has_token: bool) -> str:
 
 # --- one connection and its jobs ---------------------------------------------------------------
 
-LinkCallback: TypeAlias = Callable[[Link, str], None]
+# (the state, a sentence for the artist, the client's technical detail)
+LinkCallback: TypeAlias = Callable[[Link, str, str], None]
 ViewCallback: TypeAlias = Callable[["JobView"], None]
 
 
@@ -489,9 +493,9 @@ class Session:
     def link_text(self) -> str:
         return link_text(self.client.link, self.address, self.has_token)
 
-    def _link_changed(self, link: Link, _message: str) -> None:
+    def _link_changed(self, link: Link, detail: str) -> None:
         if self._on_link is not None:
-            self._on_link(link, link_text(link, self.address, self.has_token))
+            self._on_link(link, link_text(link, self.address, self.has_token), detail)
 
     def info(self, with_models: bool = True) -> DaemonInfo:
         """`hello` (and `models`, for the per-model defaults); raises `ClientError`."""
@@ -504,8 +508,8 @@ class Session:
         return DaemonInfo.from_events(hello, models)
 
     def submit(self, fields: Mapping[str, Any], on_view: ViewCallback | None = None) -> Generation:
-        """Sends a `generate` request; never raises for the daemon's sake: a refusal or a lost
-        connection is the generation's FAILED view."""
+        """Sends a `generate` request and returns at once; never raises for the daemon's sake:
+        a refusal or a lost connection is the generation's FAILED view."""
         return Generation(self.client, dict(fields), on_view)
 
     def close(self) -> None:
@@ -520,7 +524,11 @@ class Session:
 
 class Generation:
     """One job as a front-end follows it: its latest `view`, every change handed to `on_view`
-    (on the client's threads) and kept for `views()` (on the caller's)."""
+    (on the client's threads) and kept for `views()` (on the caller's).
+
+    Nothing here blocks its caller: the request is sent on a thread of its own (a large canvas
+    to a daemon that stopped reading could take long), and so is a cancel.
+    """
 
     def __init__(self, client: Client, fields: dict[str, Any], on_view: ViewCallback | None):
         self._lock = threading.Lock()
@@ -529,13 +537,9 @@ class Generation:
         self._changes: queue.SimpleQueue[JobView] = queue.SimpleQueue()
         self._timer: threading.Timer | None = None
         self.job: Job | None = None
-        try:
-            self.job = client.generate(**fields)
-        except ClientError as exc:  # not connected, or a request over the daemon's size limit
-            self._view = JobView(Phase.FAILED, f"The job was not sent: {exc.message}.", True)
-            self._publish(self._view)
-            return
-        self.job.subscribe(lambda event: self._apply(parse_event(event)))
+        threading.Thread(
+            target=self._send, args=(client, fields), name="sdbridge-send", daemon=True
+        ).start()
 
     @property
     def view(self) -> JobView:
@@ -548,14 +552,14 @@ class Generation:
         with self._lock:
             if self._view.done or self._view.cancelling:
                 return
-            self._view = start_cancelling(self._view)
-            view = self._view
+            self._view = view = start_cancelling(self._view)
             self._timer = threading.Timer(grace, self._apply, (Cancelled("abandoned"),))
             self._timer.daemon = True
             self._timer.start()
+            job = self.job  # None while sending: `_send` cancels it once it is out
         self._publish(view)
-        if self.job is not None:
-            self.job.cancel()
+        if job is not None:
+            threading.Thread(target=job.cancel, name="sdbridge-cancel", daemon=True).start()
 
     def views(self, timeout: float | None = None, poll: float | None = None) -> Iterator[JobView]:
         """Each change of the view until it is done. With `poll`, also yields the unchanged
@@ -575,11 +579,29 @@ class Generation:
             if view.done:
                 return
 
+    def _send(self, client: Client, fields: dict[str, Any]) -> None:
+        try:
+            job = client.generate(**fields)
+        except ClientError as exc:  # not connected, or a request over the daemon's size limit
+            sent = JobView(Phase.FAILED, f"The job was not sent: {exc.message}.", True)
+            self._settle(lambda view: NOT_SENT_CANCELLED if view.cancelling else sent)
+            return
+        with self._lock:
+            self.job = job
+            cancelling = self._view.cancelling
+        job.subscribe(lambda event: self._apply(parse_event(event)))
+        if cancelling:
+            job.cancel()
+
     def _apply(self, event: JobEvent | None) -> None:
+        self._settle(lambda view: advance(view, event))
+
+    def _settle(self, change: Callable[[JobView], JobView]) -> None:
         with self._lock:
             before = self._view
-            self._view = advance(before, event)
-            view = self._view
+            if before.done:
+                return
+            self._view = view = change(before)
             if view.done and self._timer is not None:
                 self._timer.cancel()
         if view is not before:
