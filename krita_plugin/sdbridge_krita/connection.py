@@ -1,45 +1,40 @@
 """The daemon connection, kept off Krita's GUI thread.
 
-`sdbridge.wire.Client` connects in its constructor and `hello()` waits for an answer, so every
-client call runs on one worker thread fed by a queue; the client's own reader thread delivers
-events. Both hand their news to the GUI thread as Qt signals, which Qt queues because the
-emitting thread is not the one this object lives in.
+Opening a `Session` (it connects) and asking the daemon what it offers (`hello`, `models`) wait
+for the network, so they run on one worker thread fed by a queue. Jobs need no worker: a
+`Generation` sends and cancels on threads of its own. News reaches the GUI thread as Qt
+signals, which Qt queues because the emitting thread is not the one this object lives in.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PyQt5.QtCore import QObject, pyqtSignal
 
 from sdbridge import __version__
-from sdbridge.wire.client import Client, ClientError, Job
-from sdbridge.wire.protocol import TERMINAL_EVENTS, ErrorCode, ProtocolError, error_event
+from sdbridge.editor.session import Generation, Session, ViewCallback
+from sdbridge.wire.client import ClientError, Link
 
 CLIENT_NAME = f"sdbridge-krita/{__version__}"
-# How sdbridge.wire.client words a connection that the daemon's token check refused.
-AUTH_REFUSED = re.compile(r"refused the token|requires a token|takes no token")
 _log = logging.getLogger(__name__)
 
 
 class Connection(QObject):
     # (connected, a sentence for the artist, the technical detail)
     state_changed = pyqtSignal(bool, str, str)
-    # the daemon's hello event
-    hello_received = pyqtSignal(object)
-    # (the plugin's job key, one event of that job as on the wire)
-    job_event = pyqtSignal(str, object)
+    # the daemon's offer: a session.DaemonInfo
+    info_received = pyqtSignal(object)
 
     def __init__(self) -> None:
         super().__init__()
         self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._client: Client | None = None
-        self._jobs: dict[str, Job] = {}  # by the plugin's job key; worker thread only
+        self._lock = threading.Lock()  # guards _session: the GUI thread submits through it
+        self._session: Session | None = None
         self._worker = threading.Thread(target=self._run, name="sdbridge-krita", daemon=True)
         self._worker.start()
 
@@ -48,11 +43,15 @@ class Connection(QObject):
         `token`: the daemon's secret, when it requires one ("" for none)."""
         self._tasks.put(lambda: self._open(address, token))
 
-    def generate(self, key: str, fields: dict[str, Any]) -> None:
-        self._tasks.put(lambda: self._generate(key, fields))
+    def refresh(self) -> None:
+        """Asks the daemon again for its models and defaults (new files in its folders)."""
+        self._tasks.put(self._ask_info)
 
-    def cancel(self, key: str) -> None:
-        self._tasks.put(lambda: self._cancel(key))
+    def submit(self, fields: Mapping[str, Any], on_view: ViewCallback) -> Generation | None:
+        """Sends a job (at once, from the GUI thread); None when there is no session."""
+        with self._lock:
+            session = self._session
+        return None if session is None else session.submit(fields, on_view)
 
     # --- worker thread ---------------------------------------------------------------------------
 
@@ -66,73 +65,32 @@ class Connection(QObject):
                 _log.exception("sdbridge-krita: a connection task failed")
 
     def _open(self, address: str, token: str) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        self._jobs.clear()
+        with self._lock:
+            old, self._session = self._session, None
+        if old is not None:
+            old.close()
         try:
-            self._client = Client(
-                address,
-                timeout=10.0,
-                client_name=CLIENT_NAME,
-                on_state=lambda up, detail: self._on_state(address, bool(token), up, detail),
-                token=token or None,
-            )
+            session = Session(address, token, CLIENT_NAME, on_link=self._on_link)
         except ValueError as exc:
             text = f"“{address}” is not a daemon address; use tcp://HOST:PORT."
             self.state_changed.emit(False, text, str(exc))
-        # No hello here: the client reports its first connection through on_state, which
-        # queues one.
+            return
+        with self._lock:
+            self._session = session  # before the info task that its first on_link queued
 
-    def _on_state(self, address: str, has_token: bool, connected: bool, detail: str) -> None:
-        # Runs on the client's reader thread, which must not wait for answers: hand over.
-        if connected:
-            self.state_changed.emit(True, f"Connected to {address}", detail)
-            self._tasks.put(self._hello)
-        elif AUTH_REFUSED.search(detail):
-            text = (
-                f"The daemon at {address} did not accept the token; check it and press Connect."
-                if has_token
-                else f"The daemon at {address} needs a token: type it below and press Connect."
-            )
-            self.state_changed.emit(False, text, detail)
-        else:
-            text = (
-                f"No sdbridge daemon at {address}. Start it with `sdbridge serve`; "
-                "the plugin keeps trying."
-            )
-            self.state_changed.emit(False, text, detail)
+    def _on_link(self, link: Link, text: str, detail: str) -> None:
+        # On the client's reader thread, which must not wait for answers: hand over.
+        self.state_changed.emit(link is Link.CONNECTED, text, detail)
+        if link is Link.CONNECTED:
+            self._tasks.put(self._ask_info)
 
-    def _hello(self) -> None:
-        if self._client is None:
+    def _ask_info(self) -> None:
+        with self._lock:
+            session = self._session
+        if session is None or session.link is not Link.CONNECTED:
             return
         try:
-            self.hello_received.emit(self._client.hello())
+            self.info_received.emit(session.info())
         except ClientError as exc:
-            text = f"The daemon at {self._client.address} does not answer."
+            text = f"The daemon at {session.address} does not answer."
             self.state_changed.emit(False, text, exc.message)
-
-    def _generate(self, key: str, fields: dict[str, Any]) -> None:
-        if self._client is None:
-            self._fail(key, ErrorCode.CONNECTION_LOST, "not connected to the sdbridge daemon")
-            return
-        try:
-            job = self._client.generate(**fields)
-        except ClientError as exc:
-            self._fail(key, exc.code, exc.message)
-            return
-        self._jobs[key] = job
-        job.subscribe(lambda event: self._on_job_event(key, event))
-
-    def _on_job_event(self, key: str, event: dict[str, Any]) -> None:
-        self.job_event.emit(key, event)
-        if event.get("event") in TERMINAL_EVENTS:
-            self._tasks.put(lambda: self._jobs.pop(key, None))
-
-    def _cancel(self, key: str) -> None:
-        job = self._jobs.get(key)
-        if job is not None:
-            job.cancel()
-
-    def _fail(self, key: str, code: str, message: str) -> None:
-        self.job_event.emit(key, error_event(key, ProtocolError(code, message)))

@@ -26,10 +26,15 @@ from PyQt5.QtWidgets import (
     QWidget,
 )
 
+from sdbridge.editor.session import DaemonInfo
+
 from .model import Model
 
 DOCKER_ID = "sdbridge_docker"
-PREVIEW_SIZE = 160
+PREVIEW_SIZE = 128
+MODEL_DEFAULT = "model default"
+# Guidance 0 is a real value (few-step models run at 0): "model default" sits one step below.
+GUIDANCE_DEFAULT = -0.5
 
 
 class SdbridgeDocker(DockWidget):
@@ -37,14 +42,26 @@ class SdbridgeDocker(DockWidget):
         super().__init__()
         self.setWindowTitle("sdbridge")
         self.model = Model()
-        root = QWidget()
-        layout = QVBoxLayout(root)
-        # A short docker scrolls instead of squeezing the preview over the message.
+        # Two parts: what an artist needs at every job (the connection, the prompt, the buttons,
+        # the message) always in view, which also makes Krita give the docker that much room;
+        # the parameters and the preview below it scroll when the docker is short.
+        top = QWidget()
+        layout = QVBoxLayout(top)
+        layout.setContentsMargins(4, 4, 4, 0)
+        layout.setSpacing(4)
+        rest = QWidget()
+        details = QVBoxLayout(rest)
+        details.setContentsMargins(4, 0, 4, 4)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.NoFrame)
-        scroll.setWidget(root)
-        self.setWidget(scroll)
+        scroll.setWidget(rest)
+        root = QWidget()
+        column = QVBoxLayout(root)
+        column.setContentsMargins(0, 0, 0, 0)
+        column.addWidget(top)
+        column.addWidget(scroll, 1)
+        self.setWidget(root)
 
         self.connection = QLabel("Connecting …")
         self.connection.setObjectName("sdbridge_connection")
@@ -57,42 +74,75 @@ class SdbridgeDocker(DockWidget):
         self.token = QLineEdit(self.model.token)
         self.token.setObjectName("sdbridge_token")
         self.token.setEchoMode(QLineEdit.Password)
-        self.token.setPlaceholderText("token (only if the daemon requires one)")
+        self.token.setPlaceholderText("token (if required)")
+        self.token.setToolTip("Only for a daemon that requires one (listening beyond loopback)")
         address_row = QHBoxLayout()
-        address_row.addWidget(self.address)
+        address_row.addWidget(self.address, 3)
+        address_row.addWidget(self.token, 2)
         address_row.addWidget(reconnect)
         layout.addWidget(self.connection)
         layout.addLayout(address_row)
-        layout.addWidget(self.token)
 
         self.prompt = QPlainTextEdit()
         self.prompt.setObjectName("sdbridge_prompt")
         self.prompt.setPlaceholderText("Describe what to paint")
-        self.prompt.setMaximumHeight(80)
+        self.prompt.setFixedHeight(56)
+        layout.addWidget(self.prompt)
+
+        self.generate = QPushButton("Generate")
+        self.generate.setObjectName("sdbridge_generate")
+        self.cancel = QPushButton("Cancel")
+        self.cancel.setObjectName("sdbridge_cancel")
+        self.cancel.setEnabled(False)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.generate)
+        buttons.addWidget(self.cancel)
+        layout.addLayout(buttons)
+        self.progress = QProgressBar()
+        self.progress.setObjectName("sdbridge_progress")
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("Step %v of %m")
+        self.progress.setTextVisible(False)
+        self.progress.setMaximumHeight(14)
+        self.message = QLabel()
+        self.message.setObjectName("sdbridge_message")
+        self.message.setWordWrap(True)
+        self.message.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.message)
+
         self.negative = QPlainTextEdit()
         self.negative.setObjectName("sdbridge_negative")
         self.negative.setPlaceholderText("What to avoid (negative prompt)")
-        self.negative.setMaximumHeight(50)
-        layout.addWidget(self.prompt)
-        layout.addWidget(self.negative)
+        self.negative.setFixedHeight(40)
+        details.addWidget(self.negative)
 
+        # Every parameter starts at "model default": the daemon fills in the model's own
+        # values, and the ranges come from the daemon's limits once it says hello.
         form = QFormLayout()
         self.models = QComboBox()
         self.models.setObjectName("sdbridge_model")
         self.steps = QSpinBox()
-        self.steps.setRange(1, 150)
-        self.steps.setValue(self.model.steps)
+        self.steps.setObjectName("sdbridge_steps")
+        self.steps.setRange(0, 150)
+        self.steps.setSpecialValueText(MODEL_DEFAULT)
         self.guidance = QDoubleSpinBox()
-        self.guidance.setRange(0.0, 30.0)
+        self.guidance.setObjectName("sdbridge_guidance")
+        self.guidance.setRange(GUIDANCE_DEFAULT, 30.0)
         self.guidance.setSingleStep(0.5)
-        self.guidance.setValue(self.model.guidance_scale)
-        self.guidance.setToolTip("How closely to follow the prompt (1 or less: ignore it)")
+        self.guidance.setSpecialValueText(MODEL_DEFAULT)
+        self.guidance.setValue(GUIDANCE_DEFAULT)
+        self.scheduler = QComboBox()
+        self.scheduler.setObjectName("sdbridge_scheduler")
+        self.scheduler.addItem(MODEL_DEFAULT)
         self.strength = QSpinBox()
         self.strength.setRange(1, 100)
         self.strength.setSuffix(" %")
         self.strength.setValue(round(self.model.strength * 100))
         self.strength.setToolTip("100 %: paint something new; lower: repaint what is there")
         self.images = QSpinBox()
+        self.images.setObjectName("sdbridge_images")
         self.images.setRange(1, 8)
         self.images.setToolTip("Several images become one layer each, in a group")
         self.fixed_seed = QCheckBox("fixed")
@@ -109,39 +159,18 @@ class SdbridgeDocker(DockWidget):
         form.addRow("Model", self.models)
         form.addRow("Steps", self.steps)
         form.addRow("Guidance", self.guidance)
+        form.addRow("Sampler", self.scheduler)
         form.addRow("Strength", self.strength)
         form.addRow("Images", self.images)
         form.addRow("Seed", seed_row)
-        layout.addLayout(form)
+        details.addLayout(form)
 
-        self.generate = QPushButton("Generate")
-        self.generate.setObjectName("sdbridge_generate")
-        self.cancel = QPushButton("Cancel")
-        self.cancel.setObjectName("sdbridge_cancel")
-        self.cancel.setEnabled(False)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.generate)
-        buttons.addWidget(self.cancel)
-        layout.addLayout(buttons)
-
-        self.progress = QProgressBar()
-        self.progress.setObjectName("sdbridge_progress")
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("Step %v of %m")
-        self.progress.setTextVisible(False)
         self.preview = QLabel()
         self.preview.setObjectName("sdbridge_preview")
         self.preview.setAlignment(Qt.AlignCenter)
         self.preview.setMinimumHeight(PREVIEW_SIZE)
-        self.message = QLabel()
-        self.message.setObjectName("sdbridge_message")
-        self.message.setWordWrap(True)
-        self.message.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.preview)
-        layout.addWidget(self.message)
-        layout.addStretch(1)
+        details.addWidget(self.preview)
+        details.addStretch(1)
 
         self._bind(reconnect)
 
@@ -158,9 +187,14 @@ class SdbridgeDocker(DockWidget):
         self.negative.textChanged.connect(
             lambda: setattr(m, "negative_prompt", self.negative.toPlainText())
         )
-        self.models.currentTextChanged.connect(lambda name: setattr(m, "model_name", name))
-        self.steps.valueChanged.connect(lambda value: setattr(m, "steps", value))
-        self.guidance.valueChanged.connect(lambda value: setattr(m, "guidance_scale", value))
+        self.models.currentTextChanged.connect(self._on_model_picked)
+        self.steps.valueChanged.connect(lambda value: setattr(m, "steps", value or None))
+        self.guidance.valueChanged.connect(
+            lambda value: setattr(m, "guidance_scale", None if value < 0 else value)
+        )
+        self.scheduler.currentIndexChanged.connect(
+            lambda _index: setattr(m, "scheduler", self._chosen_scheduler())
+        )
         self.strength.valueChanged.connect(lambda value: setattr(m, "strength", value / 100))
         self.images.valueChanged.connect(lambda value: setattr(m, "num_images", value))
         self.fixed_seed.toggled.connect(self._on_fixed_seed)
@@ -170,7 +204,7 @@ class SdbridgeDocker(DockWidget):
         self.cancel.clicked.connect(m.cancel)
 
         m.connection_changed.connect(self._on_connection)
-        m.models_changed.connect(self._on_models)
+        m.info_changed.connect(self._on_info)
         m.running_changed.connect(self._on_running)
         m.progress_changed.connect(self._on_progress)
         m.preview_changed.connect(self._on_preview)
@@ -195,12 +229,38 @@ class SdbridgeDocker(DockWidget):
         self.connection.setText(f"{dot} {html.escape(message)}")  # rich text: escape the rest
         self.connection.setToolTip(detail)
 
-    def _on_models(self, names: list, current: str) -> None:
+    def _on_info(self, info: DaemonInfo) -> None:
+        """The daemon's models, samplers and limits: the widgets' choices and ranges."""
         self.models.blockSignals(True)
         self.models.clear()
-        self.models.addItems(names)
-        self.models.setCurrentText(current)
+        self.models.addItems(info.models)
+        self.models.setCurrentText(self.model.model_name)
         self.models.blockSignals(False)
+        chosen = self.scheduler.currentText()
+        self.scheduler.blockSignals(True)
+        self.scheduler.clear()
+        self.scheduler.addItems([MODEL_DEFAULT, *info.schedulers])
+        self.scheduler.setCurrentText(chosen if chosen in info.schedulers else MODEL_DEFAULT)
+        self.scheduler.blockSignals(False)
+        self.model.scheduler = self._chosen_scheduler()
+        self.steps.setMaximum(info.limits.max_steps)
+        self.images.setMaximum(info.limits.max_images)
+        self._show_defaults()
+
+    def _chosen_scheduler(self) -> str | None:
+        return self.scheduler.currentText() if self.scheduler.currentIndex() > 0 else None
+
+    def _on_model_picked(self, name: str) -> None:
+        self.model.model_name = name
+        self._show_defaults()
+
+    def _show_defaults(self) -> None:
+        """What "model default" means for the chosen model, on hover."""
+        info = self.model.info
+        defaults = info.defaults_for(self.model.model_name) if info else None
+        text = f"{MODEL_DEFAULT}: {defaults.describe()}" if defaults else MODEL_DEFAULT
+        for widget in (self.steps, self.guidance, self.scheduler):
+            widget.setToolTip(text)
 
     def _on_running(self, running: bool) -> None:
         self.generate.setEnabled(not running)

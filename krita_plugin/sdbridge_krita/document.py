@@ -41,7 +41,7 @@ class KritaDocument:
     def extent(self) -> Extent:
         return Extent(self._doc.width(), self._doc.height())
 
-    def capture(self, needs_pixels: bool) -> Capture:
+    def capture(self, strength: float) -> Capture:
         """Reads what a job needs: its region, the selection mask and, when the job needs them
         (strength < 1 or a selection), the merged pixels of that region."""
         if (self._doc.colorModel(), self._doc.colorDepth()) != ("RGBA", "U8"):
@@ -60,7 +60,7 @@ class KritaDocument:
             except canvas.SelectionOutsideCanvas as exc:
                 raise DocumentError("The selection is outside the image.") from exc
         rgba = None
-        if needs_pixels or plan.mask is not None:
+        if plan.needs_canvas(strength):
             b = plan.bounds
             rgba = bytes(canvas.bgra_to_rgba(self._doc.pixelData(b.x, b.y, b.width, b.height)))
         return Capture(plan, rgba)

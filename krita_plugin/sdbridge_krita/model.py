@@ -1,6 +1,7 @@
 """The docker's state and actions, without widgets: what the artist chose, the connection, the
 running job. Widgets read it and listen to its signals; it reaches Krita only through
-`document.KritaDocument` and the daemon only through `connection.Connection`."""
+`document.KritaDocument` and the daemon only through `connection.Connection`. What a job's
+events mean is `sdbridge.editor.session`'s business, shared with GIMP and the CLI."""
 
 from __future__ import annotations
 
@@ -13,23 +14,24 @@ from PyQt5.QtCore import QObject, pyqtSignal
 from PyQt5.QtGui import QImage
 
 from sdbridge.editor import canvas
-from sdbridge.editor.canvas import JobPlan, Settings
-from sdbridge.wire.protocol import DEFAULT_ADDRESS, MAX_SEED, ErrorCode
+from sdbridge.editor.canvas import JobPlan
+from sdbridge.editor.session import (
+    DaemonInfo,
+    Generation,
+    JobView,
+    Phase,
+    Result,
+    Settings,
+    check_settings,
+    editor_fields,
+)
+from sdbridge.wire.protocol import DEFAULT_ADDRESS
 
 from .connection import Connection
 from .document import DocumentError, KritaDocument
 
 SETTINGS_GROUP = "sdbridge"
-
-# What the artist reads when a job fails, by protocol error code; others show the daemon's text.
-PLAIN_ERRORS = {
-    ErrorCode.CONNECTION_LOST: "The sdbridge daemon went away (stopped or restarted) during "
-    "the job. The plugin reconnects by itself; press Generate again once it is back.",
-    ErrorCode.OUT_OF_MEMORY: "The daemon ran out of memory. Try a smaller selection or image, "
-    "or fewer images at once.",
-    ErrorCode.BUSY: "The daemon's queue is full. Try again in a moment.",
-    ErrorCode.UNKNOWN_MODEL: "The daemon does not have that model any more; pick another one.",
-}
+PREVIEWS_PER_JOB = 10  # each costs the daemon well under a millisecond
 
 
 @dataclass
@@ -38,7 +40,7 @@ class RunningJob:
     document: KritaDocument
     plan: JobPlan
     settings: Settings
-    cancelling: bool = False
+    generation: Generation | None = None
 
 
 def qimage(image: dict[str, Any]) -> QImage:
@@ -49,34 +51,39 @@ def qimage(image: dict[str, Any]) -> QImage:
 
 class Model(QObject):
     connection_changed = pyqtSignal(bool, str, str)  # connected, message, technical detail
-    models_changed = pyqtSignal(list, str)  # names, the loaded one
+    info_changed = pyqtSignal(object)  # the daemon's DaemonInfo: models, samplers, limits
     running_changed = pyqtSignal(bool)
     progress_changed = pyqtSignal(int, int)  # step, total (0, 0: idle)
     preview_changed = pyqtSignal(QImage)
     message_changed = pyqtSignal(str, bool)  # text, is an error
     last_seed_changed = pyqtSignal(int)
+    # A job's new view, from the client's threads to the GUI thread (queued by Qt).
+    _view_received = pyqtSignal(str, object)
 
     def __init__(self) -> None:
         super().__init__()
         self.prompt = ""
         self.negative_prompt = ""
-        self.steps = 20
-        self.guidance_scale = 7.5
+        # None: the model's default (the daemon fills it in; few-step models get theirs).
+        self.steps: int | None = None
+        self.guidance_scale: float | None = None
+        self.scheduler: str | None = None
         self.strength = 1.0
         self.fixed_seed = False
         self.seed = 0
         self.num_images = 1
         self.model_name = ""
+        self.info: DaemonInfo | None = None
         self.address = Krita.instance().readSetting(SETTINGS_GROUP, "address", DEFAULT_ADDRESS)
         self.token = Krita.instance().readSetting(SETTINGS_GROUP, "token", "")
         self.connected = False
         self.last_seed: int | None = None
         self.job: RunningJob | None = None
         self._keys = (f"krita-{n}" for n in itertools.count(1))
+        self._view_received.connect(self._on_view)
         self._connection = Connection()
         self._connection.state_changed.connect(self._on_state)
-        self._connection.hello_received.connect(self._on_hello)
-        self._connection.job_event.connect(self._on_job_event)
+        self._connection.info_received.connect(self._on_info)
         self._connection.set_address(self.address, self.token)
 
     # --- actions ---------------------------------------------------------------------------------
@@ -96,15 +103,20 @@ class Model(QObject):
         return Settings(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
-            steps=self.steps,
+            model=self.model_name or None,
+            num_inference_steps=self.steps,
             guidance_scale=self.guidance_scale,
+            scheduler=self.scheduler,
             strength=self.strength,
             seed=self.seed if self.fixed_seed else None,
             num_images=self.num_images,
-            model=self.model_name or None,
-            # A handful of previews per job: each costs the daemon well under a millisecond.
-            preview_every=max(1, self.steps // 10),
+            preview_every=max(1, self.expected_steps() // PREVIEWS_PER_JOB),
         )
+
+    def expected_steps(self) -> int:
+        """The steps the job will run: the artist's, else the model's default."""
+        defaults = self.info.defaults_for(self.model_name) if self.info else None
+        return self.steps or (defaults.num_inference_steps if defaults else 20)
 
     def generate(self) -> None:
         if self.job is not None:
@@ -116,112 +128,85 @@ class Model(QObject):
                 True,
             )
             return
-        if not self.prompt.strip():
-            self.message_changed.emit("Type a prompt first.", True)
-            return
-        if self.fixed_seed and not 0 <= self.seed <= MAX_SEED:
-            self.message_changed.emit(f"The seed must be between 0 and {MAX_SEED}.", True)
-            return
         settings = self.settings()
+        problem = check_settings(settings, self.info)
+        if problem:
+            self.message_changed.emit(problem, True)
+            return
         try:
             document = KritaDocument.active()
-            capture = document.capture(needs_pixels=settings.strength < 1.0)
+            capture = document.capture(self.strength)
         except DocumentError as exc:
             self.message_changed.emit(str(exc), True)
             return
-        fields = canvas.generate_fields(settings, capture.plan, capture.rgba)
-        self.job = RunningJob(next(self._keys), document, capture.plan, settings)
+        fields = editor_fields(settings, capture.plan, capture.rgba)
+        job = RunningJob(next(self._keys), document, capture.plan, settings)
+        generation = self._connection.submit(
+            fields, lambda view, key=job.key: self._view_received.emit(key, view)
+        )
+        if generation is None:
+            self.message_changed.emit(f"Not connected to the daemon at {self.address}.", True)
+            return
+        job.generation = generation
+        self.job = job
         self.running_changed.emit(True)
-        self.progress_changed.emit(0, settings.steps)
-        self.message_changed.emit("Sending the job …", False)
-        self._connection.generate(self.job.key, fields)
+        self.progress_changed.emit(0, self.expected_steps())
+        self.message_changed.emit(generation.view.message, False)
 
     def cancel(self) -> None:
-        if self.job is not None:
-            self.job.cancelling = True
-            self.message_changed.emit("Cancelling …", False)
-            self._connection.cancel(self.job.key)
+        """Asks the daemon to stop; after session.CANCEL_GRACE_S without an answer the job is
+        left behind, so a hung daemon never keeps Generate disabled."""
+        if self.job is not None and self.job.generation is not None:
+            self.job.generation.cancel()
 
     def reuse_last_seed(self) -> None:
         if self.last_seed is not None:
             self.fixed_seed = True
             self.seed = self.last_seed
 
-    # --- news from the connection (GUI thread, via queued signals) -------------------------------
+    # --- news from the connection and the job (GUI thread, via queued signals) -------------------
 
     def _on_state(self, connected: bool, text: str, detail: str) -> None:
         self.connected = connected
         self.connection_changed.emit(connected, text, detail)
 
-    def _on_hello(self, hello: dict[str, Any]) -> None:
-        models = [str(m) for m in hello.get("models") or [hello.get("model", "")]]
-        loaded = str(hello.get("model", ""))
-        if self.model_name not in models:
-            self.model_name = loaded
-        self.models_changed.emit(models, self.model_name)
-        text = f"Connected to {self.address}: {loaded} on {hello.get('device', '?')}"
-        self.connection_changed.emit(True, text, f"sdbridge daemon {hello.get('server', '?')}")
+    def _on_info(self, info: DaemonInfo) -> None:
+        self.info = info
+        if self.model_name not in info.models:
+            self.model_name = info.model
+        self.info_changed.emit(info)
+        text = f"Connected to {self.address}: {info.model} on {info.device}"
+        self.connection_changed.emit(True, text, f"sdbridge daemon {info.server}")
 
-    def _on_job_event(self, key: str, event: dict[str, Any]) -> None:
+    def _on_view(self, key: str, view: JobView) -> None:
         job = self.job
         if job is None or key != job.key:
-            return  # a late event of a job the artist already left behind
-        kind = event.get("event")
-        if kind == "accepted":
-            position = int(event.get("position", 0))
-            text = "Starting …" if position == 0 else f"Queued behind {position} job(s) …"
-            self.message_changed.emit(text, False)
-        elif kind == "started":
-            self.message_changed.emit("Generating …", False)
-        elif kind == "progress":
-            self.progress_changed.emit(int(event["step"]), int(event["total"]))
-        elif kind == "preview":
-            self.preview_changed.emit(qimage(event["image"]))
-        elif kind == "result" and job.cancelling:
-            # It finished before the cancel arrived: the artist asked for nothing to be added.
-            self._finish()
-            self.message_changed.emit("Cancelled; nothing was added.", False)
-        elif kind == "result":
-            self._finish()
-            self._apply(job, event)
-        elif kind == "cancelled" and job.cancelling:
-            self._finish()
-            self.message_changed.emit("Cancelled; nothing was added.", False)
-        elif kind == "cancelled":
-            # Nobody here asked: the daemon cancels its jobs when it shuts down.
-            self._finish()
-            self.message_changed.emit(
-                "The daemon stopped this job before it finished (it may be shutting down); "
-                "nothing was added.",
-                True,
-            )
-        elif kind == "error":
-            self._finish()
-            code = str(event.get("code", ""))
-            text = PLAIN_ERRORS.get(code) or f"The daemon refused the job: {event.get('message')}"
-            self.message_changed.emit(text, True)
-
-    def _finish(self) -> None:
+            return  # a late view of a job the artist already left behind
+        if view.phase is Phase.RUNNING and view.total:
+            self.progress_changed.emit(view.step, view.total)
+        if view.preview is not None:
+            self.preview_changed.emit(qimage(dict(view.preview.image)))
+        if not view.done:
+            self.message_changed.emit(view.message, view.is_error)
+            return
         self.job = None
         self.running_changed.emit(False)
         self.progress_changed.emit(0, 0)
+        if view.phase is Phase.FINISHED and view.result is not None:
+            self._apply(job, view.result, view.message)
+        else:
+            self.message_changed.emit(view.message, view.is_error)
 
-    def _apply(self, job: RunningJob, event: dict[str, Any]) -> None:
-        images = event.get("images") or []
-        seeds = [int(image["seed"]) for image in images]
-        if not images:
-            self.message_changed.emit("The daemon sent no image.", True)
-            return
+    def _apply(self, job: RunningJob, result: Result, saved: str) -> None:
+        seeds = [image.seed for image in result.images]
         self.last_seed = seeds[0]
         self.last_seed_changed.emit(seeds[0])
-        self.preview_changed.emit(qimage(images[0]))
-        unsaved = canvas.unsaved_warning(event)
-        saved = unsaved or f"Saved as {images[0]['path']}."
+        self.preview_changed.emit(qimage(dict(result.images[0].image)))
         if not job.document.is_open:
             self.message_changed.emit(f"The image was closed; nothing was added. {saved}", True)
             return
         try:
-            placements = [canvas.place_result(image, job.plan) for image in images]
+            placements = [canvas.place_result(dict(i.image), job.plan) for i in result.images]
         except ValueError as exc:
             self.message_changed.emit(f"Could not place the result: {exc}", True)
             return
@@ -229,4 +214,4 @@ class Model(QObject):
         group = f"{names[0]} ×{len(names)}"
         job.document.add_layers(placements, names, group)
         added = names[0] if len(names) == 1 else f"{len(names)} layers in '{group}'"
-        self.message_changed.emit(f"Added {added}. {saved}", unsaved is not None)
+        self.message_changed.emit(f"Added {added}. {saved}", result.warning is not None)

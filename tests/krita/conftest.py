@@ -217,6 +217,7 @@ def krita(krita_profile: Path, daemon) -> Iterator[Krita]:
 
 # Runs once inside Krita: names the tests use to reach the docker and documents.
 DOCKER_HELPERS = """
+from PyQt5.QtCore import QPoint
 from PyQt5.QtWidgets import QDockWidget, QPushButton
 from krita import Selection
 
@@ -250,5 +251,6 @@ def record(model):
     model.message_changed.connect(lambda text, error: seen["messages"].append([text, error]))
 
 state.update(dock=dock, new_document=new_document, close_documents=close_documents,
-             layers=layers, record=record, Selection=Selection, QPushButton=QPushButton)
+             layers=layers, record=record, Selection=Selection, QPushButton=QPushButton,
+             QPoint=QPoint)
 """

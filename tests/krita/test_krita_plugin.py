@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import SilentDaemon, wait_until
 from PIL import Image
 
 from sdbridge.editor.canvas import Bounds, Extent, job_bounds
+from sdbridge.editor.session import CANCEL_GRACE_S
 from sdbridge.wire.client import Client
 
 pytestmark = pytest.mark.krita
@@ -32,10 +34,12 @@ def new_document(krita, width: int, height: int) -> list:
     return krita.eval("layers()")
 
 
-def generate(krita, prompt: str, steps: int = 4, timeout: float = 60.0, **widgets) -> list:
-    """Fills the docker like an artist would, presses Generate, waits for the job to end."""
+def generate(krita, prompt: str, steps: int | None = 4, timeout: float = 60.0, **widgets) -> list:
+    """Fills the docker like an artist would, presses Generate, waits for the job to end.
+    `steps` None leaves the steps at "model default"."""
+    widgets["steps"] = steps or 0  # the spin box's minimum reads "model default"
     setters = "".join(f"dock().{name}.setValue({value})\n" for name, value in widgets.items())
-    krita.run(f"dock().prompt.setPlainText({prompt!r})\ndock().steps.setValue({steps})\n{setters}")
+    krita.run(f"dock().prompt.setPlainText({prompt!r})\n{setters}")
     started = krita.eval("[dock().generate.click(), dock().model.job is not None][1]")
     if started:
         krita.wait_for("dock().model.job is None", timeout)
@@ -62,10 +66,84 @@ def test_docker_loads_and_lists_the_daemons_models(krita, daemon):
     # The session's kritarc names the daemon: the docker starts with that address.
     assert krita.eval("dock().address.text()") == daemon.address
     krita.wait_for("'Connected' in dock().connection.text()", timeout=30)
+    krita.wait_for("dock().models.count() > 0", timeout=30)
     hello = krita.eval("[dock().models.itemText(i) for i in range(dock().models.count())]")
     expected = _daemon_hello(daemon)
     assert hello == expected["models"]
     assert krita.eval("dock().models.currentText()") == expected["model"]
+    samplers = krita.eval("[dock().scheduler.itemText(i) for i in range(dock().scheduler.count())]")
+    assert samplers == ["model default", *expected["schedulers"]]
+    # Until the artist changes them, steps, guidance and sampler are the model's own.
+    shown = krita.eval(
+        "[dock().steps.lineEdit().text(), dock().guidance.lineEdit().text(),"
+        " dock().scheduler.currentText(), dock().model.steps, dock().model.guidance_scale,"
+        " dock().model.scheduler, dock().steps.toolTip()]"
+    )
+    assert shown[:6] == ["model default"] * 3 + [None] * 3
+    assert shown[6] == "model default: 20 steps, guidance 7.5"
+
+
+def test_the_docker_shows_connection_prompt_and_message_without_scrolling(krita):
+    """In Krita's default window the docker shares its column with others: what an artist
+    needs at every job must be in view, not below the fold of a scroll area."""
+    krita.wait_for("dock().isVisible()", timeout=10)
+    krita.run("dock().model.message_changed.emit('A message for the artist.', False)")
+    shown = krita.eval(
+        """{name: [w.visibleRegion().boundingRect().getRect(), w.rect().getRect()]
+        for name, w in [("connection", dock().connection), ("prompt", dock().prompt),
+                        ("generate", dock().generate), ("cancel", dock().cancel),
+                        ("message", dock().message)]}"""
+    )
+    for name, (visible, whole) in shown.items():
+        assert visible == whole and whole[3] > 0, f"{name} is not wholly in view: {shown}"
+
+
+def test_a_few_step_model_picked_in_the_docker_runs_its_preset(doc, daemon, library_daemon):
+    new_document(doc, 64, 64)
+    try:
+        _connect(doc, library_daemon.address)
+        doc.wait_for("dock().models.findText('tiny-sd-turbo') >= 0", timeout=30)
+        doc.run("dock().models.setCurrentText('tiny-sd-turbo')")
+        assert doc.eval("dock().steps.toolTip()") == ("model default: 4 steps, guidance 0, Euler a")
+        layers = generate(doc, "a red circle", steps=None)
+        assert "Added" in doc.eval("dock().message.text()"), layers
+        parameters = newest_output(library_daemon).text["parameters"]
+    finally:
+        _connect(doc, daemon.address)
+    assert "Steps: 4," in parameters and "CFG scale: 0," in parameters
+    assert "Sampler: Euler a" in parameters and "Model: tiny-sd-turbo" in parameters
+    assert doc.eval("state['seen']['progress']")[-2] == [4, 4]
+
+
+def test_a_limit_changed_on_the_daemon_changes_the_widget_range(krita, daemon, daemon_factory):
+    assert krita.eval("[dock().steps.maximum(), dock().images.maximum()]") == [150, 8]
+    own = daemon_factory("--max-steps", "40", "--max-images", "3")
+    try:
+        _connect(krita, own.address)
+        krita.wait_for("dock().steps.maximum() == 40 and dock().images.maximum() == 3")
+    finally:
+        _connect(krita, daemon.address)
+    krita.wait_for("dock().steps.maximum() == 150 and dock().images.maximum() == 8")
+
+
+def test_cancel_against_a_daemon_that_never_answers_frees_generate_within_its_bound(doc, daemon):
+    new_document(doc, 64, 64)
+    try:
+        with SilentDaemon() as silent:
+            _connect(doc, silent.address)
+            doc.run("dock().prompt.setPlainText('into the void'); dock().generate.click()")
+            assert doc.eval("dock().model.job is not None and dock().cancel.isEnabled()")
+            wait_until(lambda: [r["op"] for r in silent.requests] == ["hello", "generate"])
+            started = time.monotonic()
+            doc.run("dock().cancel.click()")
+            doc.wait_for("dock().model.job is None", timeout=CANCEL_GRACE_S + 5)
+            waited = time.monotonic() - started
+            assert doc.eval("dock().generate.isEnabled()")
+            assert "did not confirm the cancel" in doc.eval("dock().message.text()")
+            assert "cancel" in [r["op"] for r in silent.requests]
+    finally:
+        _connect(doc, daemon.address)
+    assert waited < CANCEL_GRACE_S + 2
 
 
 def test_generate_without_selection_adds_one_canvas_sized_layer(doc, daemon):
@@ -174,12 +252,16 @@ def test_cancel_during_a_job_adds_nothing_and_the_next_job_works(doc):
     assert len(after) == len(before) + 1, diagnosis
 
 
-def test_daemon_error_is_shown_in_plain_words(doc):
+def test_daemon_error_is_shown_in_plain_words(doc, daemon):
     before = new_document(doc, 64, 64)
-    doc.run("dock().model.model_name = 'no-such-model'")
-    after = generate(doc, "anything")
-    assert after == before
-    assert "does not have that model" in doc.eval("dock().message.text()")
+    # Not a name from the list (the docker would say so itself): the daemon's refusal.
+    doc.run("dock().model.info = None; dock().model.model_name = 'no-such-model'")
+    try:
+        after = generate(doc, "anything")
+        assert after == before
+        assert "does not have that model" in doc.eval("dock().message.text()")
+    finally:
+        _connect(doc, daemon.address)  # the daemon's list and model again
 
 
 def test_an_image_that_is_not_8_bit_rgb_is_explained(doc):
