@@ -12,7 +12,8 @@ import torch
 from diffusers.models.attention_processor import SlicedAttnProcessor
 from helpers import ask, sdbridge
 
-from sdbridge.daemon.engine import Engine, MemoryOptions
+from sdbridge.daemon.cache import MemoryOptions, ModelCache
+from sdbridge.daemon.engine import Engine
 from sdbridge.daemon.images import job_memory_bytes
 from sdbridge.daemon.settings import SettingsError, default_config_path, load_settings
 from sdbridge.wire import protocol
@@ -155,7 +156,7 @@ def test_the_daemon_takes_its_limits_from_the_file_and_flags_beat_it(library_dae
 
 def test_memory_options_reach_the_pipelines(pipeline_dir: Path) -> None:
     memory = MemoryOptions(attention_slicing=True, vae_tiling=True)
-    engine = Engine(str(pipeline_dir), device="cpu", memory=memory)
+    engine = Engine(ModelCache(str(pipeline_dir), device="cpu", memory=memory))
     loaded = engine.activate(engine.model)
     assert loaded.txt2img.vae.use_tiling
     processors = loaded.txt2img.unet.attn_processors.values()

@@ -80,11 +80,12 @@ def _wait_for_queue(client: Client, length: int) -> None:
 @pytest.fixture
 def in_process(pipeline_dir: Path, tmp_path: Path) -> Iterator[Any]:
     """A daemon in this process, so that the test can reach into its pipeline."""
+    from sdbridge.daemon.cache import ModelCache
     from sdbridge.daemon.daemon import Daemon
     from sdbridge.daemon.engine import Engine
     from sdbridge.daemon.outputs import OutputFolder
 
-    engine = Engine(str(pipeline_dir), device="cpu")
+    engine = Engine(ModelCache(str(pipeline_dir), device="cpu"))
     daemon = Daemon(engine, OutputFolder(tmp_path / "outputs"), f"tcp://127.0.0.1:{free_port()}")
     thread = threading.Thread(target=daemon.serve_forever, daemon=True)
     thread.start()

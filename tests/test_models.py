@@ -24,6 +24,7 @@ from huggingface_hub import constants as hub_constants
 from safetensors import safe_open
 
 from sdbridge.cli import main
+from sdbridge.daemon.cache import ModelCache
 from sdbridge.daemon.engine import Engine
 from sdbridge.wire.protocol import GenerateRequest
 
@@ -75,7 +76,7 @@ def write_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def folder_engine(pipeline_dir: Path) -> Engine:
-    return Engine(str(pipeline_dir), device="cpu")
+    return Engine(ModelCache(str(pipeline_dir), device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_a_diffusers_folder_loads_and_generates(folder_engine: Engine, reference
 
 def test_a_hub_id_loads_from_the_hub_cache_offline(hub_cache: Path, reference) -> None:
     assert not Path(HUB_ID).exists()  # nothing local by that name: the hub-id path loads it
-    engine = Engine(HUB_ID, device="cpu")
+    engine = Engine(ModelCache(HUB_ID, device="cpu"))
     assert engine.model == HUB_ID
     assert np.array_equal(engine_image(engine), reference)
 
@@ -203,7 +204,7 @@ def test_checkpoints_follow_the_full_sd15_block_layout(
 def test_a_checkpoint_with_model_config_gives_the_folders_image(
     checkpoint: Path, pipeline_dir: Path, reference
 ) -> None:
-    engine = Engine(str(checkpoint), device="cpu", config=str(pipeline_dir))
+    engine = Engine(ModelCache(str(checkpoint), device="cpu", config=str(pipeline_dir)))
     assert engine.model == "tiny-sd"
     assert_same_picture(engine_image(engine), reference)
 

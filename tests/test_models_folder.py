@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from sdbridge import tiny
 from sdbridge.cli import main
 from sdbridge.daemon import models
+from sdbridge.daemon.cache import ModelCache
 from sdbridge.daemon.engine import Engine
 from sdbridge.daemon.loras import LoraRegistry
 from sdbridge.daemon.models import ModelEntry, ModelRegistry, describe, load_pipeline, scan
@@ -170,10 +171,8 @@ def test_a_job_check_looks_names_up_and_only_a_rescan_lists_new_downloads(
     models_dir.mkdir()
     loras_dir.mkdir()
     engine = Engine(
-        str(pipeline_dir),
-        device="cpu",
-        registry=ModelRegistry([], models_dir),
-        loras=LoraRegistry(loras_dir),
+        ModelCache(str(pipeline_dir), device="cpu", registry=ModelRegistry([], models_dir)),
+        LoraRegistry(loras_dir),
     )
     shutil.copytree(pipeline_dir, models_dir / "downloaded")
     shutil.copy(library / "loras" / "ink.safetensors", loras_dir)
@@ -324,7 +323,7 @@ def test_a_model_of_unknown_family_is_named_once_loaded(pipeline_dir: Path) -> N
     """A hub model not yet in the cache is listed as `unknown` until its configs arrive."""
     entry = ModelEntry("some/hub-model", str(pipeline_dir), models.UNKNOWN, 0)
     registry = ModelRegistry([entry])
-    engine = Engine("some/hub-model", device="cpu", registry=registry)
+    engine = Engine(ModelCache("some/hub-model", device="cpu", registry=registry))
     assert registry.get("some/hub-model").family == "sd1"
     assert engine.native_size == 64
 

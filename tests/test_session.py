@@ -272,7 +272,9 @@ def test_a_cancel_nobody_asked_for_is_an_error_and_a_failure_reads_plainly():
     busy = run_events({"event": "error", "code": "busy", "message": "queue full"})[-1]
     assert busy.phase is Phase.FAILED and busy.message.startswith("The daemon's queue is full")
     other = {"event": "error", "code": "out_of_range", "message": "too big", "field": "width"}
-    assert run_events(other)[-1].message == "The daemon refused the job: too big (width)"
+    refused = run_events(other)[-1]
+    assert refused.message == "The daemon refused the job: too big (width)"
+    assert refused.failure == Failed("out_of_range", "too big", "width")
 
 
 def test_a_finished_view_ignores_late_and_unknown_events():

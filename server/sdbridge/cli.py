@@ -66,7 +66,7 @@ def serve(args: argparse.Namespace) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from .daemon.cache import MemoryOptions
+    from .daemon.cache import MemoryOptions, ModelCache
     from .daemon.daemon import Daemon
     from .daemon.engine import Engine
     from .daemon.images import job_memory_bytes
@@ -88,13 +88,12 @@ def serve(args: argparse.Namespace) -> int:
         registry = ModelRegistry(
             embedded, settings.models_dir, settings.allow_pickle, configs=configs
         )
-        engine = Engine(
+        models = ModelCache(
             model,
             device=settings.device,
             dtype=settings.dtype,
             config=settings.model_config,
             registry=registry,
-            loras=LoraRegistry(settings.loras_dir),
             memory=MemoryOptions(
                 settings.attention_slicing, settings.vae_tiling, settings.cpu_offload
             ),
@@ -102,6 +101,7 @@ def serve(args: argparse.Namespace) -> int:
             model_settings=settings.models,
             allow_pickle=settings.allow_pickle,
         )
+        engine = Engine(models, LoraRegistry(settings.loras_dir))
     except (ValueError, OSError) as exc:
         print(f"sdbridge: cannot load model {model!r}: {exc}", file=sys.stderr)
         return 2
@@ -244,7 +244,10 @@ def generate(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     result = view.result
     if view.phase is not Phase.FINISHED or result is None:
-        print(f"sdbridge: {view.message}", file=sys.stderr)
+        # A terminal user reads the daemon's own words (the view's are for an editor's panel).
+        failure = view.failure
+        text = f"{failure.message} ({failure.code})" if failure else view.message
+        print(f"sdbridge: {text}", file=sys.stderr)
         return 1
     output = Path(args.output)
     for image, path in zip(result.images, _output_paths(output, len(result.images)), strict=True):

@@ -27,10 +27,9 @@ from PIL import Image, ImageFilter
 from ..wire import protocol
 from ..wire.protocol import ErrorCode, GenerateRequest, ProtocolError
 from . import loras as lora_loading
-from .cache import LoadedModel, MemoryOptions, ModelCache
+from .cache import LoadedModel, ModelCache
 from .images import decode_image
 from .loras import LoraEntry, LoraRegistry
-from .models import ModelRegistry
 from .parameters import GenerationInfo
 from .presets import PRESETS, lora_preset
 from .previews import LatentPreviewer
@@ -183,36 +182,11 @@ class StepCallback:
 class Engine:
     """Runs jobs, one at a time (on the daemon's worker), on the models of its `ModelCache`."""
 
-    def __init__(
-        self,
-        model: str,
-        device: str = "auto",
-        dtype: str = "auto",
-        config: str | None = None,
-        *,
-        registry: ModelRegistry | None = None,
-        loras: LoraRegistry | None = None,
-        memory: MemoryOptions | None = None,
-        max_loaded: int = 1,
-        model_settings: Mapping[str, Mapping[str, Any]] | None = None,
-        allow_pickle: bool = False,
-    ) -> None:
-        """`model` is served first: a name in `registry`, or else a diffusers folder, a
-        single-file checkpoint (`config`: a folder with its diffusers configs) or a hub id."""
+    def __init__(self, models: ModelCache, loras: LoraRegistry | None = None) -> None:
+        self.models = models
         self.loras = loras or LoraRegistry(None)
-        self.models = ModelCache(
-            model,
-            device,
-            dtype,
-            config,
-            registry=registry,
-            memory=memory,
-            max_loaded=max_loaded,
-            model_settings=model_settings,
-            allow_pickle=allow_pickle,
-        )
-        self.device = self.models.device
-        self.dtype = self.models.dtype
+        self.device = models.device
+        self.dtype = models.dtype
 
     @property
     def model(self) -> str:

@@ -341,6 +341,7 @@ class JobView:
     eta: float = 0.0
     preview: Preview | None = None
     result: Result | None = None
+    failure: Failed | None = None  # the daemon's own words, for a log or a terminal
     cancelling: bool = False
 
     @property
@@ -383,7 +384,9 @@ def advance(view: JobView, event: JobEvent | None) -> JobView:
     if isinstance(event, Cancelled):
         return replace(view, phase=Phase.CANCELLED, **_cancelled_text(event, view.cancelling))
     if isinstance(event, Failed):
-        return replace(view, phase=Phase.FAILED, message=failure_text(event), is_error=True)
+        return replace(
+            view, phase=Phase.FAILED, message=failure_text(event), is_error=True, failure=event
+        )
     raise TypeError(f"not a job event: {event!r}")
 
 
