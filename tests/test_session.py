@@ -285,10 +285,11 @@ def test_a_finished_view_ignores_late_and_unknown_events():
 
 def test_link_states_read_as_sentences():
     address = "tcp://127.0.0.1:7878"
-    assert "needs a token" in link_text(Link.TOKEN_REQUIRED, address, False)
-    assert "did not accept the token" in link_text(Link.TOKEN_REFUSED, address, True)
-    assert "too many connections" in link_text(Link.FULL, address, False)
-    assert "sdbridge serve" in link_text(Link.UNREACHABLE, address, False)
+    assert "needs a token" in link_text(Link.TOKEN_REQUIRED, address)
+    assert "did not accept the token" in link_text(Link.TOKEN_REFUSED, address)
+    assert "too many connections" in link_text(Link.FULL, address)
+    assert "sdbridge serve" in link_text(Link.UNREACHABLE, address)
+    assert all(address in link_text(link, address) for link in Link)
 
 
 # --- against real daemons ---------------------------------------------------------------------

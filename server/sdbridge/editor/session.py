@@ -432,25 +432,24 @@ def _cancelled_text(event: Cancelled, asked: bool) -> dict[str, Any]:
 # --- the connection, in words ------------------------------------------------------------------
 
 
-def link_text(link: Link, address: str, has_token: bool) -> str:
+LINK_TEXTS = {
+    Link.CONNECTING: "Connecting to {address} …",
+    Link.CONNECTED: "Connected to {address}",
+    Link.UNREACHABLE: "No sdbridge daemon at {address}. Start it with `sdbridge serve`; "
+    "the plugin keeps trying.",
+    Link.FULL: "The daemon at {address} has too many connections open; the plugin keeps trying.",
+    Link.TOKEN_REFUSED: "The daemon at {address} did not accept the token; check it and press "
+    "Connect.",
+    Link.TOKEN_REQUIRED: "The daemon at {address} needs a token: type it and press Connect.",
+    Link.TOKEN_UNEXPECTED: "The daemon at {address} takes no token (it listens on loopback "
+    "only).",
+    Link.CLOSED: "Disconnected from {address}.",
+}
+
+
+def link_text(link: Link, address: str) -> str:
     """The connection's state as a sentence for the artist."""
-    if link is Link.CONNECTED:
-        return f"Connected to {address}"
-    if link is Link.CONNECTING:
-        return f"Connecting to {address} …"
-    if link is Link.TOKEN_REFUSED:
-        return f"The daemon at {address} did not accept the token; check it and press Connect."
-    if link is Link.TOKEN_REQUIRED:
-        return f"The daemon at {address} needs a token: type it and press Connect."
-    if link is Link.TOKEN_UNEXPECTED:
-        return f"The daemon at {address} takes no token (it listens on loopback only)."
-    if link is Link.FULL:
-        return f"The daemon at {address} has too many connections open; the plugin keeps trying."
-    if link is Link.CLOSED:
-        return f"Disconnected from {address}."
-    return (
-        f"No sdbridge daemon at {address}. Start it with `sdbridge serve`; the plugin keeps trying."
-    )
+    return LINK_TEXTS[link].format(address=address)
 
 
 # --- one connection and its jobs ---------------------------------------------------------------
@@ -476,7 +475,6 @@ class Session:
         on_link: LinkCallback | None = None,
         timeout: float = 10.0,
     ) -> None:
-        self.has_token = bool(token)
         self._on_link = on_link
         self.address = resolve_address(address)
         # Raises ValueError for an address that is not tcp://HOST:PORT.
@@ -494,11 +492,11 @@ class Session:
 
     @property
     def link_text(self) -> str:
-        return link_text(self.client.link, self.address, self.has_token)
+        return link_text(self.client.link, self.address)
 
     def _link_changed(self, link: Link, detail: str) -> None:
         if self._on_link is not None:
-            self._on_link(link, link_text(link, self.address, self.has_token), detail)
+            self._on_link(link, link_text(link, self.address), detail)
 
     def info(self, with_models: bool = True) -> DaemonInfo:
         """`hello` (and `models`, for the per-model defaults); raises `ClientError`."""
