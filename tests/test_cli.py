@@ -32,6 +32,23 @@ def test_generate_writes_the_image_and_shows_progress(daemon, tmp_path: Path) ->
     assert [path.name for path in tmp_path.iterdir()] == ["cat.png"]  # no temporary left
 
 
+def test_a_few_step_model_without_steps_or_guidance_runs_its_preset(
+    library_daemon, tmp_path: Path
+) -> None:
+    """What the user leaves out is not sent: the daemon applies the model's own defaults."""
+    out = tmp_path / "turbo.png"
+    run = sdbridge(
+        "generate", "a red circle", "--address", library_daemon.address,
+        "--model", "tiny-sd-turbo", "--width", "64", "--height", "64", "-o", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "step 4/4" in run.stderr
+    with Image.open(out) as image:
+        parameters = image.text["parameters"]
+    assert "Steps: 4," in parameters and "CFG scale: 0," in parameters
+    assert "Sampler: Euler a" in parameters
+
+
 def test_batch_writes_numbered_files(daemon, tmp_path: Path) -> None:
     out = tmp_path / "many.png"
     run = sdbridge(
