@@ -209,6 +209,19 @@ def generate(args: argparse.Namespace) -> int:
         loras=tuple(_lora(spec) for spec in args.lora),
         refine_strength=args.refine,
     )
+    if args.style:
+        from .editor.styles import StyleError, load_styles
+
+        try:
+            styles = load_styles()
+        except StyleError as exc:
+            print(f"sdbridge: {exc}", file=sys.stderr)
+            return 2
+        if args.style not in styles:
+            known = ", ".join(styles) or "none yet"
+            print(f"sdbridge: no style {args.style!r} (styles: {known})", file=sys.stderr)
+            return 2
+        settings = styles[args.style].apply(settings)
     try:
         init = _load_image(args.init_image).to_dict() if args.init_image else None
         mask = _load_image(args.mask).to_dict() if args.mask else None
@@ -412,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--refine", type=float, metavar="STRENGTH", help="second pass for large sizes (0.2-0.4)"
+    )
+    p.add_argument(
+        "--style",
+        help="a style preset by name: its prompt additions, and parameters for what is not given "
+        "(the styles file: $SDBRIDGE_STYLES or ~/.config/sdbridge/styles.json)",
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--width", type=int)
