@@ -441,8 +441,7 @@ LINK_TEXTS = {
     Link.TOKEN_REFUSED: "The daemon at {address} did not accept the token; check it and press "
     "Connect.",
     Link.TOKEN_REQUIRED: "The daemon at {address} needs a token: type it and press Connect.",
-    Link.TOKEN_UNEXPECTED: "The daemon at {address} takes no token (it listens on loopback "
-    "only).",
+    Link.TOKEN_UNEXPECTED: "The daemon at {address} takes no token (it listens on loopback only).",
     Link.CLOSED: "Disconnected from {address}.",
 }
 
