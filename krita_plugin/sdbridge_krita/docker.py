@@ -15,24 +15,30 @@ from PyQt5.QtWidgets import (
     QFormLayout,
     QFrame,
     QHBoxLayout,
+    QInputDialog,
     QLabel,
     QLineEdit,
+    QListWidget,
+    QListWidgetItem,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSlider,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from sdbridge.editor.session import DaemonInfo
+from sdbridge.wire.protocol import MAX_LORA_WEIGHT
 
 from .model import Model
 
 DOCKER_ID = "sdbridge_docker"
 PREVIEW_SIZE = 128
 MODEL_DEFAULT = "model default"
+NO_STYLE = "none"
 # Guidance 0 is a real value (few-step models run at 0): "model default" sits one step below.
 GUIDANCE_DEFAULT = -0.5
 
@@ -136,11 +142,55 @@ class SdbridgeDocker(DockWidget):
         self.scheduler = QComboBox()
         self.scheduler.setObjectName("sdbridge_scheduler")
         self.scheduler.addItem(MODEL_DEFAULT)
-        self.strength = QSpinBox()
+        self.strength = QSlider(Qt.Horizontal)
+        self.strength.setObjectName("sdbridge_strength")
         self.strength.setRange(1, 100)
-        self.strength.setSuffix(" %")
         self.strength.setValue(round(self.model.strength * 100))
         self.strength.setToolTip("100 %: paint something new; lower: repaint what is there")
+        strength_shown = QLabel(f"{self.strength.value()} %")
+        strength_shown.setMinimumWidth(40)
+        self.strength.valueChanged.connect(lambda value: strength_shown.setText(f"{value} %"))
+        strength_row = QHBoxLayout()
+        strength_row.addWidget(self.strength, 1)
+        strength_row.addWidget(strength_shown)
+        self.refine = QDoubleSpinBox()
+        self.refine.setObjectName("sdbridge_refine")
+        self.refine.setRange(0.0, 1.0)
+        self.refine.setSingleStep(0.05)
+        self.refine.setSpecialValueText("off")
+        self.refine.setToolTip(
+            "A second pass for an image larger than the model's own size: it is painted at the "
+            "model's size, enlarged, and repainted at this strength (0.2-0.4 keeps the picture)"
+        )
+        self.style = QComboBox()
+        self.style.setObjectName("sdbridge_style")
+        self.style.setToolTip("Prompt additions and parameters saved under a name")
+        save_style = QPushButton("Save…")
+        save_style.setObjectName("sdbridge_save_style")
+        save_style.setToolTip("Save this panel's parameters and negative prompt as a style")
+        save_style.clicked.connect(self._on_save_style)
+        style_row = QHBoxLayout()
+        style_row.addWidget(self.style, 1)
+        style_row.addWidget(save_style)
+        self.lora_choice = QComboBox()
+        self.lora_choice.setObjectName("sdbridge_lora_choice")
+        self.lora_weight = QDoubleSpinBox()
+        self.lora_weight.setObjectName("sdbridge_lora_weight")
+        self.lora_weight.setRange(-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)
+        self.lora_weight.setSingleStep(0.1)
+        self.lora_weight.setValue(1.0)
+        add_lora = QPushButton("Add")
+        add_lora.setObjectName("sdbridge_add_lora")
+        add_lora.clicked.connect(self._on_add_lora)
+        lora_row = QHBoxLayout()
+        lora_row.addWidget(self.lora_choice, 1)
+        lora_row.addWidget(self.lora_weight)
+        lora_row.addWidget(add_lora)
+        self.loras = QListWidget()
+        self.loras.setObjectName("sdbridge_loras")
+        self.loras.setMaximumHeight(60)
+        self.loras.setToolTip("The job's LoRAs; double-click one to remove it")
+        self.loras.itemDoubleClicked.connect(self._on_remove_lora)
         self.images = QSpinBox()
         self.images.setObjectName("sdbridge_images")
         self.images.setRange(1, 8)
@@ -156,11 +206,15 @@ class SdbridgeDocker(DockWidget):
         seed_row.addWidget(self.fixed_seed)
         seed_row.addWidget(self.seed, 1)
         seed_row.addWidget(self.reuse_seed)
+        form.addRow("Style", style_row)
         form.addRow("Model", self.models)
+        form.addRow("LoRA", lora_row)
+        form.addRow("", self.loras)
         form.addRow("Steps", self.steps)
         form.addRow("Guidance", self.guidance)
         form.addRow("Sampler", self.scheduler)
-        form.addRow("Strength", self.strength)
+        form.addRow("Strength", strength_row)
+        form.addRow("Refine", self.refine)
         form.addRow("Images", self.images)
         form.addRow("Seed", seed_row)
         details.addLayout(form)
@@ -197,6 +251,10 @@ class SdbridgeDocker(DockWidget):
         )
         self.strength.valueChanged.connect(lambda value: setattr(m, "strength", value / 100))
         self.images.valueChanged.connect(lambda value: setattr(m, "num_images", value))
+        self.refine.valueChanged.connect(lambda value: setattr(m, "refine_strength", value or None))
+        self.style.currentIndexChanged.connect(
+            lambda index: setattr(m, "style", self.style.itemText(index) if index > 0 else "")
+        )
         self.fixed_seed.toggled.connect(self._on_fixed_seed)
         self.seed.textChanged.connect(lambda text: setattr(m, "seed", int(text or 0)))
         self.reuse_seed.clicked.connect(self._on_reuse_seed)
@@ -210,6 +268,8 @@ class SdbridgeDocker(DockWidget):
         m.preview_changed.connect(self._on_preview)
         m.message_changed.connect(self._on_message)
         m.last_seed_changed.connect(lambda _seed: self.reuse_seed.setEnabled(True))
+        m.styles_changed.connect(self._on_styles)
+        m.load_styles()
 
     def canvasChanged(self, canvas) -> None:  # noqa: N802 (Krita's name)
         """Required by DockWidget; jobs read the active document when Generate is pressed."""
@@ -229,6 +289,42 @@ class SdbridgeDocker(DockWidget):
         self.connection.setText(f"{dot} {html.escape(message)}")  # rich text: escape the rest
         self.connection.setToolTip(detail)
 
+    def _on_styles(self, names: list, chosen: str) -> None:
+        self.style.blockSignals(True)
+        self.style.clear()
+        self.style.addItems([NO_STYLE, *names])
+        self.style.setCurrentText(chosen or NO_STYLE)
+        self.style.blockSignals(False)
+
+    def _on_save_style(self) -> None:
+        name, ok = QInputDialog.getText(self, "Save style", "Name of the style:")
+        if not ok or not name.strip():
+            return
+        prompt, ok = QInputDialog.getText(
+            self,
+            "Save style",
+            "Prompt additions ({prompt} stands for your prompt):",
+            text="{prompt}, ",
+        )
+        if ok:
+            self.model.save_style(name, prompt)
+
+    def _on_add_lora(self) -> None:
+        if self.lora_choice.currentText():
+            self.model.add_lora(self.lora_choice.currentText(), self.lora_weight.value())
+            self._show_loras()
+
+    def _on_remove_lora(self, item: QListWidgetItem) -> None:
+        self.model.remove_lora(item.data(Qt.UserRole))
+        self._show_loras()
+
+    def _show_loras(self) -> None:
+        self.loras.clear()
+        for lora in self.model.loras:
+            item = QListWidgetItem(f"{lora.name}  ({lora.weight:g})")
+            item.setData(Qt.UserRole, lora.name)
+            self.loras.addItem(item)
+
     def _on_info(self, info: DaemonInfo) -> None:
         """The daemon's models, samplers and limits: the widgets' choices and ranges."""
         self.models.blockSignals(True)
@@ -245,6 +341,9 @@ class SdbridgeDocker(DockWidget):
         self.model.scheduler = self._chosen_scheduler()
         self.steps.setMaximum(info.limits.max_steps)
         self.images.setMaximum(info.limits.max_images)
+        self.lora_choice.clear()
+        self.lora_choice.addItems(info.loras)
+        self._show_loras()
         self._show_defaults()
 
     def _chosen_scheduler(self) -> str | None:

@@ -19,12 +19,14 @@ from sdbridge.editor.session import (
     DaemonInfo,
     Generation,
     JobView,
+    LoraChoice,
     Phase,
     Result,
     Settings,
     check_settings,
     editor_fields,
 )
+from sdbridge.editor.styles import Style, StyleError, load_styles, save_style
 from sdbridge.wire.protocol import DEFAULT_ADDRESS
 
 from .connection import Connection
@@ -57,6 +59,7 @@ class Model(QObject):
     preview_changed = pyqtSignal(QImage)
     message_changed = pyqtSignal(str, bool)  # text, is an error
     last_seed_changed = pyqtSignal(int)
+    styles_changed = pyqtSignal(list, str)  # names, the chosen one ("" for none)
     # A job's new view, from the client's threads to the GUI thread (queued by Qt).
     _view_received = pyqtSignal(str, object)
 
@@ -69,6 +72,10 @@ class Model(QObject):
         self.guidance_scale: float | None = None
         self.scheduler: str | None = None
         self.strength = 1.0
+        self.refine_strength: float | None = None  # None: no second pass
+        self.loras: list[LoraChoice] = []
+        self.style = ""  # a name from the styles file; "": none
+        self.styles: dict[str, Style] = {}
         self.fixed_seed = False
         self.seed = 0
         self.num_images = 1
@@ -99,7 +106,8 @@ class Model(QObject):
         self.connection_changed.emit(False, f"Connecting to {self.address} …", "")
         self._connection.set_address(self.address, self.token)
 
-    def settings(self) -> Settings:
+    def chosen(self) -> Settings:
+        """What the artist set in the panel, before any style."""
         return Settings(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
@@ -110,8 +118,48 @@ class Model(QObject):
             strength=self.strength,
             seed=self.seed if self.fixed_seed else None,
             num_images=self.num_images,
+            loras=tuple(self.loras),
+            refine_strength=self.refine_strength,
             preview_every=max(1, self.expected_steps() // PREVIEWS_PER_JOB),
         )
+
+    def settings(self) -> Settings:
+        """The job's settings: the panel's, in the chosen style."""
+        style = self.styles.get(self.style)
+        return style.apply(self.chosen()) if style else self.chosen()
+
+    def load_styles(self) -> None:
+        """(Re)reads the styles file, which the GIMP plug-in and the CLI share."""
+        try:
+            self.styles = load_styles()
+        except StyleError as exc:
+            self.styles = {}
+            self.message_changed.emit(str(exc), True)
+        if self.style not in self.styles:
+            self.style = ""
+        self.styles_changed.emit(list(self.styles), self.style)
+
+    def save_style(self, name: str, prompt: str) -> None:
+        """Saves the panel's parameters and negative prompt, with `prompt` (its additions, where
+        {prompt} stands for the artist's prompt), as the style `name`, and picks it."""
+        name = name.strip()
+        if not name:
+            return
+        try:
+            save_style(Style.of(self.chosen(), name, prompt.strip() or "{prompt}"))
+        except (OSError, StyleError) as exc:
+            self.message_changed.emit(f"Could not save the style: {exc}", True)
+            return
+        self.style = name
+        self.load_styles()
+        self.message_changed.emit(f"Saved the style “{name}”.", False)
+
+    def add_lora(self, name: str, weight: float) -> None:
+        self.loras = [lora for lora in self.loras if lora.name != name]
+        self.loras.append(LoraChoice(name, weight))
+
+    def remove_lora(self, name: str) -> None:
+        self.loras = [lora for lora in self.loras if lora.name != name]
 
     def expected_steps(self) -> int:
         """The steps the job will run: the artist's, else the model's default."""
@@ -174,6 +222,7 @@ class Model(QObject):
         self.info = info
         if self.model_name not in info.models:
             self.model_name = info.model
+        self.loras = [lora for lora in self.loras if lora.name in info.loras]
         self.info_changed.emit(info)
         text = f"Connected to {self.address}: {info.model} on {info.device}"
         self.connection_changed.emit(True, text, f"sdbridge daemon {info.server}")

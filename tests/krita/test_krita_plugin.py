@@ -14,6 +14,7 @@ from PIL import Image
 
 from sdbridge.editor.canvas import Bounds, Extent, job_bounds
 from sdbridge.editor.session import CANCEL_GRACE_S
+from sdbridge.editor.styles import load_styles
 from sdbridge.wire.client import Client
 
 pytestmark = pytest.mark.krita
@@ -113,6 +114,40 @@ def test_a_few_step_model_picked_in_the_docker_runs_its_preset(doc, daemon, libr
     assert "Steps: 4," in parameters and "CFG scale: 0," in parameters
     assert "Sampler: Euler a" in parameters and "Model: tiny-sd-turbo" in parameters
     assert doc.eval("state['seen']['progress']")[-2] == [4, 4]
+
+
+def test_sampler_loras_and_a_style_reach_the_saved_parameters(
+    doc, daemon, library_daemon, krita_profile
+):
+    new_document(doc, 64, 64)
+    try:
+        _connect(doc, library_daemon.address)
+        doc.wait_for("dock().lora_choice.findText('ink') >= 0", timeout=30)
+        doc.run(
+            """
+            dock().scheduler.setCurrentText('DPM++ 2M')
+            dock().lora_choice.setCurrentText('ink'); dock().lora_weight.setValue(0.5)
+            dock().findChild(QPushButton, 'sdbridge_add_lora').click()
+            dock().model.save_style('ink style', '{prompt}, ink drawing')
+            """
+        )
+        assert doc.eval("dock().style.currentText()") == "ink style"
+        assert doc.eval("dock().loras.item(0).text()") == "ink  (0.5)"
+        generate(doc, "a cat", steps=3)
+        assert "Added" in doc.eval("dock().message.text()")
+        parameters = newest_output(library_daemon).text["parameters"]
+    finally:
+        doc.run(
+            "dock().model.loras = []; dock().loras.clear(); dock().style.setCurrentIndex(0);"
+            " dock().scheduler.setCurrentIndex(0)"
+        )
+        _connect(doc, daemon.address)
+    assert parameters.startswith("a cat, ink drawing <lora:ink:0.5>\n")
+    assert "Sampler: DPM++ 2M," in parameters and "Steps: 3," in parameters
+    # The style is in the file that the GIMP plug-in and the CLI read too.
+    saved = load_styles(krita_profile / "config" / "sdbridge" / "styles.json")
+    assert saved["ink style"].prompt == "{prompt}, ink drawing"
+    assert saved["ink style"].scheduler == "DPM++ 2M"
 
 
 def test_a_limit_changed_on_the_daemon_changes_the_widget_range(krita, daemon, daemon_factory):
