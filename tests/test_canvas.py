@@ -14,10 +14,12 @@ from sdbridge.editor.canvas import (
     SelectionOutsideCanvas,
     bgra_to_rgba,
     copy_region,
+    fill_transparent,
     job_bounds,
     layer_name,
     place_result,
     plan_area,
+    plan_expand,
     plan_job,
     rgba_to_bgra,
 )
@@ -172,3 +174,33 @@ def test_area_plan_cuts_the_new_picture_to_a_shaped_or_feathered_selection():
     assert bytes(placed.rgba) == bytes([1, 2, 3, 0, 1, 2, 3, 128, 1, 2, 3, 255])
     # A rectangular selection (all 255) needs no cut: the layer is opaque.
     assert plan_area(CANVAS, selection, b"\xff" * 3).mask is None
+
+
+def test_expand_masks_the_transparent_margin_and_keeps_the_picture():
+    """After Image > Canvas Size the new margin is transparent: it is what the job paints."""
+    canvas = Extent(8, 4)
+    alpha = bytearray(b"\xff" * 32)
+    for y in range(4):
+        alpha[y * 8 + 6 : y * 8 + 8] = b"\x00\x00"  # two transparent columns on the right
+    alpha[5] = 128  # one half-transparent pixel: half repainted
+    plan = plan_expand(canvas, bytes(alpha))
+    assert plan is not None and plan.inpaints
+    assert plan.target == Bounds(5, 0, 3, 4)  # the transparent part
+    assert plan.bounds == Bounds(0, 0, 8, 4)  # with context around it, within the canvas
+    row0 = plan.mask[0:8]
+    assert row0 == bytes([0, 0, 0, 0, 0, 127, 255, 255])
+    assert plan_expand(canvas, b"\xff" * 32) is None  # nothing transparent
+    assert plan_expand(canvas, b"\x00" * 32) is None  # nothing to extend: a plain job
+
+
+def test_expands_init_image_stretches_the_picture_into_the_margin():
+    extent = Extent(4, 3)
+    blue, red = bytes([0, 0, 255, 255]), bytes([255, 0, 0, 255])
+    clear = bytes(4)
+    rgba = (clear + blue + red + clear) + (clear * 4) + (blue + red + clear + clear)
+    filled = fill_transparent(rgba, extent)
+    rows = [bytes(filled[y * 16 : (y + 1) * 16]) for y in range(3)]
+    assert rows[0] == blue + blue + red + red
+    assert rows[1] in (rows[0], rows[2])  # an empty row copies the nearest painted one
+    assert rows[2] == blue + red + red + red
+    assert set(filled[3::4]) == {255}

@@ -42,8 +42,9 @@ class KritaDocument:
         return Extent(self._doc.width(), self._doc.height())
 
     def capture(self, strength: float) -> Capture:
-        """Reads what a job needs: its region, the selection mask and, when the job needs them
-        (strength < 1 or a selection), the merged pixels of that region."""
+        """Reads what a job needs: its region, the mask and, when the job needs them, the
+        merged pixels of that region. The mask is the selection; without one, the canvas's
+        transparent parts (expand), if it has any."""
         if (self._doc.colorModel(), self._doc.colorDepth()) != ("RGBA", "U8"):
             raise DocumentError(
                 "sdbridge works on 8-bit RGB images; convert this one with "
@@ -51,19 +52,29 @@ class KritaDocument:
             )
         selection = self._doc.selection()
         if selection is None or selection.width() <= 0 or selection.height() <= 0:
-            plan = canvas.plan_job(self.extent, None)
-        else:
-            bounds = Bounds(selection.x(), selection.y(), selection.width(), selection.height())
-            mask = bytes(selection.pixelData(bounds.x, bounds.y, bounds.width, bounds.height))
-            try:
-                plan = canvas.plan_job(self.extent, bounds, mask)
-            except canvas.SelectionOutsideCanvas as exc:
-                raise DocumentError("The selection is outside the image.") from exc
-        rgba = None
-        if plan.needs_canvas(strength):
-            b = plan.bounds
-            rgba = bytes(canvas.bgra_to_rgba(self._doc.pixelData(b.x, b.y, b.width, b.height)))
+            return self._capture_canvas(strength)
+        bounds = Bounds(selection.x(), selection.y(), selection.width(), selection.height())
+        mask = bytes(selection.pixelData(bounds.x, bounds.y, bounds.width, bounds.height))
+        try:
+            plan = canvas.plan_job(self.extent, bounds, mask)
+        except canvas.SelectionOutsideCanvas as exc:
+            raise DocumentError("The selection is outside the image.") from exc
+        rgba = self._pixels(plan.bounds) if plan.needs_canvas(strength) else None
         return Capture(plan, rgba)
+
+    def _capture_canvas(self, strength: float) -> Capture:
+        whole = Bounds.of(self.extent)
+        rgba = self._pixels(whole)
+        expand = canvas.plan_expand(self.extent, rgba[3::4])
+        if expand is None:
+            plan = canvas.plan_job(self.extent, None)
+            return Capture(plan, rgba if plan.needs_canvas(strength) else None)
+        region = canvas.copy_region(rgba, whole, expand.bounds, 4)
+        return Capture(expand, bytes(canvas.fill_transparent(region, expand.bounds.extent)))
+
+    def _pixels(self, b: Bounds) -> bytes:
+        """The merged image (what the artist sees) over `b`, as RGBA."""
+        return bytes(canvas.bgra_to_rgba(self._doc.pixelData(b.x, b.y, b.width, b.height)))
 
     def add_layers(self, placements: list[Placement], names: list[str], group: str) -> None:
         """One paint layer per image on top of the stack; several go into one group. The nodes

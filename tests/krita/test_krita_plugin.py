@@ -12,6 +12,7 @@ import pytest
 from helpers import SilentDaemon, wait_until
 from PIL import Image
 
+from sdbridge import tiny
 from sdbridge.editor.canvas import Bounds, Extent, job_bounds
 from sdbridge.editor.session import CANCEL_GRACE_S
 from sdbridge.editor.styles import load_styles
@@ -148,6 +149,56 @@ def test_sampler_loras_and_a_style_reach_the_saved_parameters(
     saved = load_styles(krita_profile / "config" / "sdbridge" / "styles.json")
     assert saved["ink style"].prompt == "{prompt}, ink drawing"
     assert saved["ink style"].scheduler == "DPM++ 2M"
+
+
+def test_generate_fills_the_transparent_margin_and_keeps_the_picture_exactly(
+    doc, daemon, daemon_factory
+):
+    """Expand: after Image > Canvas Size the new margin is transparent; Generate paints it, the
+    old pixels stay exactly as they were, and the seam is no sharper than the picture itself."""
+    tiny_daemon = daemon_factory(model=tiny.MODEL_DIR)
+    width, height, margin = 128, 96, 32
+    new_document(doc, width, height)
+    prompt = "a red circle at the left on a blue background"
+    try:
+        _connect(doc, tiny_daemon.address)
+        doc.run("dock().fixed_seed.setChecked(True); dock().seed.setText('3')")
+        generate(doc, prompt, steps=None)
+        before = pixels(doc, "state['doc']", [0, 0, width, height])
+        # Krita's Background layer grows in its own colour; a picture on a layer of its own
+        # (a transparent background) grows transparent, as after Image > Canvas Size.
+        doc.run(
+            "[n.remove() for n in state['doc'].rootNode().childNodes() if n.name() == 'Background']"
+            f"; state['doc'].resizeImage(0, 0, {width + margin}, {height})"
+            "; state['doc'].waitForDone(); state['doc'].refreshProjection()"
+            "; state['doc'].waitForDone()"
+        )
+        wide = pixels(doc, "state['doc']", [0, 0, width + margin, height])
+        assert set(wide[width * 4 + 3 :: (width + margin) * 4]) == {0}, "a transparent margin"
+        layers = generate(doc, prompt, steps=None)
+        after = pixels(doc, "state['doc']", [0, 0, width + margin, height])
+    finally:
+        doc.run("dock().fixed_seed.setChecked(False)")
+        _connect(doc, daemon.address)
+    assert "Added" in doc.eval("dock().message.text()")
+    assert layers[-1][2][:2] == [width, 0], "the new layer starts at the margin"
+    stride = (width + margin) * 4
+    for y in range(height):
+        old = before[y * width * 4 : (y + 1) * width * 4]
+        assert after[y * stride : y * stride + width * 4] == old, f"row {y} of the picture changed"
+    assert set(after[3::4]) == {255}, "the margin is painted, nothing stays transparent"
+
+    def step(x: int) -> float:
+        """Mean colour difference between columns x - 1 and x (BGRA, alpha left out)."""
+        total = 0
+        for y in range(height):
+            for c in range(3):
+                total += abs(after[y * stride + x * 4 + c] - after[y * stride + (x - 1) * 4 + c])
+        return total / (height * 3)
+
+    seam, untouched = step(width), sum(step(x) for x in range(8, width - 8)) / (width - 16)
+    print(f"expand seam: {seam:.2f} across the seam, {untouched:.2f} inside the picture")
+    assert seam <= 3 * untouched + 6, (seam, untouched)
 
 
 def test_a_limit_changed_on_the_daemon_changes_the_widget_range(krita, daemon, daemon_factory):

@@ -10,6 +10,7 @@ out BGRA, GIMP and the wire use RGBA. A mask is one byte per pixel, 255 = select
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -232,6 +233,76 @@ def plan_area(
         if mask.count(255) == len(mask):
             mask = None  # a rectangle: the whole area, no cut needed
     return JobPlan(bounds, bounds, mask, inpaint=False)
+
+
+_INVERT = bytes(255 - value for value in range(256))
+
+
+def transparent_bounds(alpha: bytes | bytearray, extent: Extent) -> Bounds | None:
+    """The bounds of the pixels that are not fully opaque (alpha < 255); None if there are
+    none. One scan per row in C (`strip`), no Python loop per pixel."""
+    top = bottom = left = right = None
+    width = extent.width
+    for y in range(extent.height):
+        row = bytes(alpha[y * width : (y + 1) * width])
+        if row.count(255) == width:
+            continue
+        first = width - len(row.lstrip(b"\xff"))
+        last = len(row.rstrip(b"\xff"))
+        top = y if top is None else top
+        bottom = y + 1
+        left = first if left is None else min(left, first)
+        right = last if right is None else max(right, last)
+    if top is None:
+        return None
+    return Bounds(left, top, right - left, bottom - top)
+
+
+def plan_expand(canvas: Extent, alpha: bytes | bytearray) -> JobPlan | None:
+    """Expand (outpaint): the transparent parts of the canvas (after Image > Canvas Size, say)
+    are painted and the opaque ones kept exactly. The mask is the transparency (255 - alpha)
+    over its bounds plus context, as for a selection. None when no pixel is transparent, or
+    every pixel is (then there is nothing to extend: a plain job paints the canvas)."""
+    if len(alpha) != canvas.pixel_count:
+        raise ValueError(f"{len(alpha)} alpha bytes do not cover {canvas.width}x{canvas.height}")
+    if alpha.count(0) == len(alpha):
+        return None
+    hole = transparent_bounds(alpha, canvas)
+    if hole is None:
+        return None
+    bounds = job_bounds(canvas, hole)
+    mask = bytes(copy_region(alpha, Bounds.of(canvas), bounds, 1)).translate(_INVERT)
+    return JobPlan(bounds, hole, mask)
+
+
+def fill_transparent(rgba: bytes | bytearray, extent: Extent) -> bytearray:
+    """An expand job's init image: every row's transparent margins take its outermost opaque
+    pixel, and rows without one take the nearest row that has one, all made opaque. The daemon
+    blends the new paint into the init image at the mask's edge, so it meets the picture's own
+    colours there rather than the white that transparency is read as."""
+    stride = extent.width * 4
+    out = bytearray(rgba)
+    rows_with_paint = []
+    for y in range(extent.height):
+        start = y * stride
+        alpha = bytes(out[start + 3 : start + stride : 4])
+        first, last = alpha.find(255), alpha.rfind(255)
+        if first < 0:
+            continue
+        left = out[start + first * 4 : start + first * 4 + 4]
+        right = out[start + last * 4 : start + last * 4 + 4]
+        out[start : start + first * 4] = left * first
+        out[start + last * 4 + 4 : start + stride] = right * (extent.width - last - 1)
+        rows_with_paint.append(y)
+    for y in range(extent.height) if rows_with_paint else ():
+        index = bisect.bisect_left(rows_with_paint, y)
+        if index < len(rows_with_paint) and rows_with_paint[index] == y:
+            continue
+        around = rows_with_paint[max(0, index - 1) : index + 1]
+        nearest = min(around, key=lambda row, y=y: abs(row - y))
+        out[y * stride : (y + 1) * stride] = out[nearest * stride : (nearest + 1) * stride]
+    out[3::4] = b"\xff" * extent.pixel_count
+    return out
 
 
 @dataclass(frozen=True)
