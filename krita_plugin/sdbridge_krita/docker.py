@@ -4,10 +4,11 @@ the model and redraw from its signals; they hold no state of their own."""
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 
 from krita import DockWidget
-from PyQt5.QtCore import QRegExp, Qt
-from PyQt5.QtGui import QImage, QPixmap, QRegExpValidator
+from PyQt5.QtCore import QRegExp, QSize, Qt
+from PyQt5.QtGui import QIcon, QImage, QPixmap, QRegExpValidator
 from PyQt5.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -18,6 +19,7 @@ from PyQt5.QtWidgets import (
     QInputDialog,
     QLabel,
     QLineEdit,
+    QListView,
     QListWidget,
     QListWidgetItem,
     QPlainTextEdit,
@@ -33,12 +35,13 @@ from PyQt5.QtWidgets import (
 from sdbridge.editor.session import DaemonInfo
 from sdbridge.wire.protocol import MAX_LORA_WEIGHT
 
-from .model import Model
+from .model import Model, qimage
 
 DOCKER_ID = "sdbridge_docker"
 PREVIEW_SIZE = 128
 MODEL_DEFAULT = "model default"
 NO_STYLE = "none"
+HISTORY_ICON = 56
 # Guidance 0 is a real value (few-step models run at 0): "model default" sits one step below.
 GUIDANCE_DEFAULT = -0.5
 
@@ -224,6 +227,28 @@ class SdbridgeDocker(DockWidget):
         self.preview.setAlignment(Qt.AlignCenter)
         self.preview.setMinimumHeight(PREVIEW_SIZE)
         details.addWidget(self.preview)
+
+        # Every image of this Krita session: click to see it on the canvas, then Apply it.
+        self.history = QListWidget()
+        self.history.setObjectName("sdbridge_history")
+        self.history.setViewMode(QListView.IconMode)
+        self.history.setIconSize(QSize(HISTORY_ICON, HISTORY_ICON))
+        self.history.setFlow(QListView.LeftToRight)
+        self.history.setWrapping(False)
+        self.history.setFixedHeight(HISTORY_ICON + 28)
+        self.history.setToolTip("This session's images; click one to see it on the canvas")
+        self.apply = QPushButton("Apply")
+        self.apply.setObjectName("sdbridge_apply")
+        self.apply.setToolTip("Add the picked image as a layer where it was painted")
+        self.use_settings = QPushButton("Use settings")
+        self.use_settings.setObjectName("sdbridge_use_settings")
+        self.use_settings.setToolTip("Load its prompt, seed and parameters into the panel")
+        history_buttons = QHBoxLayout()
+        history_buttons.addWidget(self.apply)
+        history_buttons.addWidget(self.use_settings)
+        details.addWidget(QLabel("History"))
+        details.addWidget(self.history)
+        details.addLayout(history_buttons)
         details.addStretch(1)
 
         self._bind(reconnect)
@@ -269,6 +294,11 @@ class SdbridgeDocker(DockWidget):
         m.message_changed.connect(self._on_message)
         m.last_seed_changed.connect(lambda _seed: self.reuse_seed.setEnabled(True))
         m.styles_changed.connect(self._on_styles)
+        m.history_changed.connect(self._on_history)
+        m.settings_loaded.connect(self._on_settings_loaded)
+        self.history.itemClicked.connect(lambda item: m.show_item(item.data(Qt.UserRole)))
+        self.apply.clicked.connect(lambda: self._with_picked(m.apply_item))
+        self.use_settings.clicked.connect(lambda: self._with_picked(m.use_item_settings))
         m.load_styles()
 
     def canvasChanged(self, canvas) -> None:  # noqa: N802 (Krita's name)
@@ -288,6 +318,38 @@ class SdbridgeDocker(DockWidget):
         dot = f"<span style='color:{colour}'>●</span>"
         self.connection.setText(f"{dot} {html.escape(message)}")  # rich text: escape the rest
         self.connection.setToolTip(detail)
+
+    def _with_picked(self, action: Callable[[int], None]) -> None:
+        item = self.history.currentItem()
+        if item is not None:
+            action(item.data(Qt.UserRole))
+
+    def _on_history(self) -> None:
+        self.history.clear()
+        for entry in self.model.history:
+            icon = QPixmap.fromImage(qimage(dict(entry.image))).scaled(
+                HISTORY_ICON, HISTORY_ICON, Qt.KeepAspectRatio, Qt.SmoothTransformation
+            )
+            item = QListWidgetItem(QIcon(icon), "")
+            item.setData(Qt.UserRole, entry.number)
+            item.setToolTip(entry.parameters)
+            self.history.addItem(item)
+        self.history.setCurrentRow(0)
+
+    def _on_settings_loaded(self) -> None:
+        """The model's choices changed (Use settings): every widget shows them again."""
+        m = self.model
+        self.prompt.setPlainText(m.prompt)
+        self.negative.setPlainText(m.negative_prompt)
+        self.models.setCurrentText(m.model_name)
+        self.steps.setValue(m.steps or 0)
+        self.guidance.setValue(GUIDANCE_DEFAULT if m.guidance_scale is None else m.guidance_scale)
+        self.scheduler.setCurrentText(m.scheduler or MODEL_DEFAULT)
+        self.strength.setValue(round(m.strength * 100))
+        self.refine.setValue(m.refine_strength or 0.0)
+        self.fixed_seed.setChecked(m.fixed_seed)
+        self.seed.setText(str(m.seed))
+        self._show_loras()
 
     def _on_styles(self, names: list, chosen: str) -> None:
         self.style.blockSignals(True)

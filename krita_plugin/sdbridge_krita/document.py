@@ -10,6 +10,8 @@ from krita import Krita
 from sdbridge.editor import canvas
 from sdbridge.editor.canvas import Bounds, Extent, JobPlan, Placement
 
+PREVIEW_LAYER = "sdbridge preview"
+
 
 class DocumentError(Exception):
     """Something about the document stops a job; the message is for the artist."""
@@ -76,21 +78,27 @@ class KritaDocument:
         """The merged image (what the artist sees) over `b`, as RGBA."""
         return bytes(canvas.bgra_to_rgba(self._doc.pixelData(b.x, b.y, b.width, b.height)))
 
-    def add_layers(self, placements: list[Placement], names: list[str], group: str) -> None:
-        """One paint layer per image on top of the stack; several go into one group. The nodes
-        are filled before they join the image, so adding them is one undo step."""
-        layers = []
-        for placement, name in zip(placements, names, strict=True):
-            node = self._doc.createNode(name, "paintlayer")
-            b = placement.bounds
-            node.setPixelData(
-                bytes(canvas.rgba_to_bgra(placement.rgba)), b.x, b.y, b.width, b.height
-            )
-            layers.append(node)
-        top = layers[0]
-        if len(layers) > 1:
-            top = self._doc.createGroupLayer(group)
-            for node in layers:
-                top.addChildNode(node, None)
-        self._doc.rootNode().addChildNode(top, None)
+    def add_layer(self, placement: Placement, name: str) -> None:
+        """A paint layer on top of the stack. The node is filled before it joins the image,
+        so adding it is one undo step."""
+        self.clear_preview()
+        self._doc.rootNode().addChildNode(self._layer(placement, name), None)
         self._doc.refreshProjection()
+
+    def show_preview(self, placement: Placement) -> None:
+        """A history image shown on the canvas, on a layer of its own above the others, until
+        it is applied or another is shown."""
+        self.clear_preview()
+        self._doc.rootNode().addChildNode(self._layer(placement, PREVIEW_LAYER), None)
+        self._doc.refreshProjection()
+
+    def clear_preview(self) -> None:
+        for node in self._doc.rootNode().childNodes():
+            if node.name() == PREVIEW_LAYER:
+                node.remove()
+
+    def _layer(self, placement: Placement, name: str):
+        node = self._doc.createNode(name, "paintlayer")
+        b = placement.bounds
+        node.setPixelData(bytes(canvas.rgba_to_bgra(placement.rgba)), b.x, b.y, b.width, b.height)
+        return node

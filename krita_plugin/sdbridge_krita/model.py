@@ -14,7 +14,8 @@ from PyQt5.QtCore import QObject, pyqtSignal
 from PyQt5.QtGui import QImage
 
 from sdbridge.editor import canvas
-from sdbridge.editor.canvas import JobPlan
+from sdbridge.editor.canvas import JobPlan, Placement
+from sdbridge.editor.history import History, HistoryItem
 from sdbridge.editor.session import (
     DaemonInfo,
     Generation,
@@ -60,6 +61,8 @@ class Model(QObject):
     message_changed = pyqtSignal(str, bool)  # text, is an error
     last_seed_changed = pyqtSignal(int)
     styles_changed = pyqtSignal(list, str)  # names, the chosen one ("" for none)
+    history_changed = pyqtSignal()
+    settings_loaded = pyqtSignal()  # the artist's choices changed here: widgets re-read them
     # A job's new view, from the client's threads to the GUI thread (queued by Qt).
     _view_received = pyqtSignal(str, object)
 
@@ -86,6 +89,8 @@ class Model(QObject):
         self.connected = False
         self.last_seed: int | None = None
         self.job: RunningJob | None = None
+        self.history = History()
+        self._documents: dict[int, KritaDocument] = {}  # by history number: where it goes
         self._keys = (f"krita-{n}" for n in itertools.count(1))
         self._view_received.connect(self._on_view)
         self._connection = Connection()
@@ -247,20 +252,74 @@ class Model(QObject):
             self.message_changed.emit(view.message, view.is_error)
 
     def _apply(self, job: RunningJob, result: Result, saved: str) -> None:
-        seeds = [image.seed for image in result.images]
-        self.last_seed = seeds[0]
-        self.last_seed_changed.emit(seeds[0])
-        self.preview_changed.emit(qimage(dict(result.images[0].image)))
+        """One image lands as a layer at once; several are picked from the history."""
+        items = self.history.add(job.settings, job.plan, result)
+        for item in items:
+            self._documents[item.number] = job.document
+        self.history_changed.emit()
+        self.last_seed = items[0].seed
+        self.last_seed_changed.emit(items[0].seed)
+        self.preview_changed.emit(qimage(dict(items[0].image)))
         if not job.document.is_open:
             self.message_changed.emit(f"The image was closed; nothing was added. {saved}", True)
             return
+        if len(items) > 1:
+            self.show_item(items[0].number)
+            self.message_changed.emit(
+                f"{len(items)} images: pick one in the history and press Apply. {saved}",
+                result.warning is not None,
+            )
+            return
+        self.apply_item(items[0].number, saved, result.warning is not None)
+
+    # --- the history -----------------------------------------------------------------------------
+
+    def _placed(self, number: int) -> tuple[HistoryItem, KritaDocument, Placement] | None:
+        item = self.history.get(number)
+        document = self._documents.get(number)
+        if item is None or document is None or not document.is_open:
+            self.message_changed.emit("That image's document is closed.", True)
+            return None
         try:
-            placements = [canvas.place_result(dict(i.image), job.plan) for i in result.images]
+            return item, document, canvas.place_result(dict(item.image), item.plan)
         except ValueError as exc:
             self.message_changed.emit(f"Could not place the result: {exc}", True)
+            return None
+
+    def show_item(self, number: int) -> None:
+        """Shows a history image on the canvas where it was painted, on a preview layer."""
+        placed = self._placed(number)
+        if placed is not None:
+            item, document, placement = placed
+            document.show_preview(placement)
+            self.preview_changed.emit(qimage(dict(item.image)))
+
+    def apply_item(self, number: int, saved: str = "", warned: bool = False) -> None:
+        """Adds a history image as a layer where it was painted (the preview goes away).
+        `saved`: where the daemon keeps its copy, `warned`: when it could not keep one."""
+        placed = self._placed(number)
+        if placed is None:
             return
-        names = [canvas.layer_name(job.settings.prompt, seed) for seed in seeds]
-        group = f"{names[0]} ×{len(names)}"
-        job.document.add_layers(placements, names, group)
-        added = names[0] if len(names) == 1 else f"{len(names)} layers in '{group}'"
-        self.message_changed.emit(f"Added {added}. {saved}", result.warning is not None)
+        item, document, placement = placed
+        name = canvas.layer_name(item.settings.prompt, item.seed)
+        document.add_layer(placement, name)
+        self.message_changed.emit(f"Added {name}. {saved}".strip(), warned)
+
+    def use_item_settings(self, number: int) -> None:
+        """Loads a history image's prompt, seed and parameters back into the panel."""
+        item = self.history.get(number)
+        if item is None:
+            return
+        s = item.settings
+        self.prompt, self.negative_prompt = s.prompt, s.negative_prompt
+        self.model_name = s.model or self.model_name
+        self.steps, self.guidance_scale, self.scheduler = (
+            s.num_inference_steps,
+            s.guidance_scale,
+            s.scheduler,
+        )
+        self.strength = 1.0 if s.strength is None else s.strength
+        self.loras = list(s.loras)
+        self.refine_strength = s.refine_strength
+        self.fixed_seed, self.seed = True, item.seed
+        self.settings_loaded.emit()

@@ -305,20 +305,53 @@ def test_strength_below_100_repaints_the_canvas(doc, daemon):
     assert recorded[1].startswith("a blue lake")
 
 
-def test_several_images_become_layers_in_one_group_with_consecutive_seeds(doc):
-    new_document(doc, 64, 64)
+def test_several_images_are_picked_from_the_history_and_applied_where_painted(doc, daemon):
+    before = new_document(doc, 64, 64)
     doc.run("dock().fixed_seed.setChecked(True); dock().seed.setText('11')")
     try:
         generate(doc, "three apples", images=2)
     finally:
         doc.run("dock().fixed_seed.setChecked(False); dock().images.setValue(1)")
-    group = doc.eval(
-        "[(n.name(), n.type(), [c.name() for c in n.childNodes()])"
-        " for n in state['doc'].rootNode().childNodes()][-1]"
+    # Nothing dumped on the canvas: the first image shows on a preview layer until applied.
+    assert [layer[0] for layer in doc.eval("layers()")] == [
+        *[layer[0] for layer in before],
+        "sdbridge preview",
+    ]
+    history = doc.eval(
+        "[(dock().history.item(i).data(Qt.UserRole), dock().history.item(i).toolTip())"
+        " for i in range(dock().history.count())]"
     )
-    assert group[1] == "grouplayer"
-    assert group[2] == ["three apples (11)", "three apples (12)"]
+    assert len(history) >= 2
+    # The newest job first, its images in order: image i has seed + i.
+    (first, first_text), (second, second_text) = history[0], history[1]
+    assert "Seed: 11," in first_text and "Seed: 12," in second_text
+    doc.run(f"dock().history.setCurrentRow(1); dock().model.show_item({second})")
+    shown = pixels(doc, "state['doc'].rootNode().childNodes()[-1]", [0, 0, 64, 64])
+    doc.run("dock().apply.click()")
+    after = doc.eval("layers()")
+    assert after == [*before, ["three apples (12)", "paintlayer", [0, 0, 64, 64]]]
+    assert pixels(doc, "state['doc'].rootNode().childNodes()[-1]", [0, 0, 64, 64]) == shown
+    assert shown == as_bgra(Image.open(_saved(daemon, "Seed: 12,")), (0, 0, 64, 64))
     assert doc.eval("dock().reuse_seed.isEnabled()")
+    # Use settings: the prompt, the seed and the parameters back in the panel.
+    doc.run(
+        "dock().prompt.setPlainText('something else'); dock().steps.setValue(9);"
+        " dock().history.setCurrentRow(0); dock().use_settings.click()"
+    )
+    assert doc.eval(
+        "[dock().prompt.toPlainText(), dock().fixed_seed.isChecked(), dock().seed.text(),"
+        " dock().steps.value(), dock().model.steps]"
+    ) == ["three apples", True, "11", 4, 4]
+    assert first != second
+    doc.run("dock().fixed_seed.setChecked(False)")
+
+
+def _saved(daemon, text: str) -> Path:
+    """The daemon's newest PNG whose parameters contain `text`."""
+    for path in sorted(daemon.output_dir.rglob("*.png"), key=lambda p: -p.stat().st_mtime_ns):
+        if text in Image.open(path).text["parameters"]:
+            return path
+    raise AssertionError(f"no saved image with {text!r}")
 
 
 def test_cancel_during_a_job_adds_nothing_and_the_next_job_works(doc):
