@@ -72,6 +72,14 @@ def save_selection(image, name):
         f.write(bytes(data))
 
 
+def save_pixels(drawable, name):
+    """A drawable's own pixels (not the composite), RGBA rows top to bottom, into WORK/name."""
+    rect = Gegl.Rectangle.new(0, 0, drawable.get_width(), drawable.get_height())
+    data = drawable.get_buffer().get(rect, 1.0, "R'G'B'A u8", Gegl.AbyssPolicy.NONE)
+    with open(f"{WORK}/{name}", "wb") as f:
+        f.write(bytes(data))
+
+
 def layers(image):
     return [
         {
@@ -90,6 +98,25 @@ def load_plugin_module():
     sys.modules["sdbridge_gimp"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def dialog_plugin():
+    """The plug-in's module with GimpUi set up, to build its dialogs (runs with a display)."""
+    gi.require_version("GimpUi", "3.0")
+    gi.require_version("Gtk", "3.0")
+    from gi.repository import GimpUi
+
+    GimpUi.init("sdbridge-test")
+    return load_plugin_module()
+
+
+def show(dialog):
+    """Shows a dialog and lets GTK draw it."""
+    from gi.repository import Gtk
+
+    dialog.show_all()
+    while Gtk.events_pending():
+        Gtk.main_iteration()
 
 
 # --- pressing a dialog's buttons from outside (there is no xdotool in the chroot) ---------------
@@ -116,8 +143,16 @@ class _XKeyEvent(ctypes.Structure):
     ]
 
 
+# Xlib's default error handler ends the process; a window that closes while we look at it
+# (BadWindow) is routine here.
+_XErrorHandler = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_ignore_x_errors = _XErrorHandler(lambda display, event: 0)
+
+
 def _xlib():
     x11 = ctypes.cdll.LoadLibrary("libX11.so.6")
+    x11.XSetErrorHandler.argtypes = [_XErrorHandler]
+    x11.XSetErrorHandler(_ignore_x_errors)
     x11.XOpenDisplay.restype = ctypes.c_void_p
     x11.XDefaultRootWindow.argtypes = [ctypes.c_void_p]
     x11.XDefaultRootWindow.restype = ctypes.c_ulong
@@ -134,9 +169,10 @@ def _xlib():
     return x11
 
 
-def _find_window(x11, display, window, title):
+def _find_window(x11, display, window, title, skip):
     name = ctypes.c_char_p()
-    if x11.XFetchName(display, window, ctypes.byref(name)) and name.value == title.encode():
+    fetched = x11.XFetchName(display, window, ctypes.byref(name))
+    if fetched and name.value == title.encode() and window not in skip:
         return window
     root, parent = ctypes.c_ulong(), ctypes.c_ulong()
     children, count = ctypes.POINTER(ctypes.c_ulong)(), ctypes.c_uint()
@@ -145,26 +181,27 @@ def _find_window(x11, display, window, title):
         ctypes.byref(count),
     )  # fmt: skip
     for i in range(count.value):
-        found = _find_window(x11, display, children[i], title)
+        found = _find_window(x11, display, children[i], title, skip)
         if found:
             return found
     return None
 
 
-def press_mnemonic(title, key, wait=20.0):
+def press_mnemonic(title, key, wait=20.0, skip=()):
     """Alt+`key` in the window titled `title` once it shows up (e.g. "o" for _OK), as a user
     would; from a thread, while GIMP runs the dialog's plug-in. GIMP must run with
-    GDK_CORE_DEVICE_EVENTS=1: GTK then reads the core key events this sends."""
+    GDK_CORE_DEVICE_EVENTS=1: GTK then reads the core key events this sends. Returns the
+    window (pass it in `skip` to reach the next window of that title), or None."""
     x11 = _xlib()
     display = x11.XOpenDisplay(None)
     root = x11.XDefaultRootWindow(display)
     deadline = time.monotonic() + wait
     window = None
     while window is None and time.monotonic() < deadline:
-        window = _find_window(x11, display, root, title)
+        window = _find_window(x11, display, root, title, skip)
         time.sleep(0.2)
     if window is None:
-        return False
+        return None
     time.sleep(1.0)  # mapped is not yet drawn and listening
     keycode = x11.XKeysymToKeycode(display, x11.XStringToKeysym(key.encode()))
     for kind in (2, 3):  # KeyPress, KeyRelease
@@ -174,4 +211,4 @@ def press_mnemonic(title, key, wait=20.0):
         )  # fmt: skip
         x11.XSendEvent(display, window, 1, 0, ctypes.byref(event))  # Mod1 = Alt
     x11.XFlush(display)
-    return True
+    return window
