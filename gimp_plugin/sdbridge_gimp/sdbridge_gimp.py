@@ -14,11 +14,12 @@ import functools
 import json
 import os
 import queue
-import random
 import sys
+import threading
 import time
 import traceback
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import gi
 
@@ -31,9 +32,21 @@ from gi.repository import GdkPixbuf, Gegl, Gimp, GimpUi, GLib, GObject, Gtk  # n
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "vendor"))
 try:
-    from sdbridge import canvas
-    from sdbridge.wire.client import Client, ClientError, Job, JobEvent
-    from sdbridge.wire.protocol import ADDRESS_ENV, DEFAULT_ADDRESS
+    from sdbridge import __version__
+    from sdbridge.editor import canvas
+    from sdbridge.editor.session import (
+        DaemonInfo,
+        Generation,
+        JobView,
+        Phase,
+        Preview,
+        Session,
+        Settings,
+        check_settings,
+        editor_fields,
+    )
+    from sdbridge.wire.client import ClientError
+    from sdbridge.wire.protocol import ADDRESS_ENV, DEFAULT_ADDRESS, MAX_GUIDANCE, MAX_SEED
 
     IMPORT_ERROR = ""
 except ImportError as exc:  # still register, so the menu entry can say what is wrong
@@ -41,8 +54,11 @@ except ImportError as exc:  # still register, so the menu entry can say what is 
         f"the sdbridge client modules are missing ({exc}); "
         "reinstall the plug-in with `sdbridge install gimp`"
     )
+    __version__ = "?"
+    MAX_GUIDANCE, MAX_SEED = 30.0, 2**32 - 1  # the wire's ranges, to register all the same
 
 PLUG_IN_BINARY = "sdbridge_gimp"
+CLIENT_NAME = f"sdbridge-gimp/{__version__}"
 GENERATE = "python-fu-sdbridge-generate"
 REPAINT = "python-fu-sdbridge-repaint-selection"
 MENU = "<Image>/Filters/sdbridge"
@@ -50,9 +66,15 @@ SETTINGS_FILE = "sdbridge.json"  # in the GIMP profile: the address both procedu
 RGBA = "R'G'B'A u8"  # the wire's 8-bit RGBA; babl converts from any image precision
 MASK = "Y u8"
 HELLO_TIMEOUT = 10.0  # a daemon that accepts but never answers must not hang GIMP
+# The parameter dialog opens after at most this long without the daemon's ranges.
+PROBE_WAIT = 1.5
+# A job past its timeout: how long the daemon has to confirm the cancel before we let go.
+TIMEOUT_CANCEL_GRACE = 1.0
 PREVIEW_SIDE = 192  # px, the longer side of the live preview in the progress window
 POLL_INTERVAL = 0.05  # how often the progress dialog handles clicks while waiting
-G_MAXINT = 2**31 - 1
+# The steps argument's own range; the daemon's limits.max_steps is checked before sending.
+MAX_STEPS_ARGUMENT = 10_000
+T = TypeVar("T")
 
 
 class PluginError(Exception):
@@ -68,11 +90,11 @@ class Cancelled(Exception):
 
 
 def calling_error(message: str) -> PluginError:
-    return PluginError(message, Gimp.PDBStatusType.CALLING_ERROR)
+    return PluginError(f"sdbridge: {message}", Gimp.PDBStatusType.CALLING_ERROR)
 
 
 def execution_error(message: str) -> PluginError:
-    return PluginError(message, Gimp.PDBStatusType.EXECUTION_ERROR)
+    return PluginError(f"sdbridge: {message}", Gimp.PDBStatusType.EXECUTION_ERROR)
 
 
 # --- the daemon address, shared by both procedures and kept between runs ---------------------
@@ -165,9 +187,10 @@ class ProgressDialog:
         self.dialog.add_button("_Cancel", Gtk.ResponseType.CANCEL)
         self.dialog.connect("response", self._on_cancel)
         self.dialog.connect("delete-event", self._on_cancel)
-        self.label = Gtk.Label(label="Connecting to the sdbridge daemon...")
+        self.label = Gtk.Label(label="Connecting to the sdbridge daemon …")
         self.bar = Gtk.ProgressBar()
         self.preview = Gtk.Image()
+        self._shown_preview: Preview | None = None
         box = self.dialog.get_content_area()
         box.set_spacing(8)
         box.set_border_width(12)
@@ -178,15 +201,17 @@ class ProgressDialog:
 
     def _on_cancel(self, *_args: Any) -> bool:
         self.cancel_requested = True
-        self.label.set_text("Cancelling...")
-        return True  # keep the window until the daemon confirms
+        return True  # keep the window until the job has ended
 
-    def show(self, text: str, fraction: float | None) -> None:
-        self.label.set_text(text)
+    def show(self, view: JobView, fraction: float | None) -> None:
+        self.label.set_text(view.message)
         if fraction is not None:
             self.bar.set_fraction(fraction)
+        if view.preview is not None and view.preview is not self._shown_preview:
+            self._shown_preview = view.preview
+            self.show_preview(view.preview.image)
 
-    def show_preview(self, image: dict[str, Any]) -> None:
+    def show_preview(self, image: Mapping[str, Any]) -> None:
         """A preview is 1/8 of the generation size: shown enlarged to PREVIEW_SIDE."""
         width, height = image["width"], image["height"]
         pixbuf = GdkPixbuf.Pixbuf.new_from_bytes(
@@ -216,80 +241,107 @@ class ProgressDialog:
         self.pump()
 
 
-def show_progress(text: str, fraction: float | None, dialog: ProgressDialog | None) -> None:
-    Gimp.progress_set_text(text)
-    if fraction is not None:
-        Gimp.progress_update(fraction)
-    if dialog is not None:
-        dialog.show(text, fraction)
+def off_thread(
+    call: Callable[[], T], dialog: ProgressDialog | None = None, wait: float | None = None
+) -> T:
+    """`call()` on a thread of its own while GIMP's thread keeps the dialog alive: its Cancel
+    raises `Cancelled` at once, and so a daemon that never answers cannot trap the artist.
+    Raises TimeoutError after `wait` seconds, and whatever `call` raised."""
+    outcome: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
 
+    def work() -> None:
+        try:
+            outcome.put((True, call()))
+        except Exception as exc:
+            outcome.put((False, exc))
 
-def wait_for_result(
-    job: Job, address: str, timeout: float, dialog: ProgressDialog | None
-) -> JobEvent:
-    """Follows the job's events on GIMP's thread (libgimp calls are not thread-safe) until the
-    result; cancels the job on the daemon when the user cancels or the timeout passes."""
-    events: queue.SimpleQueue[JobEvent] = queue.SimpleQueue()
-    job.subscribe(events.put)
-    deadline = time.monotonic() + timeout
-    cancelled = False
+    threading.Thread(target=work, name="sdbridge-gimp", daemon=True).start()
+    deadline = None if wait is None else time.monotonic() + wait
     while True:
         if dialog is not None:
             dialog.pump()
-            if dialog.cancel_requested and not cancelled:
-                job.cancel()
-                cancelled = True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            job.cancel()
-            raise execution_error(
-                f"sdbridge: no result from the daemon at {address} within "
-                f"{timeout:g} s; the job was cancelled"
-            )
+            if dialog.cancel_requested:
+                raise Cancelled()
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(f"no answer within {wait:g} s")
         try:
-            event = events.get(timeout=min(remaining, POLL_INTERVAL if dialog else 1.0))
+            ok, value = outcome.get(timeout=min(POLL_INTERVAL, remaining or POLL_INTERVAL))
         except queue.Empty:
             continue
-        kind = event.get("event")
-        if kind == "accepted" and event.get("position", 0) > 0:
-            show_progress(f"sdbridge: queued, {event['position']} job(s) ahead", None, dialog)
-        elif kind == "progress":
-            step, total = event["step"], event["total"]
-            text = f"sdbridge: step {step}/{total}, {event.get('eta', 0):.0f} s left"
-            show_progress(text, step / total, dialog)
-        elif kind == "preview" and dialog is not None:
-            dialog.show_preview(event["image"])
-        elif kind == "result":
-            return event
-        elif kind == "cancelled":
-            raise Cancelled()
-        elif kind == "error":
-            field = f", field {event['field']}" if event.get("field") else ""
-            raise execution_error(
-                f"sdbridge: the job failed: {event.get('message')} ({event.get('code')}{field})"
-            )
+        if ok:
+            return value
+        raise value
+
+
+def show_progress(view: JobView, dialog: ProgressDialog | None) -> None:
+    fraction = view.step / view.total if view.total else None
+    Gimp.progress_set_text(f"sdbridge: {view.message}")
+    if fraction is not None:
+        Gimp.progress_update(fraction)
+    if dialog is not None:
+        dialog.show(view, fraction)
+
+
+def watch(
+    generation: Generation, views: Iterable[JobView], dialog: ProgressDialog | None
+) -> JobView:
+    """Shows each view on GIMP's thread (libgimp calls are not thread-safe) until the last;
+    the dialog's Cancel cancels the job, which ends within session.CANCEL_GRACE_S even when
+    the daemon never confirms."""
+    view, shown = generation.view, None
+    for view in views:
+        if dialog is not None:
+            dialog.pump()
+            if dialog.cancel_requested:
+                generation.cancel()
+        if view is not shown:
+            show_progress(view, dialog)
+            shown = view
+    return view
+
+
+def follow(
+    generation: Generation, address: str, timeout: float, dialog: ProgressDialog | None
+) -> JobView:
+    """The job's finished view; raises Cancelled or the daemon's failure as a PluginError."""
+    try:
+        view = watch(generation, generation.views(timeout, POLL_INTERVAL), dialog)
+    except TimeoutError:
+        generation.cancel(TIMEOUT_CANCEL_GRACE)  # waited for below: the cancel must go out
+        watch(generation, generation.views(poll=POLL_INTERVAL), dialog)
+        raise execution_error(
+            f"no result from the daemon at {address} within {timeout:g} s; the job was cancelled"
+        ) from None
+    if view.phase is Phase.FINISHED:
+        return view
+    if view.phase is Phase.CANCELLED and view.cancelling:
+        raise Cancelled()
+    raise execution_error(view.message)
 
 
 @dataclasses.dataclass(frozen=True)
 class Params:
-    settings: canvas.Settings
+    settings: Settings
     address: str
     timeout: float
 
     @staticmethod
     def from_config(config: Gimp.ProcedureConfig) -> Params:
-        seed = config.get_property("seed")
+        # Steps, guidance and sampler left at "model default" are not sent: the daemon applies
+        # the model's own (a few-step model gets its 4 steps and guidance 0). A random seed is
+        # the daemon's to pick; it reports it, and the layer name shows it.
+        guidance = config.get_property("guidance")
         return Params(
-            settings=canvas.Settings(
+            settings=Settings(
                 prompt=text_property(config, "prompt"),
                 negative_prompt=text_property(config, "negative-prompt"),
-                steps=config.get_property("steps"),
-                guidance_scale=config.get_property("guidance"),
-                strength=config.get_property("strength"),
-                # Picked here, not by the daemon, so that the seed in the layer name fits
-                # this argument's range and can be typed back in to repeat a picture.
-                seed=random.randint(0, G_MAXINT) if seed < 0 else seed,
                 model=text_property(config, "model") or None,
+                num_inference_steps=config.get_property("steps") or None,
+                guidance_scale=guidance if guidance >= 0 else None,
+                scheduler=text_property(config, "scheduler") or None,
+                strength=config.get_property("strength"),
+                seed=None if config.get_property("random-seed") else config.get_property("seed"),
             ),
             address=text_property(config, "address") or saved_address(),
             timeout=config.get_property("timeout"),
@@ -302,17 +354,22 @@ def text_property(config: Gimp.ProcedureConfig, name: str) -> str:
 
 
 def plan(image: Gimp.Image, repaint: bool) -> canvas.JobPlan:
+    """Repaint inpaints the selection; Generate paints its bounds afresh and keeps only its
+    shape. Both read the selection's mask, so ellipses and feathered edges stay as drawn."""
     extent = canvas.Extent(image.get_width(), image.get_height())
     selection = selection_bounds(image)
+    mask = None if selection is None else read_buffer(image.get_selection(), selection, MASK)
     try:
-        if not repaint:
-            return canvas.plan_area(extent, selection)
-        mask = None
-        if selection is not None:
-            mask = read_buffer(image.get_selection(), selection, MASK)
-        return canvas.plan_job(extent, selection, mask)
+        return (canvas.plan_job if repaint else canvas.plan_area)(extent, selection, mask)
     except canvas.SelectionOutsideCanvas as exc:
-        raise calling_error(f"sdbridge: {exc}") from exc
+        raise calling_error(str(exc)) from exc
+
+
+def connect(address: str) -> Session:
+    try:
+        return Session(address, client_name=CLIENT_NAME, timeout=HELLO_TIMEOUT)
+    except ValueError as exc:  # not tcp://HOST:PORT
+        raise calling_error(str(exc)) from exc
 
 
 def paint(
@@ -323,35 +380,31 @@ def paint(
     dialog: ProgressDialog | None,
 ) -> Gimp.Layer:
     settings = params.settings
-    if not settings.prompt:
-        raise calling_error("sdbridge: the prompt is empty")
-    job_plan = plan(image, repaint)
-    needs_pixels = settings.strength < 1.0 or job_plan.mask is not None
-    rgba = visible_pixels(image, job_plan.bounds) if needs_pixels else None
     if dialog is not None:  # someone is watching: ask for a preview at every step
         settings = dataclasses.replace(settings, preview_every=1)
-    fields = canvas.generate_fields(settings, job_plan, rgba)
-    try:
-        client = Client(params.address, timeout=HELLO_TIMEOUT, client_name="gimp-sdbridge")
-    except ValueError as exc:
-        raise calling_error(f"sdbridge: {exc}") from exc
+    job_plan = plan(image, repaint)
     Gimp.progress_init(f"sdbridge: {settings.prompt[:60]}")
-    with client:
+    with connect(params.address) as session:
         try:
-            client.hello()
-            job = client.generate(**fields)
+            info = off_thread(functools.partial(session.info, with_models=False), dialog)
         except ClientError as exc:  # its message names the address and what to do
-            raise execution_error(f"sdbridge: {exc.message}") from exc
-        result = wait_for_result(job, params.address, params.timeout, dialog)
-    image_map = result["images"][0]
-    placement = canvas.place_result(image_map, job_plan)
-    layer = add_result_layer(
-        image, drawables, placement, canvas.layer_name(settings.prompt, image_map["seed"])
-    )
+            raise execution_error(exc.message) from exc
+        problem = check_settings(settings, info)
+        if problem:
+            raise calling_error(problem)
+        strength = 1.0 if settings.strength is None else settings.strength
+        needed = job_plan.needs_canvas(strength)
+        rgba = visible_pixels(image, job_plan.bounds) if needed else None
+        generation = session.submit(editor_fields(settings, job_plan, rgba))
+        view = follow(generation, session.address, params.timeout, dialog)
+    assert view.result is not None  # a FINISHED view holds its result
+    first = view.result.images[0]
+    placement = canvas.place_result(dict(first.image), job_plan)
+    name = canvas.layer_name(settings.prompt, first.seed)
+    layer = add_result_layer(image, drawables, placement, name)
     Gimp.displays_flush()
-    unsaved = canvas.unsaved_warning(result)
-    if unsaved:  # the layer holds the image; only the daemon's file is missing
-        Gimp.message(f"sdbridge: {unsaved}")
+    if view.result.warning:  # the layer holds the image; only the daemon's file is missing
+        Gimp.message(f"sdbridge: {view.message}")
     return layer
 
 
@@ -360,18 +413,95 @@ def paint(
 DIALOG_FIELDS = [
     "prompt-frame",
     "negative-prompt-frame",
+    "model",
     "steps",
     "guidance",
-    "seed",
+    "scheduler",
+    "random-seed",
     "strength",
-    "model",
     "address",
     "timeout",
 ]
+MODEL_DEFAULT = "model default"
 
 
 def dialog_title(procedure: Gimp.Procedure) -> str:
     return "sdbridge: " + procedure.get_menu_label().replace("_", "").rstrip(".")
+
+
+def probe(address: str) -> DaemonInfo | None:
+    """The daemon's models, samplers and limits for the dialog, or None when it is not there
+    or does not answer within PROBE_WAIT: the dialog never waits longer on a missing daemon."""
+
+    def ask() -> DaemonInfo:
+        with Session(address, client_name=CLIENT_NAME, timeout=PROBE_WAIT) as session:
+            return session.info()
+
+    try:
+        return off_thread(ask, wait=PROBE_WAIT)
+    except (ClientError, ValueError, TimeoutError):
+        return None
+
+
+def show_model_default(spin: GimpUi.LabelSpin, is_default: Callable[[float], bool]) -> None:
+    """The value that stands for "the model's default" reads as words, not as 0 or -1."""
+    button = spin.get_spin_button()
+    button.set_width_chars(len(MODEL_DEFAULT))
+    button.set_numeric(False)  # a numeric spin button drops the words as it is given them
+    # Words typed over keep the value, where GTK would read them as 0 (guidance 0, not default).
+    button.set_update_policy(Gtk.SpinButtonUpdatePolicy.IF_VALID)
+
+    def output(widget: Gtk.SpinButton) -> bool:
+        if not is_default(widget.get_value()):
+            return False  # GTK formats the number
+        widget.set_text(MODEL_DEFAULT)
+        return True
+
+    button.connect("output", output)
+
+
+def offer_names(entry: GimpUi.LabelEntry, names: tuple[str, ...], tooltip: str) -> None:
+    """Completes the entry from the daemon's names and lists them in its tooltip."""
+    store = Gtk.ListStore(str)
+    for name in names:
+        store.append([name])
+    completion = Gtk.EntryCompletion(model=store, minimum_key_length=0, inline_completion=True)
+    completion.set_text_column(0)
+    entry.get_entry().set_completion(completion)
+    entry.set_tooltip_text(f"{tooltip}: {', '.join(names) or 'none'}")
+
+
+def apply_offer(
+    dialog: GimpUi.ProcedureDialog, config: Gimp.ProcedureConfig, info: DaemonInfo
+) -> None:
+    """The daemon's ranges and choices: its limits.max_steps bounds the steps."""
+    steps = dialog.get_widget("steps", GimpUi.LabelSpin)
+    steps.set_property("upper", info.limits.max_steps)
+    model = text_property(config, "model") or info.model
+    defaults = info.defaults_for(model)
+    if defaults is not None:
+        steps.set_tooltip_text(f"0: the model's default ({model}: {defaults.describe()})")
+    models = f"Empty: its loaded model ({info.model}). The daemon's models"
+    offer_names(dialog.get_widget("model", GimpUi.LabelEntry), info.models, models)
+    samplers = "Empty: the model's default. The daemon's samplers"
+    offer_names(dialog.get_widget("scheduler", GimpUi.LabelEntry), info.schedulers, samplers)
+
+
+def add_seed_widget(dialog: GimpUi.ProcedureDialog, config: Gimp.ProcedureConfig) -> None:
+    """GIMP 3.0's procedure dialog has no widget for a uint argument (it warns and leaves a
+    gap), so the seed gets GimpUi's own, below Random seed and usable only when that is off."""
+    seed = GimpUi.prop_label_spin_new(config, "seed", 0)
+    flags = GObject.BindingFlags.SYNC_CREATE | GObject.BindingFlags.INVERT_BOOLEAN
+    config.bind_property("random-seed", seed, "sensitive", flags)
+    toggle = dialog.get_widget("random-seed", Gtk.CheckButton)
+    box = toggle.get_parent()
+    box.pack_start(seed, False, False, 0)
+    box.reorder_child(seed, box.child_get_property(toggle, "position") + 1)
+    # Size groups merge: this lines its label up with the dialog's own.
+    labels = Gtk.SizeGroup(mode=Gtk.SizeGroupMode.HORIZONTAL)
+    labels.add_widget(seed.get_label())
+    labels.add_widget(dialog.get_widget("steps", GimpUi.LabelSpin).get_label())
+    seed.show_all()
 
 
 def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> GimpUi.Dialog:
@@ -379,18 +509,25 @@ def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> Gim
     # GIMP restores each procedure's own last values; the address is the one both share.
     config.set_property("address", saved_address())
     # An empty string argument comes back as None, which a text entry refuses.
-    config.set_property("model", text_property(config, "model"))
+    for name in ("model", "scheduler"):
+        config.set_property(name, text_property(config, name))
     dialog = GimpUi.ProcedureDialog.new(procedure, config, dialog_title(procedure))
     # A slider: the default spin box cannot step through a range narrower than 1.
     dialog.get_spin_scale("strength", 1.0)
     # Prompts are often long: multi-line text boxes, titled since a text box has no label.
-    for name, title in (("prompt", "_Prompt"), ("negative-prompt", "_Negative prompt")):
+    for name, title in (("prompt", "_Prompt"), ("negative-prompt", "Negati_ve prompt")):
         view = dialog.get_widget(name, Gtk.TextView)
         view.set_wrap_mode(Gtk.WrapMode.WORD)
         view.set_size_request(360, 60)
         dialog.get_label(f"{name}-title", title, False, True).set_mnemonic_widget(view)
         dialog.fill_frame(f"{name}-frame", f"{name}-title", False, name)
+    show_model_default(dialog.get_widget("steps", GimpUi.LabelSpin), lambda v: v < 1)
+    show_model_default(dialog.get_widget("guidance", GimpUi.LabelSpin), lambda v: v < 0)
     dialog.fill(DIALOG_FIELDS)
+    add_seed_widget(dialog, config)
+    info = probe(config.get_property("address"))
+    if info is not None:
+        apply_offer(dialog, config, info)
     return dialog
 
 
@@ -416,7 +553,7 @@ def run(
     dialog = None
     try:
         if IMPORT_ERROR:
-            raise execution_error(f"sdbridge: {IMPORT_ERROR}")
+            raise execution_error(IMPORT_ERROR)
         if run_mode != Gimp.RunMode.NONINTERACTIVE:  # the menu, or Filters > Repeat Last
             GimpUi.init(PLUG_IN_BINARY)
             if run_mode == Gimp.RunMode.INTERACTIVE:
@@ -449,8 +586,9 @@ PROCEDURES = {
         False,
         "_Generate...",
         "A new layer painted from the prompt by the sdbridge daemon",
-        "Sized to the selection's bounds (or the image) and placed there. With strength < 1 "
-        "the visible pixels of that area are the starting point (img2img).",
+        "Sized to the selection's bounds (or the image) and placed there; only the selected "
+        "pixels change (a feathered edge blends). With strength < 1 the visible pixels of that "
+        "area are the starting point (img2img).",
         1.0,
     ),
     REPAINT: (
@@ -488,13 +626,49 @@ class SdbridgePlugIn(Gimp.PlugIn):
         procedure.set_attribution("sdbridge", "sdbridge", "2026")
         procedure.add_string_argument("prompt", "_Prompt", "What to paint", "", RW)
         procedure.add_string_argument(
-            "negative-prompt", "_Negative prompt", "What to avoid", "", RW
+            "negative-prompt", "Negati_ve prompt", "What to avoid", "", RW
         )
-        procedure.add_int_argument("steps", "S_teps", "Denoising steps", 1, 150, 20, RW)
+        procedure.add_int_argument(
+            "steps",
+            "S_teps",
+            "Denoising steps; 0: the model's default (few-step models get their own)",
+            0,
+            MAX_STEPS_ARGUMENT,
+            0,
+            RW,
+        )
         procedure.add_double_argument(
-            "guidance", "G_uidance", "Classifier-free guidance scale", 0.0, 30.0, 7.5, RW
+            "guidance",
+            "G_uidance",
+            "Classifier-free guidance scale; below 0: the model's default",
+            -1.0,
+            MAX_GUIDANCE,
+            -1.0,
+            RW,
         )
-        procedure.add_int_argument("seed", "S_eed", "-1: a random seed", -1, G_MAXINT, -1, RW)
+        procedure.add_string_argument(
+            "scheduler",
+            "S_ampler",
+            "A sampler the daemon offers (hello.schedulers); empty: the model's default",
+            "",
+            RW,
+        )
+        procedure.add_boolean_argument(
+            "random-seed",
+            "Ra_ndom seed",
+            "The daemon picks the seed (the layer name shows it); off: use Seed",
+            True,
+            RW,
+        )
+        procedure.add_uint_argument(
+            "seed",
+            "S_eed",
+            "The seed when Random seed is off: type a layer name's seed to repeat its picture",
+            0,
+            MAX_SEED,
+            0,
+            RW,
+        )
         procedure.add_double_argument(
             "strength", "Stren_gth", "How much of the area is repainted", 0.01, 1.0, strength, RW
         )

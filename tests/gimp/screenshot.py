@@ -32,8 +32,8 @@ sky = bytes(v for y in range(H) for x in range(W) for v in (40 + y // 3, 90 + y 
 image, background = new_image(W, H, sky)
 image.select_rectangle(Gimp.ChannelOps.REPLACE, 96, 48, 320, 224)
 status, value, seconds = call(
-    "python-fu-sdbridge-generate", image, [background], prompt=PROMPT, seed=7,
-    steps=20, address=ADDRESS, timeout=300.0,
+    "python-fu-sdbridge-generate", image, [background], prompt=PROMPT, random_seed=False,
+    seed=7, steps=20, address=ADDRESS, timeout=300.0,
 )
 mark(status=status, value=value, layers=layers(image))
 Gimp.Display.new(image)
@@ -51,7 +51,8 @@ plugin = load_plugin_module()
 GimpUi.init("sdbridge-screenshot")
 procedure = Gimp.get_pdb().lookup_procedure(plugin.GENERATE)
 config = procedure.create_config()
-for name, value in (("prompt", PROMPT), ("seed", 7), ("steps", 20), ("address", ADDRESS)):
+settings = (("prompt", PROMPT), ("random-seed", False), ("seed", 7), ("steps", 20))
+for name, value in (*settings, ("address", ADDRESS)):
     config.set_property(name, value)
 dialog = plugin.build_dialog(procedure, config)
 dialog.show_all()

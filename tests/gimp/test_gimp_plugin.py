@@ -55,11 +55,19 @@ def test_both_procedures_are_registered_under_filters_sdbridge(gimp: Gimp) -> No
                 "arguments": [spec.name for spec in procedure.get_arguments()],
                 "returns": [spec.name for spec in procedure.get_return_values()],
             }
+            config = procedure.create_config()
+            found[name]["defaults"] = {
+                key: config.get_property(key)
+                for key in ("steps", "guidance", "scheduler", "random-seed", "seed")
+            }
+            seed = next(s for s in procedure.get_arguments() if s.name == "seed")
+            found[name]["seeds"] = [seed.minimum, seed.maximum]
         mark(found=found)
         """
     ).checked()
     arguments = ["run-mode", "image", "drawables", "prompt", "negative-prompt", "steps"]
-    arguments += ["guidance", "seed", "strength", "model", "address", "timeout"]
+    arguments += ["guidance", "scheduler", "random-seed", "seed", "strength", "model", "address"]
+    arguments += ["timeout"]
     for name, label in ((GENERATE, "_Generate..."), (REPAINT, "_Repaint selection...")):
         info = markers["found"][name]
         assert info is not None, f"{name} is not registered"
@@ -67,6 +75,16 @@ def test_both_procedures_are_registered_under_filters_sdbridge(gimp: Gimp) -> No
         # GIMP 3.0 adds "num-drawables" before the drawables on its own.
         assert [a for a in info["arguments"] if a != "num-drawables"] == arguments
         assert info["returns"] == ["layer"]
+        # Left as they are, steps, guidance and sampler are the model's; the daemon picks the
+        # seed, and any seed it reports fits the argument.
+        assert info["defaults"] == {
+            "steps": 0,
+            "guidance": -1.0,
+            "scheduler": "",
+            "random-seed": True,
+            "seed": 0,
+        }
+        assert info["seeds"] == [0, protocol.MAX_SEED]
 
 
 def test_the_packaged_zip_unpacked_into_plug_ins_runs(gimp: Gimp, tmp_path: Path) -> None:
@@ -93,15 +111,15 @@ def test_generate_adds_one_layer_over_the_selection_or_the_whole_image(gimp: Gim
         image, background = new_image({W}, {H}, grey)
         image.select_rectangle(Gimp.ChannelOps.REPLACE, 10, 8, 40, 30)
         status, value, seconds = call(
-            {GENERATE!r}, image, [background], prompt="a red circle", seed=5, steps=4,
-            address={daemon.address!r}, timeout=60.0,
+            {GENERATE!r}, image, [background], prompt="a red circle", random_seed=False, seed=5,
+            steps=4, address={daemon.address!r}, timeout=60.0,
         )
         mark(selection={{"status": status, "value": value, "layers": layers(image)}})
         export(image, "generate-selection.png")
 
         image, background = new_image({W}, {H}, grey)
         status, value, seconds = call(
-            {GENERATE!r}, image, [background], prompt="a blue square", seed=-1, steps=4,
+            {GENERATE!r}, image, [background], prompt="a blue square", steps=4,
             address={daemon.address!r}, timeout=60.0,
         )
         mark(whole={{"status": status, "value": value, "layers": layers(image)}})
@@ -128,9 +146,36 @@ def test_generate_adds_one_layer_over_the_selection_or_the_whole_image(gimp: Gim
     assert whole["status"] == "success"
     assert whole["layers"][0] == {"name": whole["value"], "offsets": [0, 0], "size": [W, H]}
     assert len(whole["layers"]) == 2
-    # A random seed (-1) fits the seed argument, so the user can type it back in.
-    seed = int(re.fullmatch(r"a blue square \((\d+)\)", whole["value"]).group(1))
-    assert 0 <= seed <= 2**31 - 1
+
+
+def test_the_daemons_random_seed_typed_back_repeats_the_picture(gimp: Gimp, daemon) -> None:
+    markers = gimp.run(
+        f"""
+        def generate(label, **seed):
+            image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
+            status, value, seconds = call(
+                {GENERATE!r}, image, [background], prompt="a blue square", steps=2,
+                address={daemon.address!r}, timeout=60.0, **seed,
+            )
+            mark(**{{label: [status, value]}})
+            save_pixels(image.get_layers()[0], f"{{label}}.rgba")
+            return value
+
+        name = generate("random")
+        generate("again", random_seed=False, seed=int(name.rsplit("(", 1)[1].rstrip(")")))
+        generate("top", random_seed=False, seed={protocol.MAX_SEED})
+        """
+    ).checked()
+    status, name = markers["random"]
+    assert status == "success"
+    # The daemon picked the seed and reported it; the layer name shows it, the argument takes it.
+    seed = int(re.fullmatch(r"a blue square \((\d+)\)", name).group(1))
+    assert 0 <= seed <= protocol.MAX_SEED
+    assert markers["again"] == ["success", name]
+    # The same request through the same code path twice: the same pixels, to the bit.
+    assert gimp.host("again.rgba").read_bytes() == gimp.host("random.rgba").read_bytes()
+    # Even the largest seed the daemon can report fits the argument.
+    assert markers["top"] == ["success", layer_name("a blue square", protocol.MAX_SEED)]
 
 
 def test_repaint_selection_changes_only_selected_pixels(gimp: Gimp, daemon) -> None:
@@ -145,8 +190,8 @@ def test_repaint_selection_changes_only_selected_pixels(gimp: Gimp, daemon) -> N
         save_selection(image, "repaint-mask.bin")
         export(image, "repaint-before.png")
         status, value, seconds = call(
-            {REPAINT!r}, image, [background], prompt="a green blob", seed=3, steps=6,
-            strength=0.9, address={daemon.address!r}, timeout=60.0,
+            {REPAINT!r}, image, [background], prompt="a green blob", random_seed=False, seed=3,
+            steps=6, strength=0.9, address={daemon.address!r}, timeout=60.0,
         )
         export(image, "repaint-after.png")
         mark(status=status, value=value, layers=layers(image))
@@ -214,21 +259,25 @@ def test_errors_come_back_as_pdb_messages_within_the_timeout(
     cases = {
         "stopped": {"address": stopped.address, "timeout": 30.0},
         "stalled": {"address": stalled_daemon.address, "timeout": 2.0},
-        "refused": {"address": daemon.address, "model": "no-such-model", "timeout": 30.0},
-        "bad_address": {"address": "localhost:7878", "timeout": 30.0},
-        "no_prompt": {"address": daemon.address, "prompt": "  ", "timeout": 30.0},
+        "unknown_model": {"address": daemon.address, "model": "no-such-model"},
+        "refused": {"address": daemon.address, "scheduler": "no-such-sampler"},
+        "bad_address": {"address": "localhost:7878"},
+        "no_prompt": {"address": daemon.address, "prompt": "  "},
     }
     markers = gimp.run(
         f"""
         image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
         for label, arguments in {cases!r}.items():
-            arguments = {{"prompt": "a cat", "steps": 2, **arguments}}
+            arguments = {{"prompt": "a cat", "steps": 2, "timeout": 30.0, **arguments}}
             status, error, seconds = call({GENERATE!r}, image, [background], **arguments)
             mark(**{{label: {{"status": status, "error": error, "seconds": seconds}}}})
         mark(layers=len(image.get_layers()))
         """,
         timeout=90,
     ).checked()
+    for case in markers.values():
+        if isinstance(case, dict):
+            assert case["error"].startswith("sdbridge: "), case
     stopped_case = markers["stopped"]
     assert stopped_case["status"] == "execution-error"
     assert stopped.address in stopped_case["error"] and "sdbridge serve" in stopped_case["error"]
@@ -242,16 +291,19 @@ def test_errors_come_back_as_pdb_messages_within_the_timeout(
     cancels = [r for r in stalled_daemon.requests if r["op"] == "cancel"]
     assert [r["job"] for r in cancels] == [job["id"]], "the timed-out job was not cancelled"
 
-    refused = markers["refused"]
-    assert refused["status"] == "execution-error"
-    assert "the job failed" in refused["error"] and "unknown_model" in refused["error"]
+    # The caller's mistakes, found before anything is sent, in the session's words.
+    assert markers["unknown_model"]["status"] == "calling-error"
+    assert "no model “no-such-model”" in markers["unknown_model"]["error"]
+    assert markers["no_prompt"]["status"] == "calling-error"
+    assert markers["no_prompt"]["error"] == "sdbridge: Type a prompt first."
+    assert markers["no_prompt"]["seconds"] < 2
     assert markers["bad_address"]["status"] == "calling-error"
     assert "tcp://" in markers["bad_address"]["error"]
-    assert markers["no_prompt"] == {
-        "status": "calling-error",
-        "error": "sdbridge: the prompt is empty",
-        "seconds": pytest.approx(0, abs=2),
-    }
+    # What only the daemon knows to refuse: its words, as the job's view puts them.
+    refused = markers["refused"]
+    assert refused["status"] == "execution-error"
+    assert refused["error"].startswith("sdbridge: The daemon refused the job: ")
+    assert "no-such-sampler" in refused["error"]
     assert markers["layers"] == 1, "a failed call must not leave a layer behind"
 
 
@@ -260,12 +312,9 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
 ) -> None:
     markers = gimp.run(
         f"""
-        gi.require_version("GimpUi", "3.0")
-        gi.require_version("Gtk", "3.0")
-        from gi.repository import GimpUi, GLib, Gtk
+        plugin = dialog_plugin()
+        from gi.repository import GLib, Gtk
 
-        plugin = load_plugin_module()
-        GimpUi.init("sdbridge-test")
         dialogs = {{}}
         for name in (plugin.GENERATE, plugin.REPAINT):
             procedure = Gimp.get_pdb().lookup_procedure(name)
@@ -274,9 +323,7 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
                 plugin.save_address("tcp://127.0.0.1:9")
                 config.set_property("address", "tcp://127.0.0.1:8")
             dialog = plugin.build_dialog(procedure, config)
-            dialog.show_all()
-            while Gtk.events_pending():
-                Gtk.main_iteration()
+            show(dialog)
             prompt = dialog.get_widget("prompt", Gtk.TextView)
             dialogs[name] = {{
                 "title": dialog.get_title(),
@@ -288,28 +335,30 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
             dialog.destroy()
         mark(dialogs=dialogs)
 
-        client = plugin.Client({daemon.address!r}, timeout=10)
-        job = client.generate(prompt="a long job", num_inference_steps=150)
+        session = plugin.Session({daemon.address!r})
+        generation = session.submit({{"prompt": "a long job", "num_inference_steps": 150}})
         progress = plugin.ProgressDialog("Generate")
         cancel = progress.dialog.get_widget_for_response(Gtk.ResponseType.CANCEL)
         GLib.idle_add(cancel.clicked)
         try:
-            plugin.wait_for_result(job, {daemon.address!r}, 60, progress)
+            plugin.follow(generation, {daemon.address!r}, 60, progress)
             outcome = "finished"
         except plugin.Cancelled:
             outcome = "cancelled"
         progress.close()
-        mark(outcome=outcome, terminal=job.wait(10)["event"])
+        view = generation.view
+        mark(outcome=outcome, cancelled=[view.phase.value, view.message, view.is_error])
 
-        job = client.generate(prompt="a short job", num_inference_steps=3, seed=1, preview_every=1)
+        fields = {{"prompt": "a short job", "num_inference_steps": 3, "seed": 1}}
+        generation = session.submit({{**fields, "preview_every": 1}})
         progress = plugin.ProgressDialog("sdbridge: Generate")
-        result = plugin.wait_for_result(job, {daemon.address!r}, 60, progress)
+        view = plugin.follow(generation, {daemon.address!r}, 60, progress)
         shown, bar = progress.label.get_text(), progress.bar.get_fraction()
         preview = progress.preview.get_pixbuf()
-        mark(result=result["event"], shown=shown, bar=bar)
+        mark(phase=view.phase.value, message=view.message, shown=shown, bar=bar)
         mark(preview=None if preview is None else [preview.get_width(), preview.get_height()])
         progress.close()
-        client.close()
+        session.close()
         """,
         display=True,
     ).checked()
@@ -323,9 +372,12 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
     assert generate["address"] == protocol.DEFAULT_ADDRESS  # nothing saved yet
     assert repaint["address"] == "tcp://127.0.0.1:9"
     assert (generate["strength"], repaint["strength"]) == (1.0, 0.75)
-    assert (markers["outcome"], markers["terminal"]) == ("cancelled", "cancelled")
-    assert markers["result"] == "result" and markers["bar"] == 1.0
-    assert markers["shown"].startswith("sdbridge: step 3/3")
+    # The daemon confirmed the cancel (a job left behind unconfirmed would read as an error).
+    assert markers["outcome"] == "cancelled"
+    assert markers["cancelled"] == ["cancelled", "Cancelled; nothing was added.", False]
+    # The window shows what the job's view says, up to the end.
+    assert markers["phase"] == "finished" and markers["bar"] == 1.0
+    assert markers["shown"] == markers["message"] and markers["shown"].startswith("Saved as ")
     assert markers["preview"] == [192, 192]  # the live preview, enlarged
 
 
@@ -345,7 +397,7 @@ def test_interactive_run_asks_then_paints_with_the_saved_address(gimp: Gimp, dae
             presser.start()
             result = call(
                 {GENERATE!r}, image, [background], run_mode=Gimp.RunMode.INTERACTIVE,
-                prompt="asked for", seed=21, steps=3,
+                prompt="asked for", random_seed=False, seed=21, steps=3,
             )
             presser.join()
             mark(**{{key: result[:2]}})
@@ -355,7 +407,7 @@ def test_interactive_run_asks_then_paints_with_the_saved_address(gimp: Gimp, dae
         env={"GDK_CORE_DEVICE_EVENTS": "1"},
     )
     markers = run.checked()
-    assert markers["answers"] == {"c": True, "o": True}
+    assert set(markers["answers"]) == {"c", "o"} and all(markers["answers"].values())
     assert markers["c"][0] == "cancel"  # the dialog's Cancel: nothing painted
     assert markers["o"] == ["success", layer_name("asked for", 21)]
     assert [layer["name"] for layer in markers["layers"]] == ["asked for (21)", "background"]
