@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import zmq
 from gimp_runner import Gimp, chroot_missing
+from helpers import SilentDaemon, free_port
 from PIL import Image
 
 from sdbridge.editor.canvas import layer_name
+from sdbridge.editor.session import CANCEL_GRACE_S
 from sdbridge.install import package
 from sdbridge.wire import protocol
 
@@ -178,6 +180,32 @@ def test_the_daemons_random_seed_typed_back_repeats_the_picture(gimp: Gimp, daem
     assert markers["top"] == ["success", layer_name("a blue square", protocol.MAX_SEED)]
 
 
+def test_a_few_step_model_picked_by_name_gets_its_preset(gimp: Gimp, library_daemon) -> None:
+    prompt = "a few-step fox in the snow"
+    markers = gimp.run(
+        f"""
+        image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
+        status, value, seconds = call(
+            {GENERATE!r}, image, [background], prompt={prompt!r}, model="tiny-sd-turbo",
+            address={library_daemon.address!r}, timeout=120.0,
+        )
+        mark(result=[status, value])
+        """
+    ).checked()
+    assert markers["result"][0] == "success"
+    # Steps, guidance and sampler were left at "model default", so none was sent: the daemon
+    # applied the model's own preset, as its saved copy says.
+    saved = []
+    for path in library_daemon.output_dir.rglob("*.png"):
+        with Image.open(path) as image:
+            parameters = image.text.get("parameters", "")
+        if parameters.startswith(prompt):
+            saved.append(parameters)
+    assert len(saved) == 1, saved
+    for part in ("Steps: 4,", "CFG scale: 0,", "Sampler: Euler a,", "Model: tiny-sd-turbo"):
+        assert part in saved[0], saved[0]
+
+
 def test_repaint_selection_changes_only_selected_pixels(gimp: Gimp, daemon) -> None:
     markers = gimp.run(
         f"""
@@ -211,6 +239,70 @@ def test_repaint_selection_changes_only_selected_pixels(gimp: Gimp, daemon) -> N
     assert moved == [], f"{len(moved)} unselected pixels changed"
     changed = sum(before[i * 4 : i * 4 + 3] != after[i * 4 : i * 4 + 3] for i in selected)
     assert changed > 0.8 * len(selected), f"only {changed}/{len(selected)} selected changed"
+
+
+def test_generate_changes_only_an_elliptical_or_feathered_selection(gimp: Gimp, daemon) -> None:
+    markers = gimp.run(
+        f"""
+        pattern = bytes(
+            v for y in range({H}) for x in range({W})
+            for v in ((x * 5) % 256, (y * 7) % 256, ((x + y) * 3) % 256)
+        )
+        for label in ("ellipse", "feathered"):
+            image, background = new_image({W}, {H}, pattern)
+            image.select_ellipse(Gimp.ChannelOps.REPLACE, 20, 12, 48, 36)
+            if label == "feathered":
+                Gimp.Selection.feather(image, 8.0)
+            save_selection(image, f"{{label}}-mask.bin")
+            export(image, f"{{label}}-before.png")
+            status, value, seconds = call(
+                {GENERATE!r}, image, [background], prompt="a green blob", random_seed=False,
+                seed=3, steps=4, address={daemon.address!r}, timeout=60.0,
+            )
+            export(image, f"{{label}}-after.png")
+            save_pixels(image.get_layers()[0], f"{{label}}-layer.rgba")
+            mark(**{{label: {{"status": status, "layers": layers(image)}}}})
+        """
+    ).checked()
+    for label in ("ellipse", "feathered"):
+        assert markers[label]["status"] == "success"
+        layer = markers[label]["layers"][0]
+        mask = gimp.host(f"{label}-mask.bin").read_bytes()
+        before = rgba(gimp.host(f"{label}-before.png"))
+        after = rgba(gimp.host(f"{label}-after.png"))
+        pixels = gimp.host(f"{label}-layer.rgba").read_bytes()  # the new layer's own RGBA
+        (x0, y0), (width, height) = layer["offsets"], layer["size"]
+        covered = [(x, y) for y in range(H) for x in range(W) if mask[y * W + x]]
+        # The layer covers the selection's bounds, and its alpha is the selection mask there.
+        assert (x0, y0) == (min(x for x, _ in covered), min(y for _, y in covered))
+        assert (x0 + width, y0 + height) == (
+            max(x for x, _ in covered) + 1,
+            max(y for _, y in covered) + 1,
+        )
+        alpha = b"".join(mask[(y0 + y) * W + x0 :][:width] for y in range(height))
+        assert pixels[3::4] == alpha
+        unselected = [i for i, m in enumerate(mask) if m == 0]
+        selected = [i for i, m in enumerate(mask) if m == 255]
+        edge = [i for i, m in enumerate(mask) if 0 < m < 255]
+        assert len(unselected) > 1500 and len(selected) > 300, label
+        moved = [i for i in unselected if before[i * 4 : i * 4 + 4] != after[i * 4 : i * 4 + 4]]
+        assert moved == [], f"{label}: {len(moved)} unselected pixels changed"
+        changed = sum(before[i * 4 : i * 4 + 3] != after[i * 4 : i * 4 + 3] for i in selected)
+        assert changed > 0.8 * len(selected), f"{label}: {changed}/{len(selected)} changed"
+        if label == "ellipse":
+            continue
+        # A feathered edge blends: each pixel lies between what was there and the new layer.
+        assert len(edge) > 300
+        outside = 0
+        for i in edge:
+            x, y = i % W, i // W
+            j = ((y - y0) * width + (x - x0)) * 4
+            for c in range(3):
+                low, high = sorted((before[i * 4 + c], pixels[j + c]))
+                outside += not low - 1 <= after[i * 4 + c] <= high + 1
+        assert outside == 0, f"{outside} edge channels are not a blend"
+        partly = sum(before[i * 4 : i * 4 + 3] != after[i * 4 : i * 4 + 3] for i in edge)
+        assert partly > 0.5 * len(edge)
 
 
 class StalledDaemon:
@@ -379,6 +471,129 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
     assert markers["phase"] == "finished" and markers["bar"] == 1.0
     assert markers["shown"] == markers["message"] and markers["shown"].startswith("Saved as ")
     assert markers["preview"] == [192, 192]  # the live preview, enlarged
+
+
+def test_the_daemons_step_limit_bounds_the_dialog_and_a_call(
+    gimp: Gimp, daemon_factory: Callable
+) -> None:
+    limited = daemon_factory("--max-steps", "40")
+    absent = f"tcp://127.0.0.1:{free_port()}"
+    with SilentDaemon() as silent:
+        addresses = {"limited": limited.address, "absent": absent, "silent": silent.address}
+        markers = gimp.run(
+            f"""
+            plugin = dialog_plugin()
+            from gi.repository import GimpUi
+
+            procedure = Gimp.get_pdb().lookup_procedure(plugin.GENERATE)
+            for label, address in {addresses!r}.items():
+                plugin.save_address(address)
+                started = time.monotonic()
+                dialog = plugin.build_dialog(procedure, procedure.create_config())
+                seconds = time.monotonic() - started
+                show(dialog)
+                steps = dialog.get_widget("steps", GimpUi.LabelSpin)
+                guidance = dialog.get_widget("guidance", GimpUi.LabelSpin)
+                mark(**{{label: {{
+                    "upper": steps.get_property("upper"),
+                    "seconds": seconds,
+                    "shown": [steps.get_spin_button().get_text(),
+                              guidance.get_spin_button().get_text()],
+                    "tooltip": steps.get_tooltip_text(),
+                    "offered": [
+                        dialog.get_widget(name, GimpUi.LabelEntry).get_tooltip_text()
+                        for name in ("model", "scheduler")
+                    ],
+                }}}})
+                dialog.destroy()
+            mark(widest=plugin.MAX_STEPS_ARGUMENT)
+
+            image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
+            status, error, seconds = call(
+                {GENERATE!r}, image, [background], prompt="a cat", steps=41,
+                address={limited.address!r},
+            )
+            mark(over=[status, error], layers=len(image.get_layers()))
+            """,
+            display=True,
+        ).checked()
+    print({label: markers[label]["seconds"] for label in addresses})  # for the record
+    # The daemon's limits.max_steps is the widget's bound, and its model's defaults its hint.
+    limited_dialog = markers["limited"]
+    assert limited_dialog["upper"] == 40
+    assert "20 steps, guidance 7.5" in limited_dialog["tooltip"]
+    # Its models and samplers are offered by name.
+    models, samplers = limited_dialog["offered"]
+    assert models.startswith("Empty: its loaded model (") and "tiny-sd" in models
+    assert samplers.startswith("Empty: the model's default.") and "Euler a" in samplers
+    # Left unset, steps and guidance read as the model's, in words.
+    assert limited_dialog["shown"] == ["model default", "model default"]
+    # Without an answer the dialog opens at once with the argument's own range: no daemon at
+    # all costs nothing, one that never answers costs the probe's short wait.
+    assert markers["absent"]["upper"] == markers["silent"]["upper"] == markers["widest"]
+    assert markers["absent"]["seconds"] < 1.0
+    assert markers["silent"]["seconds"] < 2.5
+    # A script asking for more is refused before anything is sent.
+    assert markers["over"] == ["calling-error", "sdbridge: The steps must be between 1 and 40."]
+    assert markers["layers"] == 1
+
+
+def test_cancel_against_a_hung_daemon_returns_within_the_grace(
+    gimp: Gimp, stalled_daemon: StalledDaemon
+) -> None:
+    with SilentDaemon() as silent:
+        # One never answers at all (Cancel comes while the plug-in waits for hello); the other
+        # takes the job but never confirms its cancel.
+        addresses = {"silent": silent.address, "stalled": stalled_daemon.address}
+        run = gimp.run(
+            f"""
+            import threading
+
+            image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
+            for label, address in {addresses!r}.items():
+                with open(f"{{WORK}}/profile/sdbridge.json", "w") as f:
+                    json.dump({{"address": address}}, f)
+                pressed = {{}}
+
+                def ok_then_cancel(pressed=pressed):
+                    pressed["ok"] = press_mnemonic("sdbridge: Generate", "o")
+                    # The progress window has the same title: the next window of that name.
+                    skip = (pressed["ok"],)
+                    pressed["cancel"] = press_mnemonic("sdbridge: Generate", "c", skip=skip)
+                    pressed["at"] = time.monotonic()
+
+                presser = threading.Thread(target=ok_then_cancel)
+                presser.start()
+                status, value, seconds = call(
+                    {GENERATE!r}, image, [background], run_mode=Gimp.RunMode.INTERACTIVE,
+                    prompt="never finished", timeout=600.0,
+                )
+                returned = time.monotonic()
+                presser.join()
+                mark(**{{label: {{
+                    "status": status,
+                    "pressed": bool(pressed["ok"] and pressed["cancel"]),
+                    "after_cancel": returned - pressed["at"],
+                }}}})
+            mark(layers=len(image.get_layers()))
+            """,
+            display=True,
+            env={"GDK_CORE_DEVICE_EVENTS": "1"},
+            timeout=120,
+        )
+        markers = run.checked()
+    print({label: markers[label]["after_cancel"] for label in addresses})  # for the record
+    for label in addresses:
+        assert markers[label]["pressed"] and markers[label]["status"] == "cancel", label
+    # Waiting for hello, Cancel lets go at once: nothing was sent.
+    assert markers["silent"]["after_cancel"] < 1.0
+    assert [r["op"] for r in silent.requests if r["op"] != "hello"] == []
+    # A job on its way: the daemon is asked to cancel it and has the grace to confirm, no more.
+    assert CANCEL_GRACE_S - 0.5 < markers["stalled"]["after_cancel"] < CANCEL_GRACE_S + 2
+    job = next(r for r in stalled_daemon.requests if r["op"] == "generate")
+    cancels = [r["job"] for r in stalled_daemon.requests if r["op"] == "cancel"]
+    assert cancels == [job["id"]]
+    assert markers["layers"] == 1
 
 
 def test_interactive_run_asks_then_paints_with_the_saved_address(gimp: Gimp, daemon) -> None:
