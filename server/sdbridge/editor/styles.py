@@ -39,6 +39,10 @@ _PARAMETERS: dict[str, tuple[type, ...]] = {
 }
 
 
+# The Settings fields a style carries besides its prompts.
+CARRIED = ("model", "num_inference_steps", "guidance_scale", "scheduler", "loras")
+
+
 class StyleError(ValueError):
     """The styles file cannot be read or a style is malformed; the message says where."""
 
@@ -59,30 +63,14 @@ class Style:
         template = self.prompt if PROMPT_SLOT in self.prompt else f"{PROMPT_SLOT}, {self.prompt}"
         prompt = template.replace(PROMPT_SLOT, settings.prompt).strip(" ,")
         negative = ", ".join(p for p in (settings.negative_prompt, self.negative_prompt) if p)
-        return replace(
-            settings,
-            prompt=prompt,
-            negative_prompt=negative,
-            model=settings.model or self.model,
-            num_inference_steps=_first(settings.num_inference_steps, self.num_inference_steps),
-            guidance_scale=_first(settings.guidance_scale, self.guidance_scale),
-            scheduler=settings.scheduler or self.scheduler,
-            loras=settings.loras or self.loras,
-        )
+        filled = {name: _chosen(getattr(settings, name), getattr(self, name)) for name in CARRIED}
+        return replace(settings, prompt=prompt, negative_prompt=negative, **filled)
 
     @staticmethod
     def of(settings: Settings, name: str, prompt: str = PROMPT_SLOT) -> Style:
         """A style that keeps the parameters the artist set in `settings` (for "Save style")."""
-        return Style(
-            name=name,
-            prompt=prompt,
-            negative_prompt=settings.negative_prompt,
-            model=settings.model,
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            scheduler=settings.scheduler,
-            loras=settings.loras,
-        )
+        carried = {field: getattr(settings, field) for field in CARRIED}
+        return Style(name, prompt, settings.negative_prompt, **carried)
 
     def to_dict(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": self.name, "prompt": self.prompt}
@@ -126,8 +114,9 @@ class Style:
         )
 
 
-def _first(chosen: Any, fallback: Any) -> Any:
-    return fallback if chosen is None else chosen
+def _chosen(artists: Any, styles: Any) -> Any:
+    """The artist's value unless it was left at "model default" (guidance 0 is a choice)."""
+    return styles if artists is None or artists in ("", ()) else artists
 
 
 def _loras(value: Any, where: str) -> tuple[LoraChoice, ...]:
