@@ -44,7 +44,9 @@ try:
         Settings,
         check_settings,
         editor_fields,
+        sends_canvas,
     )
+    from sdbridge.editor.styles import Style, StyleError, load_styles, styles_path
     from sdbridge.wire.client import ClientError
     from sdbridge.wire.protocol import ADDRESS_ENV, DEFAULT_ADDRESS, MAX_GUIDANCE, MAX_SEED
 
@@ -332,20 +334,33 @@ class Params:
         # the model's own (a few-step model gets its 4 steps and guidance 0). A random seed is
         # the daemon's to pick; it reports it, and the layer name shows it.
         guidance = config.get_property("guidance")
+        settings = Settings(
+            prompt=text_property(config, "prompt"),
+            negative_prompt=text_property(config, "negative-prompt"),
+            model=text_property(config, "model") or None,
+            num_inference_steps=config.get_property("steps") or None,
+            guidance_scale=guidance if guidance >= 0 else None,
+            scheduler=text_property(config, "scheduler") or None,
+            strength=config.get_property("strength"),
+            seed=None if config.get_property("random-seed") else config.get_property("seed"),
+        )
+        style = text_property(config, "style")
         return Params(
-            settings=Settings(
-                prompt=text_property(config, "prompt"),
-                negative_prompt=text_property(config, "negative-prompt"),
-                model=text_property(config, "model") or None,
-                num_inference_steps=config.get_property("steps") or None,
-                guidance_scale=guidance if guidance >= 0 else None,
-                scheduler=text_property(config, "scheduler") or None,
-                strength=config.get_property("strength"),
-                seed=None if config.get_property("random-seed") else config.get_property("seed"),
-            ),
+            settings=chosen_style(style).apply(settings) if style else settings,
             address=text_property(config, "address") or saved_address(),
             timeout=config.get_property("timeout"),
         )
+
+
+def chosen_style(name: str) -> Style:
+    try:
+        styles = load_styles()
+    except StyleError as exc:
+        raise calling_error(str(exc)) from exc
+    if name not in styles:
+        known = ", ".join(styles) or "none yet"
+        raise calling_error(f"no style “{name}” in {styles_path()} (styles: {known})")
+    return styles[name]
 
 
 def text_property(config: Gimp.ProcedureConfig, name: str) -> str:
@@ -392,8 +407,7 @@ def paint(
         problem = check_settings(settings, info)
         if problem:
             raise calling_error(problem)
-        strength = 1.0 if settings.strength is None else settings.strength
-        needed = job_plan.needs_canvas(strength)
+        needed = sends_canvas(settings, job_plan)
         rgba = visible_pixels(image, job_plan.bounds) if needed else None
         generation = session.submit(editor_fields(settings, job_plan, rgba))
         view = follow(generation, session.address, params.timeout, dialog)
@@ -414,6 +428,7 @@ DIALOG_FIELDS = [
     "prompt-frame",
     "negative-prompt-frame",
     "model",
+    "style",
     "steps",
     "guidance",
     "scheduler",
@@ -509,7 +524,7 @@ def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> Gim
     # GIMP restores each procedure's own last values; the address is the one both share.
     config.set_property("address", saved_address())
     # An empty string argument comes back as None, which a text entry refuses.
-    for name in ("model", "scheduler"):
+    for name in ("model", "style", "scheduler"):
         config.set_property(name, text_property(config, name))
     dialog = GimpUi.ProcedureDialog.new(procedure, config, dialog_title(procedure))
     # A slider: the default spin box cannot step through a range narrower than 1.
@@ -674,6 +689,13 @@ class SdbridgePlugIn(Gimp.PlugIn):
         )
         procedure.add_string_argument(
             "model", "_Model", "A model the daemon has; empty: its loaded model", "", RW
+        )
+        procedure.add_string_argument(
+            "style",
+            "St_yle",
+            "A style preset from the styles file shared with Krita and the CLI; empty: none",
+            "",
+            RW,
         )
         procedure.add_string_argument(
             "address", "_Daemon address", "Empty: the address used last", "", RW

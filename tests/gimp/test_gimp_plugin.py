@@ -15,6 +15,7 @@ from PIL import Image
 
 from sdbridge.editor.canvas import layer_name
 from sdbridge.editor.session import CANCEL_GRACE_S
+from sdbridge.editor.styles import Style, save_style
 from sdbridge.install import package
 from sdbridge.wire import protocol
 
@@ -68,8 +69,8 @@ def test_both_procedures_are_registered_under_filters_sdbridge(gimp: Gimp) -> No
         """
     ).checked()
     arguments = ["run-mode", "image", "drawables", "prompt", "negative-prompt", "steps"]
-    arguments += ["guidance", "scheduler", "random-seed", "seed", "strength", "model", "address"]
-    arguments += ["timeout"]
+    arguments += ["guidance", "scheduler", "random-seed", "seed", "strength", "model", "style"]
+    arguments += ["address", "timeout"]
     for name, label in ((GENERATE, "_Generate..."), (REPAINT, "_Repaint selection...")):
         info = markers["found"][name]
         assert info is not None, f"{name} is not registered"
@@ -629,3 +630,27 @@ def test_interactive_run_asks_then_paints_with_the_saved_address(gimp: Gimp, dae
     # GIMP checks an interactive dialog's mnemonics and complains about clashes on stderr.
     # (It also reports the prompt boxes as lacking one: it looks before their titles exist.)
     assert "duplicate mnemonic" not in run.log
+
+
+def test_a_style_from_the_shared_file_reaches_the_saved_parameters(gimp: Gimp, daemon) -> None:
+    """The styles file that the Krita docker saves and `sdbridge generate --style` reads."""
+    save_style(Style("flat", prompt="{prompt}, flat colours", num_inference_steps=2),
+               gimp.host("styles.json"))  # fmt: skip
+    markers = gimp.run(
+        f"""
+        image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
+        for label, style in (("styled", "flat"), ("unknown", "nope")):
+            status, value, seconds = call(
+                {GENERATE!r}, image, [background], prompt="a cat", style=style,
+                address={daemon.address!r}, timeout=60.0,
+            )
+            mark(**{{label: [status, value]}})
+        """,
+        env={"SDBRIDGE_STYLES": gimp.inner("styles.json")},
+    ).checked()
+    assert markers["styled"] == ["success", markers["styled"][1]]
+    assert markers["styled"][1].startswith("a cat, flat colours (")
+    newest = max(daemon.output_dir.rglob("*.png"), key=lambda path: path.stat().st_mtime_ns)
+    assert Image.open(newest).text["parameters"].startswith("a cat, flat colours\nSteps: 2,")
+    status, error = markers["unknown"]
+    assert status == "calling-error" and "no style “nope”" in error and "(styles: flat)" in error

@@ -122,6 +122,11 @@ def _float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
+def sends_canvas(settings: Settings, plan: JobPlan) -> bool:
+    """Whether the job needs the canvas's pixels (`editor_fields`'s `rgba`): read them only then."""
+    return plan.needs_canvas(1.0 if settings.strength is None else settings.strength)
+
+
 def editor_fields(settings: Settings, plan: JobPlan, rgba: bytes | bytearray | None) -> dict:
     """A `generate` request for a region of an editor's canvas.
 
@@ -131,7 +136,7 @@ def editor_fields(settings: Settings, plan: JobPlan, rgba: bytes | bytearray | N
     """
     strength = 1.0 if settings.strength is None else settings.strength
     init = mask = None
-    if plan.needs_canvas(strength):
+    if sends_canvas(settings, plan):
         if rgba is None:
             raise ValueError("the canvas pixels are needed for strength < 1 or a selection")
         init = image_map(plan.bounds.extent, rgba)
