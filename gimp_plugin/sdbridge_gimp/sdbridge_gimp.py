@@ -10,6 +10,7 @@ with the Krita plugin; this file only reads and writes GIMP's pixels and drives 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import json
 import os
@@ -63,6 +64,9 @@ PLUG_IN_BINARY = "sdbridge_gimp"
 CLIENT_NAME = f"sdbridge-gimp/{__version__}"
 GENERATE = "python-fu-sdbridge-generate"
 REPAINT = "python-fu-sdbridge-repaint-selection"
+EXPAND = "python-fu-sdbridge-expand"
+MARGINS = ("left", "top", "right", "bottom")
+MAX_MARGIN = 4096
 MENU = "<Image>/Filters/sdbridge"
 SETTINGS_FILE = "sdbridge.json"  # in the GIMP profile: the address both procedures share
 RGBA = "R'G'B'A u8"  # the wire's 8-bit RGBA; babl converts from any image precision
@@ -327,9 +331,10 @@ class Params:
     settings: Settings
     address: str
     timeout: float
+    margins: tuple[int, int, int, int] = (0, 0, 0, 0)  # Expand: left, top, right, bottom
 
     @staticmethod
-    def from_config(config: Gimp.ProcedureConfig) -> Params:
+    def from_config(config: Gimp.ProcedureConfig, mode: Mode) -> Params:
         # Steps, guidance and sampler left at "model default" are not sent: the daemon applies
         # the model's own (a few-step model gets its 4 steps and guidance 0). A random seed is
         # the daemon's to pick; it reports it, and the layer name shows it.
@@ -349,6 +354,11 @@ class Params:
             settings=chosen_style(style).apply(settings) if style else settings,
             address=text_property(config, "address") or saved_address(),
             timeout=config.get_property("timeout"),
+            margins=(
+                tuple(config.get_property(side) for side in MARGINS)
+                if mode is Mode.EXPAND
+                else (0, 0, 0, 0)
+            ),
         )
 
 
@@ -368,16 +378,42 @@ def text_property(config: Gimp.ProcedureConfig, name: str) -> str:
     return (config.get_property(name) or "").strip()
 
 
-def plan(image: Gimp.Image, repaint: bool) -> canvas.JobPlan:
-    """Repaint inpaints the selection; Generate paints its bounds afresh and keeps only its
-    shape. Both read the selection's mask, so ellipses and feathered edges stay as drawn."""
+class Mode(enum.Enum):
+    GENERATE = "generate"  # paint the selection's bounds afresh, keep its shape
+    REPAINT = "repaint"  # inpaint the selection
+    EXPAND = "expand"  # enlarge the canvas and paint the new margins
+
+
+def plan(image: Gimp.Image, mode: Mode, settings: Settings) -> tuple[canvas.JobPlan, bytes | None]:
+    """The job's region and mask, and the visible pixels when the job sends them. Repaint
+    inpaints the selection; Generate paints its bounds afresh and keeps only its shape (both
+    read the selection's mask, so ellipses and feathered edges stay as drawn); Expand paints
+    what is transparent, with the picture's edge stretched into it in the init image."""
     extent = canvas.Extent(image.get_width(), image.get_height())
+    if mode is Mode.EXPAND:
+        whole = canvas.Bounds.of(extent)
+        visible = visible_pixels(image, whole)
+        job_plan = canvas.plan_expand(extent, visible[3::4])
+        if job_plan is None:
+            raise calling_error("nothing to expand: give a margin, on a picture with content")
+        region = canvas.copy_region(visible, whole, job_plan.bounds, 4)
+        return job_plan, bytes(canvas.fill_transparent(region, job_plan.bounds.extent))
     selection = selection_bounds(image)
     mask = None if selection is None else read_buffer(image.get_selection(), selection, MASK)
     try:
-        return (canvas.plan_job if repaint else canvas.plan_area)(extent, selection, mask)
+        planner = canvas.plan_job if mode is Mode.REPAINT else canvas.plan_area
+        job_plan = planner(extent, selection, mask)
     except canvas.SelectionOutsideCanvas as exc:
         raise calling_error(str(exc)) from exc
+    needed = sends_canvas(settings, job_plan)
+    return job_plan, visible_pixels(image, job_plan.bounds) if needed else None
+
+
+def enlarge(image: Gimp.Image, margins: tuple[int, int, int, int]) -> None:
+    """Image > Canvas Size by these margins (negative ones undo it); the layers keep their
+    size, so the new margins are transparent."""
+    left, top, right, bottom = margins
+    image.resize(image.get_width() + left + right, image.get_height() + top + bottom, left, top)
 
 
 def connect(address: str) -> Session:
@@ -391,13 +427,38 @@ def paint(
     image: Gimp.Image,
     drawables: list[Gimp.Drawable],
     params: Params,
-    repaint: bool,
+    mode: Mode,
+    dialog: ProgressDialog | None,
+) -> Gimp.Layer:
+    """Expand enlarges the canvas first, in the same undo step as the new layer; if the job
+    does not end in a layer the canvas gets its size back."""
+    if mode is not Mode.EXPAND:
+        return paint_layer(image, drawables, params, mode, dialog)
+    if not any(params.margins):
+        raise calling_error("give Expand a margin of at least one pixel")
+    image.undo_group_start()
+    try:
+        enlarge(image, params.margins)
+        try:
+            return paint_layer(image, drawables, params, mode, dialog)
+        except BaseException:
+            left, top, right, bottom = params.margins
+            enlarge(image, (-left, -top, -right, -bottom))
+            raise
+    finally:
+        image.undo_group_end()
+
+
+def paint_layer(
+    image: Gimp.Image,
+    drawables: list[Gimp.Drawable],
+    params: Params,
+    mode: Mode,
     dialog: ProgressDialog | None,
 ) -> Gimp.Layer:
     settings = params.settings
     if dialog is not None:  # someone is watching: ask for a preview at every step
         settings = dataclasses.replace(settings, preview_every=1)
-    job_plan = plan(image, repaint)
     Gimp.progress_init(f"sdbridge: {settings.prompt[:60]}")
     with connect(params.address) as session:
         try:
@@ -407,8 +468,7 @@ def paint(
         problem = check_settings(settings, info)
         if problem:
             raise calling_error(problem)
-        needed = sends_canvas(settings, job_plan)
-        rgba = visible_pixels(image, job_plan.bounds) if needed else None
+        job_plan, rgba = plan(image, mode, settings)
         generation = session.submit(editor_fields(settings, job_plan, rgba))
         view = follow(generation, session.address, params.timeout, dialog)
     assert view.result is not None  # a FINISHED view holds its result
@@ -538,7 +598,8 @@ def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> Gim
         dialog.fill_frame(f"{name}-frame", f"{name}-title", False, name)
     show_model_default(dialog.get_widget("steps", GimpUi.LabelSpin), lambda v: v < 1)
     show_model_default(dialog.get_widget("guidance", GimpUi.LabelSpin), lambda v: v < 0)
-    dialog.fill(DIALOG_FIELDS)
+    margins = list(MARGINS) if PROCEDURES[procedure.get_name()][0] is Mode.EXPAND else []
+    dialog.fill([*DIALOG_FIELDS[:2], *margins, *DIALOG_FIELDS[2:]])
     add_seed_widget(dialog, config)
     info = probe(config.get_property("address"))
     if info is not None:
@@ -563,7 +624,7 @@ def run(
     drawables: list[Gimp.Drawable],
     config: Gimp.ProcedureConfig,
     _data: Any,
-    repaint: bool,
+    mode: Mode,
 ) -> Gimp.ValueArray:
     dialog = None
     try:
@@ -574,7 +635,7 @@ def run(
             if run_mode == Gimp.RunMode.INTERACTIVE:
                 ask(procedure, config)
             dialog = ProgressDialog(dialog_title(procedure))
-        layer = paint(image, drawables, Params.from_config(config), repaint, dialog)
+        layer = paint(image, drawables, Params.from_config(config, mode), mode, dialog)
     except Cancelled:
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     except PluginError as exc:
@@ -598,7 +659,7 @@ RW = GObject.ParamFlags.READWRITE
 
 PROCEDURES = {
     GENERATE: (
-        False,
+        Mode.GENERATE,
         "_Generate...",
         "A new layer painted from the prompt by the sdbridge daemon",
         "Sized to the selection's bounds (or the image) and placed there; only the selected "
@@ -607,13 +668,22 @@ PROCEDURES = {
         1.0,
     ),
     REPAINT: (
-        True,
+        Mode.REPAINT,
         "_Repaint selection...",
         "Repaints the selection with the sdbridge daemon (img2img / inpainting)",
         "Sends the visible pixels around the selection and the selection as the mask; the "
         "result is a new layer on which only the selected pixels are opaque. Without a "
         "selection the whole image is repainted. Strength: how much changes (1 = all).",
         0.75,
+    ),
+    EXPAND: (
+        Mode.EXPAND,
+        "_Expand...",
+        "Enlarges the canvas by the given margins and paints them with the sdbridge daemon",
+        "Image > Canvas Size and a fill in one step: the daemon sees the picture next to the "
+        "new margins and paints them; the picture keeps every pixel. The result is a new layer "
+        "over the margins. If the job fails the canvas gets its size back.",
+        1.0,
     ),
 }
 
@@ -626,8 +696,8 @@ class SdbridgePlugIn(Gimp.PlugIn):
         return list(PROCEDURES)
 
     def do_create_procedure(self, name: str) -> Gimp.Procedure:
-        repaint, label, blurb, help_text, strength = PROCEDURES[name]
-        callback = functools.partial(run, repaint=repaint)
+        mode, label, blurb, help_text, strength = PROCEDURES[name]
+        callback = functools.partial(run, mode=mode)
         procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, callback, None)
         procedure.set_image_types("RGB*, GRAY*")
         procedure.set_sensitivity_mask(
@@ -640,6 +710,12 @@ class SdbridgePlugIn(Gimp.PlugIn):
         procedure.set_documentation(blurb, help_text, name)
         procedure.set_attribution("sdbridge", "sdbridge", "2026")
         procedure.add_string_argument("prompt", "_Prompt", "What to paint", "", RW)
+        if mode is Mode.EXPAND:
+            # No mnemonics: the letters of left, top, right and bottom are all taken.
+            for side, default in zip(MARGINS, (0, 0, 128, 0), strict=True):
+                procedure.add_int_argument(
+                    side, side.title(), f"Pixels added on the {side}", 0, MAX_MARGIN, default, RW
+                )
         procedure.add_string_argument(
             "negative-prompt", "Negati_ve prompt", "What to avoid", "", RW
         )

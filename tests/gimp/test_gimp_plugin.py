@@ -13,6 +13,7 @@ from gimp_runner import Gimp, chroot_missing
 from helpers import SilentDaemon, free_port
 from PIL import Image
 
+from sdbridge import tiny
 from sdbridge.editor.canvas import layer_name
 from sdbridge.editor.session import CANCEL_GRACE_S
 from sdbridge.editor.styles import Style, save_style
@@ -22,6 +23,7 @@ from sdbridge.wire import protocol
 pytestmark = pytest.mark.gimp
 
 GENERATE = "python-fu-sdbridge-generate"
+EXPAND = "python-fu-sdbridge-expand"
 REPAINT = "python-fu-sdbridge-repaint-selection"
 W, H = 96, 64
 
@@ -654,3 +656,57 @@ def test_a_style_from_the_shared_file_reaches_the_saved_parameters(gimp: Gimp, d
     assert Image.open(newest).text["parameters"].startswith("a cat, flat colours\nSteps: 2,")
     status, error = markers["unknown"]
     assert status == "calling-error" and "no style “nope”" in error and "(styles: flat)" in error
+
+
+def test_expand_enlarges_the_canvas_paints_the_margin_and_keeps_the_picture(
+    gimp: Gimp, daemon_factory: Callable
+) -> None:
+    """The picture is the embedded model's own, so the seam can be measured against it."""
+    tiny_daemon = daemon_factory(model=tiny.MODEL_DIR)
+    stopped = daemon_factory()
+    stopped.stop()
+    prompt = "a red circle at the left on a blue background"
+    margin_prompt = "a blue background"  # what the artist wants in the margin
+    markers = gimp.run(
+        f"""
+        image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
+        common = dict(random_seed=False, seed=3, timeout=120.0)
+        call({GENERATE!r}, image, [background], address={tiny_daemon.address!r},
+             prompt={prompt!r}, **common)
+        common["prompt"] = {margin_prompt!r}
+        export(image, "expand-before.png")
+        failed = call({EXPAND!r}, image, [background], right=32, address={stopped.address!r},
+                      **common)
+        mark(failed=[failed[0], image.get_width(), image.get_height()])
+        status, value, seconds = call({EXPAND!r}, image, [background], right=32,
+                                      address={tiny_daemon.address!r}, **common)
+        mark(status=status, value=value, size=[image.get_width(), image.get_height()],
+             layers=layers(image))
+        export(image, "expand-after.png")
+        """,
+        timeout=240,
+    ).checked()
+    # A job that fails gives the canvas its size back.
+    assert markers["failed"] == ["execution-error", W, H]
+    assert markers["status"] == "success", markers["value"]
+    assert markers["size"] == [W + 32, H]
+    added = [layer for layer in markers["layers"] if layer["name"] == markers["value"]]
+    assert {"name": markers["value"], "offsets": [W, 0], "size": [32, H]} in added
+    with Image.open(gimp.host("expand-before.png")) as image:
+        before = image.convert("RGBA")
+    with Image.open(gimp.host("expand-after.png")) as image:
+        after = image.convert("RGBA")
+    assert after.size == (W + 32, H)
+    assert after.crop((0, 0, W, H)).tobytes() == before.tobytes(), "the picture is kept exactly"
+    assert after.getextrema()[3] == (255, 255), "the margin is painted, nothing transparent"
+    pixels = after.load()
+
+    def step(x: int) -> float:
+        """Mean colour difference between columns x - 1 and x."""
+        return sum(
+            abs(pixels[x, y][c] - pixels[x - 1, y][c]) for y in range(H) for c in range(3)
+        ) / (H * 3)
+
+    seam, inside = step(W), sum(step(x) for x in range(8, W - 8)) / (W - 16)
+    print(f"expand seam: {seam:.2f} across the seam, {inside:.2f} inside the picture")
+    assert seam <= 3 * inside + 6, (seam, inside)

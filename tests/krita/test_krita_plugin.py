@@ -175,7 +175,7 @@ def test_generate_fills_the_transparent_margin_and_keeps_the_picture_exactly(
         )
         wide = pixels(doc, "state['doc']", [0, 0, width + margin, height])
         assert set(wide[width * 4 + 3 :: (width + margin) * 4]) == {0}, "a transparent margin"
-        layers = generate(doc, prompt, steps=None)
+        layers = generate(doc, "a blue background", steps=None)  # what the margin should be
         after = pixels(doc, "state['doc']", [0, 0, width + margin, height])
     finally:
         doc.run("dock().fixed_seed.setChecked(False)")
