@@ -33,6 +33,7 @@ from sdbridge.editor.session import (
     editor_fields,
     link_text,
     parse_event,
+    parse_loras,
     request_fields,
     start_cancelling,
 )
@@ -149,6 +150,8 @@ def test_settings_are_checked_against_the_daemons_limits():
     )
     assert "1 to 2 images" in check_settings(Settings("a", num_images=3), info)
     assert "no model “x”" in check_settings(Settings("a", model="x"), info)
+    no_lora = check_settings(Settings("a", loras=(LoraChoice("ink"),)), info)
+    assert no_lora == "The daemon has no LoRA “ink”; its LoRAs: none."
     assert check_settings(Settings("a", num_inference_steps=40, model="m"), info) is None
 
 
@@ -382,3 +385,13 @@ def test_generate_over_a_shaped_selection_sends_neither_pixels_nor_mask():
     }
     img2img = editor_fields(Settings("a cat", strength=0.5), plan, b"\x00" * 8)
     assert img2img["strength"] == 0.5 and "mask_image" not in img2img
+
+
+def test_loras_as_text():
+    assert parse_loras(" ink:0.7, styles/paper ,lcm:v2:1.5,, odd:x") == (
+        LoraChoice("ink", 0.7),
+        LoraChoice("styles/paper"),
+        LoraChoice("lcm:v2", 1.5),
+        LoraChoice("odd:x"),
+    )
+    assert parse_loras("") == ()

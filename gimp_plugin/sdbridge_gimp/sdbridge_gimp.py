@@ -45,6 +45,7 @@ try:
         Settings,
         check_settings,
         editor_fields,
+        parse_loras,
         sends_canvas,
     )
     from sdbridge.editor.styles import Style, StyleError, load_styles, styles_path
@@ -80,6 +81,7 @@ PREVIEW_SIDE = 192  # px, the longer side of the live preview in the progress wi
 POLL_INTERVAL = 0.05  # how often the progress dialog handles clicks while waiting
 # The steps argument's own range; the daemon's limits.max_steps is checked before sending.
 MAX_STEPS_ARGUMENT = 10_000
+MAX_IMAGES_ARGUMENT = 64  # the daemon's limits.max_images decides; the dialog shows it
 T = TypeVar("T")
 
 
@@ -348,6 +350,9 @@ class Params:
             scheduler=text_property(config, "scheduler") or None,
             strength=config.get_property("strength"),
             seed=None if config.get_property("random-seed") else config.get_property("seed"),
+            num_images=config.get_property("images"),
+            loras=parse_loras(text_property(config, "loras")),
+            refine_strength=config.get_property("refine-strength") or None,
         )
         style = text_property(config, "style")
         return Params(
@@ -472,10 +477,16 @@ def paint_layer(
         generation = session.submit(editor_fields(settings, job_plan, rgba))
         view = follow(generation, session.address, params.timeout, dialog)
     assert view.result is not None  # a FINISHED view holds its result
-    first = view.result.images[0]
-    placement = canvas.place_result(dict(first.image), job_plan)
-    name = canvas.layer_name(settings.prompt, first.seed)
-    layer = add_result_layer(image, drawables, placement, name)
+    # Several images: one layer each, the first on top and the others hidden, to pick from by
+    # switching them on (image i has seed + i). The first is the procedure's return value.
+    # Each goes right above the active layer, so in the job's order they stack top down.
+    layers = []
+    for image_result in view.result.images:
+        placement = canvas.place_result(dict(image_result.image), job_plan)
+        name = canvas.layer_name(settings.prompt, image_result.seed)
+        layers.append(add_result_layer(image, drawables, placement, name))
+        layers[-1].set_visible(len(layers) == 1)
+    layer = layers[0]
     Gimp.displays_flush()
     if view.result.warning:  # the layer holds the image; only the daemon's file is missing
         Gimp.message(f"sdbridge: {view.message}")
@@ -488,12 +499,15 @@ DIALOG_FIELDS = [
     "prompt-frame",
     "negative-prompt-frame",
     "model",
+    "loras",
     "style",
     "steps",
     "guidance",
     "scheduler",
     "random-seed",
     "strength",
+    "refine-strength",
+    "images",
     "address",
     "timeout",
 ]
@@ -560,6 +574,9 @@ def apply_offer(
     offer_names(dialog.get_widget("model", GimpUi.LabelEntry), info.models, models)
     samplers = "Empty: the model's default. The daemon's samplers"
     offer_names(dialog.get_widget("scheduler", GimpUi.LabelEntry), info.schedulers, samplers)
+    loras = "name:weight, separated by commas. The daemon's LoRAs"
+    offer_names(dialog.get_widget("loras", GimpUi.LabelEntry), info.loras, loras)
+    dialog.get_widget("images", GimpUi.LabelSpin).set_property("upper", info.limits.max_images)
 
 
 def add_seed_widget(dialog: GimpUi.ProcedureDialog, config: Gimp.ProcedureConfig) -> None:
@@ -584,7 +601,7 @@ def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> Gim
     # GIMP restores each procedure's own last values; the address is the one both share.
     config.set_property("address", saved_address())
     # An empty string argument comes back as None, which a text entry refuses.
-    for name in ("model", "style", "scheduler"):
+    for name in ("model", "loras", "style", "scheduler"):
         config.set_property(name, text_property(config, name))
     dialog = GimpUi.ProcedureDialog.new(procedure, config, dialog_title(procedure))
     # A slider: the default spin box cannot step through a range narrower than 1.
@@ -765,6 +782,32 @@ class SdbridgePlugIn(Gimp.PlugIn):
         )
         procedure.add_string_argument(
             "model", "_Model", "A model the daemon has; empty: its loaded model", "", RW
+        )
+        procedure.add_string_argument(
+            "loras",
+            "LoRAs",  # no mnemonic: its letters are taken (load-defaults, OK, reset, sampler)
+            "LoRAs the daemon has, with weights: ink:0.7, paper (weight 1); empty: none",
+            "",
+            RW,
+        )
+        procedure.add_double_argument(
+            "refine-strength",
+            "Re_fine",
+            "A second pass for an area larger than the model's size, repainted at this strength "
+            "(0.2-0.4 keeps the picture); 0: off",
+            0.0,
+            1.0,
+            0.0,
+            RW,
+        )
+        procedure.add_int_argument(
+            "images",
+            "Images",  # no mnemonic: every letter of it is taken
+            "How many images: one layer each, the first shown, the others hidden to pick from",
+            1,
+            MAX_IMAGES_ARGUMENT,
+            1,
+            RW,
         )
         procedure.add_string_argument(
             "style",

@@ -71,8 +71,8 @@ def test_both_procedures_are_registered_under_filters_sdbridge(gimp: Gimp) -> No
         """
     ).checked()
     arguments = ["run-mode", "image", "drawables", "prompt", "negative-prompt", "steps"]
-    arguments += ["guidance", "scheduler", "random-seed", "seed", "strength", "model", "style"]
-    arguments += ["address", "timeout"]
+    arguments += ["guidance", "scheduler", "random-seed", "seed", "strength", "model", "loras"]
+    arguments += ["refine-strength", "images", "style", "address", "timeout"]
     for name, label in ((GENERATE, "_Generate..."), (REPAINT, "_Repaint selection...")):
         info = markers["found"][name]
         assert info is not None, f"{name} is not registered"
@@ -710,3 +710,40 @@ def test_expand_enlarges_the_canvas_paints_the_margin_and_keeps_the_picture(
     seam, inside = step(W), sum(step(x) for x in range(8, W - 8)) / (W - 16)
     print(f"expand seam: {seam:.2f} across the seam, {inside:.2f} inside the picture")
     assert seam <= 3 * inside + 6, (seam, inside)
+
+
+def test_loras_several_images_and_the_refine_pass_reach_the_saved_parameters(
+    gimp: Gimp, library_daemon
+) -> None:
+    markers = gimp.run(
+        f"""
+        image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
+        status, value, seconds = call(
+            {GENERATE!r}, image, [background], prompt="a cat", loras="ink:0.5", images=2,
+            scheduler="DPM++ 2M", steps=3, random_seed=False, seed=21,
+            address={library_daemon.address!r}, timeout=60.0,
+        )
+        shown = [[layer.get_name(), layer.get_visible()] for layer in image.get_layers()]
+        mark(several=[status, value, shown])
+        big, background = new_image(192, 128, bytes(192 * 128 * 3))
+        status, value, seconds = call(
+            {GENERATE!r}, big, [background], prompt="a dog", refine_strength=0.3, steps=3,
+            address={library_daemon.address!r}, timeout=120.0,
+        )
+        mark(refined=[status, value])
+        """,
+        timeout=240,
+    ).checked()
+    status, value, shown = markers["several"]
+    assert (status, value) == ("success", "a cat (21)")
+    # One layer per image, the first shown on top, the others hidden to pick from.
+    assert shown == [["a cat (21)", True], ["a cat (22)", False], ["background", True]]
+    saved = {
+        path: Image.open(path).text["parameters"]
+        for path in library_daemon.output_dir.rglob("*.png")
+    }
+    cats = [text for text in saved.values() if text.startswith("a cat <lora:ink:0.5>\n")]
+    assert len(cats) >= 2 and all("Sampler: DPM++ 2M," in text for text in cats)
+    assert markers["refined"][0] == "success"
+    dogs = [text for text in saved.values() if text.startswith("a dog\n")]
+    assert any("Hires upscale" in text for text in dogs), dogs

@@ -42,6 +42,20 @@ class LoraChoice:
     weight: float = 1.0
 
 
+def parse_lora(spec: str) -> LoraChoice:
+    """`NAME` or `NAME:WEIGHT` (a name may hold colons: the weight is after the last one)."""
+    name, _, weight = spec.strip().rpartition(":")
+    try:
+        return LoraChoice(name.strip(), float(weight)) if name else LoraChoice(spec.strip())
+    except ValueError:
+        return LoraChoice(spec.strip())
+
+
+def parse_loras(text: str) -> tuple[LoraChoice, ...]:
+    """`ink:0.7, paper` as LoRA choices: the text form of the GIMP argument and the CLI."""
+    return tuple(parse_lora(spec) for spec in text.split(",") if spec.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     """A job's parameters as the artist set them; `None`: the model's default (not sent)."""
@@ -80,6 +94,10 @@ def check_settings(settings: Settings, info: DaemonInfo | None = None) -> str | 
             return f"The daemon makes 1 to {limits.max_images} images at once."
         if settings.model and settings.model not in info.models:
             return f"The daemon has no model “{settings.model}”; pick one from the list."
+        unknown = [lora.name for lora in settings.loras if lora.name not in info.loras]
+        if unknown:
+            listed = ", ".join(info.loras) or "none"
+            return f"The daemon has no LoRA “{unknown[0]}”; its LoRAs: {listed}."
     return None
 
 
