@@ -42,6 +42,7 @@ PREVIEW_SIZE = 128
 MODEL_DEFAULT = "model default"
 NO_STYLE = "none"
 HISTORY_ICON = 56
+COMPACT_BUTTON = 28  # px: a one-character button
 # Guidance 0 is a real value (few-step models run at 0): "model default" sits one step below.
 GUIDANCE_DEFAULT = -0.5
 
@@ -64,6 +65,8 @@ class SdbridgeDocker(DockWidget):
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.NoFrame)
+        # A narrow docker squeezes the rows (the combo boxes shrink) rather than scrolling.
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         scroll.setWidget(rest)
         root = QWidget()
         column = QVBoxLayout(root)
@@ -130,6 +133,8 @@ class SdbridgeDocker(DockWidget):
         # Every parameter starts at "model default": the daemon fills in the model's own
         # values, and the ranges come from the daemon's limits once it says hello.
         form = QFormLayout()
+        # In a narrow docker a field goes below its label instead of past the docker's edge.
+        form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         self.models = QComboBox()
         self.models.setObjectName("sdbridge_model")
         self.steps = QSpinBox()
@@ -168,7 +173,8 @@ class SdbridgeDocker(DockWidget):
         self.style = QComboBox()
         self.style.setObjectName("sdbridge_style")
         self.style.setToolTip("Prompt additions and parameters saved under a name")
-        save_style = QPushButton("Save…")
+        save_style = QPushButton("+")
+        save_style.setMaximumWidth(COMPACT_BUTTON)
         save_style.setObjectName("sdbridge_save_style")
         save_style.setToolTip("Save this panel's parameters and negative prompt as a style")
         save_style.clicked.connect(self._on_save_style)
@@ -182,7 +188,9 @@ class SdbridgeDocker(DockWidget):
         self.lora_weight.setRange(-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)
         self.lora_weight.setSingleStep(0.1)
         self.lora_weight.setValue(1.0)
-        add_lora = QPushButton("Add")
+        add_lora = QPushButton("+")
+        add_lora.setMaximumWidth(COMPACT_BUTTON)
+        add_lora.setToolTip("Add this LoRA at this weight to the job")
         add_lora.setObjectName("sdbridge_add_lora")
         add_lora.clicked.connect(self._on_add_lora)
         lora_row = QHBoxLayout()
@@ -192,6 +200,7 @@ class SdbridgeDocker(DockWidget):
         self.loras = QListWidget()
         self.loras.setObjectName("sdbridge_loras")
         self.loras.setMaximumHeight(60)
+        self.loras.hide()  # until the artist adds one
         self.loras.setToolTip("The job's LoRAs; double-click one to remove it")
         self.loras.itemDoubleClicked.connect(self._on_remove_lora)
         self.images = QSpinBox()
@@ -202,7 +211,7 @@ class SdbridgeDocker(DockWidget):
         self.seed = QLineEdit("0")
         self.seed.setValidator(QRegExpValidator(QRegExp("[0-9]{1,10}")))
         self.seed.setEnabled(False)
-        self.reuse_seed = QPushButton("Reuse last")
+        self.reuse_seed = QPushButton("last")
         self.reuse_seed.setEnabled(False)
         self.reuse_seed.setToolTip("Fix the seed of the last result, to vary it with the prompt")
         seed_row = QHBoxLayout()
@@ -220,6 +229,10 @@ class SdbridgeDocker(DockWidget):
         form.addRow("Refine", self.refine)
         form.addRow("Images", self.images)
         form.addRow("Seed", seed_row)
+        for box in (self.style, self.models, self.lora_choice, self.scheduler):
+            # Sized to a few letters, not to the longest name (the list shows them whole).
+            box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            box.setMinimumContentsLength(6)
         details.addLayout(form)
 
         self.preview = QLabel()
@@ -386,6 +399,7 @@ class SdbridgeDocker(DockWidget):
             item = QListWidgetItem(f"{lora.name}  ({lora.weight:g})")
             item.setData(Qt.UserRole, lora.name)
             self.loras.addItem(item)
+        self.loras.setVisible(bool(self.model.loras))
 
     def _on_info(self, info: DaemonInfo) -> None:
         """The daemon's models, samplers and limits: the widgets' choices and ranges."""
