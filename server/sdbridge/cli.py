@@ -63,45 +63,14 @@ def serve(args: argparse.Namespace) -> int:
         print("sdbridge: no model given and the embedded default model is missing", file=sys.stderr)
         return 2
     # Heavy imports only here: client commands must start fast.
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    from .daemon.cache import MemoryOptions, ModelCache
     from .daemon.daemon import Daemon
-    from .daemon.engine import Engine
     from .daemon.images import job_memory_bytes
-    from .daemon.loras import LoraRegistry
-    from .daemon.models import ModelRegistry, describe
+    from .daemon.startup import build_engine, quiet_libraries
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()  # per component, on every model switch
+    quiet_libraries()
     start = time.perf_counter()
     try:
-        embedded = [describe(str(tiny.MODEL_DIR), tiny.NAME)] if _tiny_present() else []
-        configs = {
-            name: str(Path(table["config"]).expanduser())
-            for name, table in settings.models.items()
-            if "config" in table
-        }
-        registry = ModelRegistry(
-            embedded, settings.models_dir, settings.allow_pickle, configs=configs
-        )
-        models = ModelCache(
-            model,
-            device=settings.device,
-            dtype=settings.dtype,
-            config=settings.model_config,
-            registry=registry,
-            memory=MemoryOptions(
-                settings.attention_slicing, settings.vae_tiling, settings.cpu_offload
-            ),
-            max_loaded=settings.max_loaded_models,
-            model_settings=settings.models,
-            allow_pickle=settings.allow_pickle,
-        )
-        engine = Engine(models, LoraRegistry(settings.loras_dir))
+        engine = build_engine(settings, model)
     except (ValueError, OSError) as exc:
         print(f"sdbridge: cannot load model {model!r}: {exc}", file=sys.stderr)
         return 2
@@ -114,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     logging.info(
         "%d models (folder %s), %d LoRAs (folder %s)",
-        len(registry.names()),
+        len(engine.models.registry.names()),
         settings.models_dir,
         len(engine.loras.entries()),
         settings.loras_dir,

@@ -2,8 +2,9 @@
 
 Threads: the main thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe) and does
 all routing; one worker thread runs jobs on the engine, one at a time, connections served round
-robin (jobqueue.py); one scanner thread rescans the model and LoRA folders when a request needs
-it, so that a slow disk never stalls the socket. Both hand their work back over inproc
+robin (jobqueue.py); an engine that runs jobs on a cluster's workers (cluster.py) gets one worker
+thread per cluster worker. One scanner thread rescans the model and LoRA folders when a request
+needs it, so that a slow disk never stalls the socket. Both hand their work back over inproc
 PUSH/PULL pairs, which the main thread polls together with the ROUTER.
 
 Jobs belong to connections, not to ZeroMQ routing ids: a peer may choose its routing id, and a
@@ -92,6 +93,8 @@ class Job:
     # Who stopped it: the client ("client") or the daemon shutting down ("shutdown").
     cancel_reason: str = "client"
     running: bool = False
+    # (step, total) once running; the total is known once the job's schedule is.
+    progress: tuple[int, int | None] = (0, None)
 
     @property
     def key(self) -> tuple[int, str]:
@@ -107,9 +110,12 @@ class Daemon:
         limits: Limits | None = None,
         heartbeat_ms: int = HEARTBEAT_IVL_MS,
         token: bytes | None = None,
+        parallel_jobs: int = 1,
     ) -> None:
         """With a ``token`` every peer must log in with ZMTP PLAIN and that token as password;
-        a peer that does not never reaches the ROUTER (libzmq answers it with ERROR)."""
+        a peer that does not never reaches the ROUTER (libzmq answers it with ERROR).
+        ``parallel_jobs``: how many jobs the engine runs at once (a cluster's workers), each on
+        a worker thread of its own."""
         self.engine = engine
         self.address = address
         self.outputs = outputs
@@ -151,24 +157,27 @@ class Daemon:
         # Routing ids of recently closed connections (in order of closing): their messages may
         # still be read after their descriptor went to a new connection.
         self._departed: dict[bytes, float] = {}
-        # Jobs by (connection serial, id); the queue holds the ones not yet started. Both, and
-        # `current` and `progress`, under one lock shared with the worker.
+        # Jobs by (connection serial, id); the queue holds the ones not yet started, `running`
+        # the started ones in the order they started. All under one lock shared with the workers.
         self.lock = threading.Condition()
         self.jobs: dict[tuple[int, str], Job] = {}
         self.queue: FairQueue[Job] = FairQueue()
-        self.current: Job | None = None
-        self.progress: tuple[int, int | None] | None = None
+        self.running: list[Job] = []
         # Requests waiting for a folder rescan, and those rescanned, ready to be handled again.
         self.rescans: queue.SimpleQueue[tuple[Connection, dict[str, Any]]] = queue.SimpleQueue()
         self.rescanned: queue.SimpleQueue[tuple[Connection, dict[str, Any]]] = queue.SimpleQueue()
         self.stopping = threading.Event()
-        self.worker = threading.Thread(target=self._work, name="sdbridge-worker", daemon=True)
+        self.workers = [
+            threading.Thread(target=self._work, name=f"sdbridge-worker-{n}", daemon=True)
+            for n in range(parallel_jobs)
+        ]
         self.scanner = threading.Thread(target=self._scan, name="sdbridge-scanner", daemon=True)
 
     # --- main thread -------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
         self.scanner.start()
         poller = zmq.Poller()
         for listened in (self.router, self.events_in, self.zap, self.monitor, self.rescanned_in):
@@ -284,7 +293,7 @@ class Daemon:
                 self.router.send_multipart([job.connection.routing_id, payload], copy=False)
             if terminal.bytes:
                 with self.lock:
-                    self.lock.notify_all()  # the worker waits for its result to be sent
+                    self.lock.notify_all()  # a worker waits for its result to be sent
 
     def _send(self, connection: Connection, message: dict[str, Any]) -> None:
         if connection.open:
@@ -448,7 +457,7 @@ class Daemon:
 
     def _status(self, connection: Connection, rid: str) -> dict[str, Any]:
         with self.lock:
-            waiting = [self.current, *self.queue] if self.current else list(self.queue)
+            waiting = [*self.running, *self.queue]
             queue = [
                 {
                     "id": job.id if job.connection is connection else None,
@@ -459,8 +468,9 @@ class Daemon:
                 for position, job in enumerate(waiting)
             ]
             running = None
-            if self.progress:
-                running = {"step": self.progress[0], "total": self.progress[1]}
+            if self.running:  # the job that started first
+                step, total = self.running[0].progress
+                running = {"step": step, "total": total}
         return protocol.event(
             "status",
             rid,
@@ -480,7 +490,7 @@ class Daemon:
         with self.lock:
             job = Job(connection, rid, request)
             self.jobs[job.key] = job
-            position = self.queue.push(connection.serial, job) + (1 if self.current else 0)
+            position = self.queue.push(connection.serial, job) + len(self.running)
             self.lock.notify_all()
         self._send(connection, protocol.event("accepted", rid, position=position))
 
@@ -522,25 +532,27 @@ class Daemon:
             self._send(connection, protocol.event("cancelled", job_id, reason=job.cancel_reason))
 
     def _shut_down(self) -> None:
-        """Answer every queued job, let the running one stop at its next step, then close."""
+        """Answer every queued job, let the running ones stop at their next step, then close."""
         with self.lock:
             queued = self.queue.clear()
             for job in queued:
                 del self.jobs[job.key]
-            if self.current:
-                self.current.cancel_reason = "shutdown"
-                self.current.cancelled.set()
+            for job in self.running:
+                job.cancel_reason = "shutdown"
+                job.cancelled.set()
             self.lock.notify_all()
         for job in queued:
             self._send(job.connection, protocol.event("cancelled", job.id, reason="shutdown"))
-        self.worker.join(timeout=60)
+        deadline = time.monotonic() + 60
+        for worker in self.workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
         self.scanner.join(timeout=5)
         self._forward_events()
         self.router.disable_monitor()
         for closing in (self.router, self.monitor, self.events_in, self.rescanned_in, self.zap):
             closing.close(linger=1000 if closing is self.router else 0)
         # A thread still running holds a socket open, and term() would wait for it.
-        if not self.worker.is_alive() and not self.scanner.is_alive():
+        if not any(thread.is_alive() for thread in (*self.workers, self.scanner)):
             self.context.term()
 
     # --- scanner thread ----------------------------------------------------------------------
@@ -596,8 +608,7 @@ class Daemon:
                 self.lock.wait(0.5)
             job = self.queue.pop()
             job.running = True
-            self.current = job
-            self.progress = (0, None)  # the total is known once the job's schedule is
+            self.running.append(job)
             return job
 
     def _run(self, job: Job, out: zmq.Socket) -> None:
@@ -610,7 +621,7 @@ class Daemon:
         emit(protocol.event("started", job.id))
 
         def on_progress(step: int, total: int) -> None:
-            self.progress = (step, total)
+            job.progress = (step, total)
             elapsed = time.perf_counter() - start
             eta = elapsed / step * (total - step)
             emit(
@@ -645,8 +656,7 @@ class Daemon:
             emit(protocol.error_event(job.id, error), terminal=True)
         finally:
             with self.lock:
-                self.current = None
-                self.progress = None
+                self.running.remove(job)
         # The files exist. Compress them once the result is handed to ZeroMQ, so that on a busy
         # machine compressing never holds up its delivery: it delays only the next job.
         if saved:
