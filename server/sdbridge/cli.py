@@ -65,21 +65,34 @@ def serve(args: argparse.Namespace) -> int:
     # Heavy imports only here: client commands must start fast.
     from .daemon.daemon import Daemon
     from .daemon.images import job_memory_bytes
-    from .daemon.startup import build_engine, quiet_libraries
+    from .daemon.startup import build_engine, quiet_libraries, ray_environment
 
     quiet_libraries()
     start = time.perf_counter()
-    try:
-        engine = build_engine(settings, model)
-    except (ValueError, OSError) as exc:
-        print(f"sdbridge: cannot load model {model!r}: {exc}", file=sys.stderr)
-        return 2
+    if settings.cluster:  # Ray is imported only here
+        ray_environment(settings.cluster)
+        from .daemon.cluster import ClusterError, start_cluster
+
+        try:
+            engine = start_cluster(settings, model)
+        except ClusterError as exc:
+            print(f"sdbridge: {exc}", file=sys.stderr)
+            return 2
+        memory, parallel_jobs = engine.memory_bytes, engine.pool.size
+    else:
+        try:
+            engine = build_engine(settings, model)
+        except (ValueError, OSError) as exc:
+            print(f"sdbridge: cannot load model {model!r}: {exc}", file=sys.stderr)
+            return 2
+        memory, parallel_jobs = job_memory_bytes(engine.device), 1
     logging.info(
-        "loaded %s on %s (%s) in %.1f s",
+        "loaded %s on %s (%s) in %.1f s%s",
         engine.model,
         engine.device,
         str(engine.dtype).removeprefix("torch."),
         time.perf_counter() - start,
+        f" on each of {parallel_jobs} cluster workers" if settings.cluster else "",
     )
     logging.info(
         "%d models (folder %s), %d LoRAs (folder %s)",
@@ -93,9 +106,10 @@ def serve(args: argparse.Namespace) -> int:
             engine,
             outputs,
             address=settings.listen,
-            limits=settings.limits_for(job_memory_bytes(engine.device)),
+            limits=settings.limits_for(memory),
             heartbeat_ms=args.heartbeat_ms,
             token=token,
+            parallel_jobs=parallel_jobs,
         )
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint
         print(f"sdbridge: cannot listen on {settings.listen}: {exc}", file=sys.stderr)
@@ -103,6 +117,8 @@ def serve(args: argparse.Namespace) -> int:
     logging.info("images go to %s", outputs.root)
     daemon.install_signal_handlers()
     daemon.serve_forever()
+    if settings.cluster:
+        engine.close()
     logging.info("stopped")
     return 0
 

@@ -89,6 +89,18 @@ def options() -> list[Option]:
         Option("vae_tiling", bool, False, "decode large images tile by tile"),
         Option("cpu_offload", bool, False, "CUDA: keep components on the CPU until they run"),
         Option(
+            "cluster",
+            str,
+            None,
+            "run jobs on Ray workers: local, auto or HOST:PORT of a Ray head (docs/cluster.md)",
+        ),
+        Option(
+            "workers",
+            int,
+            0,
+            "cluster workers; 0: one per GPU of the cluster (one CPU worker if it has none)",
+        ),
+        Option(
             "token_file",
             str,
             None,

@@ -1,7 +1,13 @@
-"""What `sdbridge serve` builds from its settings: the model and LoRA listings and the engine."""
+"""What `sdbridge serve` builds from its settings: the model and LoRA listings and the engine,
+and for a cluster the environment Ray starts in.
+
+One place for both kinds of daemon: the local one builds its engine here, and so does each worker
+of a cluster (`cluster.py`) on its own device, from the same settings.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +59,18 @@ def build_engine(settings: Any, model: str) -> Engine:
         allow_pickle=settings.allow_pickle,
     )
     return Engine(models, LoraRegistry(settings.loras_dir))
+
+
+def ray_environment(address: str) -> None:
+    """What Ray reads from the environment, set before `cluster.py` imports it (a variable the
+    operator set wins)."""
+    # Without this a Ray driver exits 60 s after losing the cluster's GCS; the daemon must
+    # outlive its cluster and say so (Ray's own setting; here a week).
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(7 * 24 * 3600))
+    # A Ray call after the daemon shut its Ray down (the cluster was gone) must fail, not start
+    # a new local instance.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    if address == "local":
+        # One machine: Ray listens on loopback only and sends no usage report.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
