@@ -14,7 +14,16 @@ import time
 
 from bench.common import REPO
 
-BENCHMARKS = ["overhead", "warm_cold", "previews", "clients", "unet", "client_import"]
+BENCHMARKS = [
+    "overhead",
+    "warm_cold",
+    "previews",
+    "clients",
+    "unet",
+    "client_import",
+    "cluster",
+    "simulate_cluster",
+]
 
 
 def main() -> int:
