@@ -9,7 +9,9 @@ running two CPU workers on the tests' small model, and a daemon that starts its 
 from __future__ import annotations
 
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +48,7 @@ def ray_environment() -> Iterator[dict[str, str]]:
         for name, value in environment.items():
             patch.setenv(name, value)
         yield environment
+    shutil.rmtree(environment["RAY_TMPDIR"], ignore_errors=True)  # sessions' logs and sockets
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +59,19 @@ def ray_head(ray_environment: dict[str, str]) -> Iterator[tuple[str, psutil.Proc
         str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
         "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
         "--include-dashboard=false", "--disable-usage-stats",
-        f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
         f"--object-store-memory={100 * 2**20}",
     ]  # fmt: skip
-    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = Path(ray_environment["RAY_TMPDIR"]) / "head.log"
+    with open(log, "wb") as output:
+        head = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+
+    def up() -> bool:
+        assert head.poll() is None, f"ray start exited:\n{log.read_text(errors='replace')}"
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(up, 60)
     yield f"127.0.0.1:{port}", psutil.Process(head.pid)
     head.terminate()  # `--block`: it stops every Ray process it started
     head.wait(60)
