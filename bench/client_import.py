@@ -1,5 +1,5 @@
-"""6. The pure-Python client in a fresh interpreter: import time and memory (no numpy or torch
-may load), then the daemon's idle memory (RSS) with its default model."""
+"""6. What an editor plugin imports (the editor session and the client) in a fresh interpreter:
+import time and memory (no numpy or torch may load), then the daemon's idle memory (RSS)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import psutil
 
 from bench.common import CACHE, REPO, Stats, parser, report, start_daemon, table
 
-# Runs in a fresh interpreter: the cost of `import sdbridge.wire.client` on top of a bare Python.
+# Runs in a fresh interpreter: the cost of what a plugin imports, on top of a bare Python.
 PROBE = """
 import json, os, sys, time
 def rss_kib():
@@ -20,7 +20,7 @@ def rss_kib():
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 before = rss_kib()
 start = time.perf_counter()
-import sdbridge.wire.client
+import sdbridge.editor.session
 elapsed = time.perf_counter() - start
 after = rss_kib()
 heavy = sorted(m for m in ("numpy", "torch", "PIL", "zmq", "diffusers") if m in sys.modules)
@@ -64,7 +64,7 @@ def main() -> None:
     probe()  # warms the page cache and the bytecode cache
     runs = [probe() for _ in range(args.repeats)]
     heavy = sorted({m for run in runs for m in run["heavy"]})
-    assert not heavy, f"importing sdbridge.wire.client loaded {heavy}"
+    assert not heavy, f"importing sdbridge.editor.session loaded {heavy}"
     seconds = Stats.of([run["s"] for run in runs])
     memory = Stats.of([run["kib"] / 1024 for run in runs])
     name, ready, after_job = idle_rss(0.5 if args.quick else 2.0)
@@ -72,7 +72,7 @@ def main() -> None:
     table(
         ["what", "value"],
         [
-            ["import sdbridge.wire.client, ms", seconds.show(1e3, 1)],
+            ["import sdbridge.editor.session, ms", seconds.show(1e3, 1)],
             ["its memory (RSS growth), MiB", memory.show(1, 1)],
             ["modules loaded in all", runs[0]["n"]],
             ["numpy / torch / PIL / zmq loaded", "none"],
