@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .editor.session import JobView, LoraChoice
+from .editor.session import JobView, parse_lora
 from .wire import protocol
 
 
@@ -191,7 +191,7 @@ def generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         seed=args.seed,
         num_images=args.batch,
-        loras=tuple(_lora(spec) for spec in args.lora),
+        loras=tuple(parse_lora(spec) for spec in args.lora),
         refine_strength=args.refine,
     )
     if args.style:
@@ -263,15 +263,6 @@ def generate(args: argparse.Namespace) -> int:
     if result.warning:
         print(f"sdbridge: {view.message}", file=sys.stderr)
     return 0
-
-
-def _lora(spec: str) -> LoraChoice:
-    """`NAME` or `NAME:WEIGHT` (names may hold colons: the weight is after the last one)."""
-    name, _, weight = spec.rpartition(":")
-    try:
-        return LoraChoice(name, float(weight)) if name else LoraChoice(spec)
-    except ValueError:
-        return LoraChoice(spec)
 
 
 def _ask(args: argparse.Namespace, *requests: str) -> tuple[str, list[dict[str, Any]]] | None:
