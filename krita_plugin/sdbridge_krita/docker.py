@@ -47,6 +47,16 @@ COMPACT_BUTTON = 28  # px: a one-character button
 GUIDANCE_DEFAULT = -0.5
 
 
+def plus_button(name: str, tooltip: str, action: Callable[[], None]) -> QPushButton:
+    """A one-character button, narrow enough for a docker's row."""
+    button = QPushButton("+")
+    button.setObjectName(name)
+    button.setMaximumWidth(COMPACT_BUTTON)
+    button.setToolTip(tooltip)
+    button.clicked.connect(action)
+    return button
+
+
 class SdbridgeDocker(DockWidget):
     def __init__(self) -> None:
         super().__init__()
@@ -173,11 +183,11 @@ class SdbridgeDocker(DockWidget):
         self.style = QComboBox()
         self.style.setObjectName("sdbridge_style")
         self.style.setToolTip("Prompt additions and parameters saved under a name")
-        save_style = QPushButton("+")
-        save_style.setMaximumWidth(COMPACT_BUTTON)
-        save_style.setObjectName("sdbridge_save_style")
-        save_style.setToolTip("Save this panel's parameters and negative prompt as a style")
-        save_style.clicked.connect(self._on_save_style)
+        save_style = plus_button(
+            "sdbridge_save_style",
+            "Save this panel's parameters and negative prompt as a style",
+            self._on_save_style,
+        )
         style_row = QHBoxLayout()
         style_row.addWidget(self.style, 1)
         style_row.addWidget(save_style)
@@ -188,11 +198,9 @@ class SdbridgeDocker(DockWidget):
         self.lora_weight.setRange(-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)
         self.lora_weight.setSingleStep(0.1)
         self.lora_weight.setValue(1.0)
-        add_lora = QPushButton("+")
-        add_lora.setMaximumWidth(COMPACT_BUTTON)
-        add_lora.setToolTip("Add this LoRA at this weight to the job")
-        add_lora.setObjectName("sdbridge_add_lora")
-        add_lora.clicked.connect(self._on_add_lora)
+        add_lora = plus_button(
+            "sdbridge_add_lora", "Add this LoRA at this weight to the job", self._on_add_lora
+        )
         lora_row = QHBoxLayout()
         lora_row.addWidget(self.lora_choice, 1)
         lora_row.addWidget(self.lora_weight)
