@@ -218,7 +218,7 @@ def krita(krita_profile: Path, daemon) -> Iterator[Krita]:
 # Runs once inside Krita: names the tests use to reach the docker and documents.
 DOCKER_HELPERS = """
 from PyQt5.QtCore import QPoint, Qt
-from PyQt5.QtWidgets import QDockWidget, QPushButton
+from PyQt5.QtWidgets import QDockWidget, QPushButton, QScrollArea
 from krita import Selection
 
 def dock():
@@ -252,5 +252,5 @@ def record(model):
 
 state.update(dock=dock, new_document=new_document, close_documents=close_documents,
              layers=layers, record=record, Selection=Selection, QPushButton=QPushButton,
-             QPoint=QPoint, Qt=Qt)
+             QPoint=QPoint, Qt=Qt, QScrollArea=QScrollArea)
 """

@@ -458,13 +458,22 @@ def test_screenshot_of_the_docker_with_a_generated_layer(doc, daemon, tmp_path):
         generate(doc, "a large yellow star in the center on a blue background", steps=20)
         assert doc.eval("'Added' in dock().message.text()")
         shot = _screenshot(doc, tmp_path / "krita.png")
+        # The history after a job of three images: the docker alone, scrolled to it.
+        generate(doc, "a red circle on a green background", steps=20, images=3)
+        doc.run("dock().images.setValue(1)")
+        history = tmp_path / "krita-history.png"
+        doc.run(
+            "dock().widget().findChild(QScrollArea).ensureWidgetVisible(dock().history)\n"
+            f"dock().grab().save({str(history)!r})"
+        )
     finally:
         if address:
             _connect(doc, daemon.address)
-    assert shot.stat().st_size > 10_000
+    assert shot.stat().st_size > 10_000 and history.stat().st_size > 5_000
     if os.environ.get("SDBRIDGE_UPDATE_SCREENSHOT"):
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(shot, SCREENSHOT)
+        shutil.copy2(history, SCREENSHOT.with_name("krita-history.png"))
 
 
 def _screenshot(krita, path: Path) -> Path:
