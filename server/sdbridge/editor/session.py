@@ -485,8 +485,8 @@ class Session:
     """One front-end's connection to the daemon.
 
     Constructing it connects (blocking up to a few seconds for a peer that stalls); `info()`
-    waits for the daemon's answers, so neither belongs on a UI thread. `on_link(link, text)` is
-    called each time the connection's state changes, from the client's threads.
+    waits for the daemon's answers, so neither belongs on a UI thread. `on_link(link, sentence,
+    detail)` is called each time the connection's state changes, from the client's threads.
     """
 
     def __init__(
