@@ -41,7 +41,7 @@ def idle_rss(settle_s: float) -> tuple[str, float, float]:
     from sdbridge import tiny
     from sdbridge.wire.client import Client
 
-    if not (tiny.MODEL_DIR / "model_index.json").is_file():
+    if not tiny.is_present():
         return "the embedded model is not trained yet", float("nan"), float("nan")
     daemon = start_daemon(tiny.MODEL_DIR, CACHE / "idle")
     try:

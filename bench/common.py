@@ -118,7 +118,7 @@ def default_model(native: int) -> Path:
     """
     from sdbridge import tiny
 
-    if (tiny.MODEL_DIR / "model_index.json").is_file():
+    if tiny.is_present():
         return tiny.MODEL_DIR
     folder = CACHE / f"test-model-{native}"
     if not (folder / "model_index.json").is_file():

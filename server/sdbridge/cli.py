@@ -15,12 +15,6 @@ from .editor.session import JobView, parse_lora
 from .wire import protocol
 
 
-def _tiny_present() -> bool:
-    from . import tiny
-
-    return (tiny.MODEL_DIR / "model_index.json").is_file()
-
-
 def _settings(args: argparse.Namespace) -> Any:
     """The effective settings for `serve` and `config`: flags over environment over file."""
     from .daemon.settings import load_settings, options
@@ -58,7 +52,7 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    model = settings.model or (tiny.NAME if _tiny_present() else None)
+    model = settings.model or (tiny.NAME if tiny.is_present() else None)
     if model is None:
         print("sdbridge: no model given and the embedded default model is missing", file=sys.stderr)
         return 2

@@ -81,7 +81,7 @@ def main() -> int:
         return 1
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None and (tiny.MODEL_DIR / "model_index.json").is_file():
+        if model is None and tiny.is_present():
             model = tiny.MODEL_DIR
         if model is None:
             model = Path(tmp) / "tiny-sd"

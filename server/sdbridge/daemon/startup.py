@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .. import tiny
 from .cache import MemoryOptions, ModelCache
 from .engine import Engine
 from .loras import LoraRegistry
 from .models import ModelRegistry, describe
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 
 def quiet_libraries() -> None:
@@ -29,13 +32,9 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()  # per component, on every model switch
 
 
-def tiny_present() -> bool:
-    return (tiny.MODEL_DIR / "model_index.json").is_file()
-
-
-def build_registry(settings: Any) -> ModelRegistry:
-    """The listed models: the embedded one, then the models folder (`settings`: `Settings`)."""
-    embedded = [describe(str(tiny.MODEL_DIR), tiny.NAME)] if tiny_present() else []
+def build_registry(settings: Settings) -> ModelRegistry:
+    """The listed models: the embedded one, then the models folder."""
+    embedded = [describe(str(tiny.MODEL_DIR), tiny.NAME)] if tiny.is_present() else []
     configs = {
         name: str(Path(table["config"]).expanduser())
         for name, table in settings.models.items()
@@ -44,7 +43,7 @@ def build_registry(settings: Any) -> ModelRegistry:
     return ModelRegistry(embedded, settings.models_dir, settings.allow_pickle, configs=configs)
 
 
-def build_engine(settings: Any, model: str) -> Engine:
+def build_engine(settings: Settings, model: str) -> Engine:
     """The engine serving `model` first, on the device the settings name. Raises ValueError or
     OSError when the model cannot be loaded."""
     models = ModelCache(

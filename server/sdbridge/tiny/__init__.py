@@ -7,3 +7,8 @@ from pathlib import Path
 
 NAME = "sdbridge-tiny"
 MODEL_DIR: Path = Path(__file__).resolve().parent / "model"
+
+
+def is_present() -> bool:
+    """Whether the trained weights are in the package (a checkout before training has none)."""
+    return (MODEL_DIR / "model_index.json").is_file()
