@@ -90,7 +90,7 @@ class Model(QObject):
         self.last_seed: int | None = None
         self.job: RunningJob | None = None
         self.history = History()
-        self._documents: dict[int, KritaDocument] = {}  # by history number: where it goes
+        self._documents: dict[int, KritaDocument | None] = {}  # by history number: where it goes
         self._keys = (f"krita-{n}" for n in itertools.count(1))
         self._view_received.connect(self._on_view)
         self._connection = Connection()
@@ -254,6 +254,8 @@ class Model(QObject):
     def _apply(self, job: RunningJob, result: Result, saved: str) -> None:
         """One image lands as a layer at once; several are picked from the history."""
         items = self.history.add(job.settings, job.plan, result)
+        # Where each kept image goes; the history forgets its oldest, and so does this.
+        self._documents = {item.number: self._documents.get(item.number) for item in self.history}
         for item in items:
             self._documents[item.number] = job.document
         self.history_changed.emit()
