@@ -4,8 +4,9 @@ Threads: the main thread owns the ROUTER socket (ZeroMQ sockets are not thread-s
 all routing; one worker thread runs jobs on the engine, one at a time, connections served round
 robin (jobqueue.py); an engine that runs jobs on a cluster's workers (cluster.py) gets one worker
 thread per cluster worker. One scanner thread rescans the model and LoRA folders when a request
-needs it, so that a slow disk never stalls the socket. Both hand their work back over inproc
-PUSH/PULL pairs, which the main thread polls together with the ROUTER.
+needs it, and one reader thread answers `results` (reading saved PNGs), so that a slow disk never
+stalls the socket. They hand their work back over inproc PUSH/PULL pairs, which the main thread
+polls together with the ROUTER.
 
 Jobs belong to connections, not to ZeroMQ routing ids: a peer may choose its routing id, and a
 later connection claiming a departed one's id must not receive that one's results. libzmq's
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
@@ -38,7 +40,8 @@ from ..wire.zmtp import ZAP_FULL_REASON
 from .engine import Engine, GeneratedImage, JobCancelled
 from .images import check_images
 from .jobqueue import FairQueue
-from .outputs import OutputFolder, SavedImage, rgba_bytes
+from .outputs import OutputFolder, SavedImage, encode_png, rgba_bytes
+from .results import ResultRecord, ResultsLog
 from .schedulers import SAMPLERS
 from .security import LoginGuard
 
@@ -60,7 +63,18 @@ RECEIVE_BATCH = 64
 # More messages than this in a second from one connection: no editor sends that many; the
 # connection is closed (the daemon's memory would follow a faster sender, RCVHWM below).
 MAX_MESSAGES_PER_S = 2000
-CAPABILITIES = ["txt2img", "img2img", "inpaint", "preview", "cancel", "png", "models", "loras"]
+CAPABILITIES = [
+    "txt2img",
+    "img2img",
+    "inpaint",
+    "preview",
+    "cancel",
+    "png",
+    "models",
+    "loras",
+    "results",
+    "live",
+]
 # libzmq asks the socket bound here (in the same context) to admit each new connection (RFC 27).
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"sdbridge"
@@ -79,6 +93,8 @@ class Connection:
     routing_id: bytes | None = None
     address: str = ""
     open: bool = True
+    session: str | None = None  # its `hello`'s key: results of earlier connections with it
+    live: Job | None = None  # its latest `live` job: a newer one supersedes it
     # Messages in the current one-second window, for the flood guard.
     window_start: float = 0.0
     window_count: int = 0
@@ -90,7 +106,8 @@ class Job:
     id: str
     request: GenerateRequest
     cancelled: threading.Event = field(default_factory=threading.Event)
-    # Who stopped it: the client ("client") or the daemon shutting down ("shutdown").
+    # Who stopped it: the client ("client"), a newer live job ("superseded"), or the daemon
+    # shutting down ("shutdown").
     cancel_reason: str = "client"
     running: bool = False
     # (step, total) once running; the total is known once the job's schedule is.
@@ -166,12 +183,18 @@ class Daemon:
         # Requests waiting for a folder rescan, and those rescanned, ready to be handled again.
         self.rescans: queue.SimpleQueue[tuple[Connection, dict[str, Any]]] = queue.SimpleQueue()
         self.rescanned: queue.SimpleQueue[tuple[Connection, dict[str, Any]]] = queue.SimpleQueue()
+        # The saved images, and the `results` requests waiting for the reader thread.
+        self.results = ResultsLog()
+        self.reads: queue.SimpleQueue[tuple[Connection, str, protocol.ResultsQuery]] = (
+            queue.SimpleQueue()
+        )
         self.stopping = threading.Event()
         self.workers = [
             threading.Thread(target=self._work, name=f"sdbridge-worker-{n}", daemon=True)
             for n in range(parallel_jobs)
         ]
         self.scanner = threading.Thread(target=self._scan, name="sdbridge-scanner", daemon=True)
+        self.reader = threading.Thread(target=self._read, name="sdbridge-reader", daemon=True)
 
     # --- main thread -------------------------------------------------------------------------
 
@@ -179,6 +202,7 @@ class Daemon:
         for worker in self.workers:
             worker.start()
         self.scanner.start()
+        self.reader.start()
         poller = zmq.Poller()
         for listened in (self.router, self.events_in, self.zap, self.monitor, self.rescanned_in):
             poller.register(listened, zmq.POLLIN)
@@ -284,6 +308,9 @@ class Daemon:
             except zmq.Again:
                 return
             serial, job_id, terminal, payload = frames
+            if not job_id.bytes:  # the reader's answer to a request, not a job's event
+                self._forward_answer(int.from_bytes(serial.bytes, "big"), payload)
+                continue
             key = (int.from_bytes(serial.bytes, "big"), job_id.bytes.decode())
             with self.lock:
                 job = self.jobs.get(key)
@@ -294,6 +321,12 @@ class Daemon:
             if terminal.bytes:
                 with self.lock:
                     self.lock.notify_all()  # a worker waits for its result to be sent
+
+    def _forward_answer(self, serial: int, payload: zmq.Frame) -> None:
+        for connection in self.connections.values():  # few: at most max_connections
+            if connection.serial == serial:
+                self.router.send_multipart([connection.routing_id, payload], copy=False)
+                return
 
     def _send(self, connection: Connection, message: dict[str, Any]) -> None:
         if connection.open:
@@ -389,6 +422,9 @@ class Daemon:
         """Answer one request. ``rescanned``: the folders were just rescanned for it."""
         op, rid = protocol.validate_envelope(message)
         if op == "hello":
+            session = protocol.validate_hello(message)
+            if session is not None:
+                connection.session = session
             self._send(connection, self._hello(rid))
         elif op == "status":
             self._send(connection, self._status(connection, rid))
@@ -399,6 +435,8 @@ class Daemon:
                 self.rescans.put((connection, message))
         elif op == "cancel":
             self._cancel(connection, rid, protocol.validate_cancel(message))
+        elif op == "results":
+            self.reads.put((connection, rid, protocol.validate_results(message)))
         else:
             request = protocol.validate_generate(message, self.limits)
             try:
@@ -484,32 +522,58 @@ class Daemon:
     def _submit(self, connection: Connection, rid: str, request: GenerateRequest) -> None:
         # The cheap refusals first: decoding its images can take a while. Only this thread
         # adds jobs, so there is still room after the decode.
+        # A live job replaces the connection's previous one, which then counts for nothing.
+        superseded = connection.live if request.live else None
         with self.lock:
-            self._check_room(connection, rid)
+            self._check_room(connection, rid, superseded)
         check_images(request)  # its PNGs decode, before `accepted`
         with self.lock:
+            dropped = superseded is not None and self._supersede(superseded)
             job = Job(connection, rid, request)
             self.jobs[job.key] = job
             position = self.queue.push(connection.serial, job) + len(self.running)
+            if request.live:
+                connection.live = job
             self.lock.notify_all()
+        if dropped:
+            self._send(connection, protocol.event("cancelled", superseded.id, reason="superseded"))
         self._send(connection, protocol.event("accepted", rid, position=position))
 
-    def _check_room(self, connection: Connection, rid: str) -> None:
-        """Refuse a duplicate id, or a job over the queue's limits (under the lock)."""
+    def _supersede(self, job: Job) -> bool:
+        """Stop a live job a newer one replaces (under the lock): a queued one is dropped (True:
+        its `cancelled` is for the caller to send), a running one stops at its next step."""
+        if self.jobs.get(job.key) is not job:
+            return False  # it has ended
+        job.cancel_reason = "superseded"
+        job.cancelled.set()
+        if job.running:
+            return False
+        self.queue.remove(job.connection.serial, job)
+        del self.jobs[job.key]
+        return True
+
+    def _check_room(self, connection: Connection, rid: str, superseded: Job | None) -> None:
+        """Refuse a duplicate id, or a job over the queue's limits (under the lock); a live
+        job about to be superseded does not count."""
         if (connection.serial, rid) in self.jobs:
             raise ProtocolError(
                 ErrorCode.DUPLICATE_ID, f"a job with id {rid!r} is still live", "id"
             )
         # Live jobs count, queued or running, of every connection from the same address:
         # one client cannot hold the daemon alone by opening more connections.
-        mine = sum(1 for job in self.jobs.values() if job.connection.address == connection.address)
+        mine = sum(
+            1
+            for job in self.jobs.values()
+            if job.connection.address == connection.address and job is not superseded
+        )
         if mine >= self.limits.max_queue_per_client:
             raise ProtocolError(
                 ErrorCode.BUSY,
                 f"your address already has {mine} live jobs, the most allowed "
                 f"(max_queue_per_client); wait for one to finish",
             )
-        if len(self.queue) >= self.limits.max_queue:
+        queued = len(self.queue) - (superseded is not None and not superseded.running)
+        if queued >= self.limits.max_queue:
             raise ProtocolError(
                 ErrorCode.BUSY,
                 f"the queue is full ({self.limits.max_queue} jobs); try again later",
@@ -547,12 +611,13 @@ class Daemon:
         for worker in self.workers:
             worker.join(timeout=max(0.0, deadline - time.monotonic()))
         self.scanner.join(timeout=5)
+        self.reader.join(timeout=5)
         self._forward_events()
         self.router.disable_monitor()
         for closing in (self.router, self.monitor, self.events_in, self.rescanned_in, self.zap):
             closing.close(linger=1000 if closing is self.router else 0)
         # A thread still running holds a socket open, and term() would wait for it.
-        if not any(thread.is_alive() for thread in (*self.workers, self.scanner)):
+        if not any(thread.is_alive() for thread in (*self.workers, self.scanner, self.reader)):
             self.context.term()
 
     # --- scanner thread ----------------------------------------------------------------------
@@ -585,6 +650,47 @@ class Daemon:
                     wake.send(b"")
         finally:
             wake.close(linger=0)
+
+    # --- reader thread -----------------------------------------------------------------------
+
+    def _read(self) -> None:
+        """Answer `results` requests: their images are read from disk, off the main thread."""
+        out = self.context.socket(zmq.PUSH)
+        out.connect(self._events_address)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    connection, rid, query = self.reads.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                route = connection.serial.to_bytes(8, "big")
+                answer = self._results(connection, rid, query)
+                out.send_multipart([route, b"", b"", protocol.pack(answer)])
+        finally:
+            out.close(linger=-1)
+
+    def _results(
+        self, connection: Connection, rid: str, query: protocol.ResultsQuery
+    ) -> dict[str, Any]:
+        try:
+            fields = self.results.page(query, lambda record: self._may_see(connection, record))
+        except Exception as exc:  # the daemon must go on
+            log.exception("answering results failed")
+            error = ProtocolError(ErrorCode.INTERNAL, f"the daemon failed on it: {exc}")
+            return protocol.error_event(rid, error)
+        return protocol.event("results", rid, **fields)
+
+    def _may_see(self, connection: Connection, record: ResultRecord) -> bool:
+        """A connection sees its own results and those of its session key; without a token
+        (the daemon then listens on loopback only) every connection sees every result."""
+        if self.token is None or record.connection == connection.serial:
+            return True
+        mine = connection.session
+        return (
+            record.session is not None
+            and mine is not None
+            and hmac.compare_digest(record.session, mine)
+        )
 
     # --- worker thread -----------------------------------------------------------------------
 
@@ -669,21 +775,30 @@ class Daemon:
         self, job: Job, images: list[GeneratedImage], elapsed: float
     ) -> tuple[dict[str, Any], list[SavedImage]]:
         encoded, saved = [], []
-        for generated in images:
+        for index, generated in enumerate(images):
             image = generated.image
             raw = job.request.output_format == "raw"
             rgba = rgba_bytes(image) if raw else None
-            # A full or read-only output folder costs the client only the copy on disk.
-            stored = self.outputs.save(image, generated.info, rgba)
-            saved.append(stored)
+            path = None
+            if job.request.live:  # a sketch of the moment: neither saved nor listed
+                data = rgba if raw else encode_png(np.asarray(image.convert("RGB")), {}, True)
+            else:
+                # A full or read-only output folder costs the client only the copy on disk.
+                stored = self.outputs.save(image, generated.info, rgba)
+                saved.append(stored)
+                data, path = rgba if raw else stored.png, stored.path
+                owner = job.connection
+                self.results.add(
+                    job.id, index, image, generated.info, path, owner.serial, owner.session
+                )
             encoded.append(
                 {
                     "width": image.width,
                     "height": image.height,
                     "format": job.request.output_format,
-                    "data": rgba if raw else stored.png,
+                    "data": data,
                     "seed": generated.seed,
-                    "path": None if stored.path is None else str(stored.path),
+                    "path": None if path is None else str(path),
                     "parameters": generated.info.to_parameters(),
                 }
             )

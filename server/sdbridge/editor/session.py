@@ -28,6 +28,7 @@ from typing import Any, TypeAlias
 from ..wire.client import Client, ClientError, Job, Link, resolve_address
 from ..wire.protocol import MAX_GUIDANCE, MAX_SEED, ErrorCode, Limits
 from .canvas import JobPlan, image_map, mask_to_rgba
+from .results import ResultsPage
 
 # How long Cancel waits for the daemon's `cancelled` before the front-end lets go of the job.
 CANCEL_GRACE_S = 5.0
@@ -108,8 +109,10 @@ def request_fields(
     init_image: Mapping[str, Any] | None = None,
     mask_image: Mapping[str, Any] | None = None,
     exact_size: bool = False,
+    live: bool = False,
 ) -> dict[str, Any]:
-    """The fields of a `generate` request (without v/op/id): exactly what was set."""
+    """The fields of a `generate` request (without v/op/id): exactly what was set. `live`: the
+    connection's live job, superseding its previous one; neither saved nor listed."""
     fields: dict[str, Any] = {"prompt": settings.prompt}
     optional: dict[str, Any] = {
         "negative_prompt": settings.negative_prompt or None,
@@ -132,6 +135,8 @@ def request_fields(
         fields["loras"] = [{"name": lora.name, "weight": lora.weight} for lora in settings.loras]
     if exact_size:
         fields["exact_size"] = True
+    if live:
+        fields["live"] = True
     return fields
 
 
@@ -145,8 +150,10 @@ def sends_canvas(settings: Settings, plan: JobPlan) -> bool:
     return plan.needs_canvas(1.0 if settings.strength is None else settings.strength)
 
 
-def editor_fields(settings: Settings, plan: JobPlan, rgba: bytes | bytearray | None) -> dict:
-    """A `generate` request for a region of an editor's canvas.
+def editor_fields(
+    settings: Settings, plan: JobPlan, rgba: bytes | bytearray | None, live: bool = False
+) -> dict:
+    """A `generate` request for a region of an editor's canvas (`live`: see `request_fields`).
 
     `rgba` is the canvas's merged image over `plan.bounds`. It travels as the init image when
     strength < 1 (repaint what is there) and whenever the plan inpaints a selection: inpainting
@@ -162,7 +169,8 @@ def editor_fields(settings: Settings, plan: JobPlan, rgba: bytes | bytearray | N
         mask = image_map(plan.bounds.extent, mask_to_rgba(plan.mask))
     # Without an init image the job paints from scratch: strength means nothing then.
     settings = replace(settings, strength=strength if init is not None else None)
-    return request_fields(settings, plan.bounds.width, plan.bounds.height, init, mask)
+    extent = plan.bounds.extent
+    return request_fields(settings, extent.width, extent.height, init, mask, live=live)
 
 
 # --- what the daemon offers ------------------------------------------------------------------
@@ -283,7 +291,9 @@ class Failed:
 
 @dataclass(frozen=True)
 class Cancelled:
-    reason: str  # `client`, `shutdown`, or `abandoned` (the daemon never confirmed a cancel)
+    # `client`, `superseded` (a newer live job), `shutdown`, or `abandoned` (the daemon never
+    # confirmed a cancel)
+    reason: str
 
 
 JobEvent: TypeAlias = (
@@ -444,6 +454,8 @@ def _cancelled_text(event: Cancelled, asked: bool) -> dict[str, Any]:
         return {"message": text, "is_error": True}
     if asked:
         return {"message": NOTHING_ADDED}
+    if event.reason == "superseded":
+        return {"message": "A newer live job took this one's place."}
     # Nobody here asked: the daemon cancels its jobs when it shuts down.
     text = (
         "The daemon stopped this job before it finished (it may be shutting down); "
@@ -496,7 +508,10 @@ class Session:
         client_name: str = "sdbridge-editor",
         on_link: LinkCallback | None = None,
         timeout: float = 10.0,
+        session_key: str | None = None,
     ) -> None:
+        """`session_key` (`config.session_key()`): `results` then lists this artist's results
+        from earlier connections and other editors too."""
         self._on_link = on_link
         self.address = resolve_address(address)
         # Raises ValueError for an address that is not tcp://HOST:PORT.
@@ -506,6 +521,7 @@ class Session:
             client_name=client_name,
             on_link=self._link_changed,
             token=token or None,
+            session=session_key,
         )
 
     @property
@@ -529,6 +545,13 @@ class Session:
             else None
         )
         return DaemonInfo.from_events(hello, models)
+
+    def results(
+        self, before: int | None = None, limit: int | None = None, images: bool = False
+    ) -> ResultsPage:
+        """A page of the daemon's saved results this session may see, newest first; raises
+        `ClientError` (a daemon without the `results` capability: `unknown_op`)."""
+        return ResultsPage.from_event(self.client.results(before, limit, images))
 
     def submit(self, fields: Mapping[str, Any], on_view: ViewCallback | None = None) -> Generation:
         """Sends a `generate` request and returns at once; never raises for the daemon's sake:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .config import config_dir
 from .session import LoraChoice, Settings
 
 STYLES_ENV = "SDBRIDGE_STYLES"
@@ -137,18 +137,9 @@ def _loras(value: Any, where: str) -> tuple[LoraChoice, ...]:
 
 
 def styles_path() -> Path:
-    """$SDBRIDGE_STYLES, else `sdbridge/styles.json` in this user's config folder."""
+    """$SDBRIDGE_STYLES, else `styles.json` in this user's sdbridge config folder."""
     given = os.environ.get(STYLES_ENV)
-    if given:
-        return Path(given).expanduser()
-    home = Path.home()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA") or home / "AppData" / "Roaming")
-    elif sys.platform == "darwin":
-        base = home / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
-    return base / "sdbridge" / "styles.json"
+    return Path(given).expanduser() if given else config_dir() / "styles.json"
 
 
 def load_styles(path: Path | None = None) -> dict[str, Style]:

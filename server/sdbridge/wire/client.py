@@ -25,6 +25,8 @@ from .. import __version__
 from .protocol import (
     ADDRESS_ENV,
     DEFAULT_ADDRESS,
+    MAX_ID_CHARS,
+    MIN_SESSION_CHARS,
     PROTOCOL_VERSION,
     TERMINAL_EVENTS,
     TOKEN_ENV,
@@ -56,6 +58,7 @@ __all__ = [
     "JobEvent",
     "JobFailed",
     "Link",
+    "new_session_key",
     "resolve_address",
 ]
 
@@ -75,6 +78,11 @@ AUTH_RETRY_DELAY = 10.0
 _RESERVED_FIELDS = frozenset({"v", "op", "id"})
 
 _log = logging.getLogger(__name__)
+
+
+def new_session_key() -> str:
+    """A random session key for `Client(session=...)`: 128 bits, as 32 hex digits."""
+    return os.urandom(16).hex()
 
 
 def resolve_address(address: str | None = None) -> str:
@@ -286,7 +294,9 @@ class Client:
     while the reader thread keeps retrying (0.1 s .. 2 s apart). ``on_state(connected, message)``
     is called each time `link` changes (the connection comes up, goes down, or fails for
     another reason): for the first attempt on the constructing thread, then on the reader thread.
-    ``on_link(link, message)`` likewise, with the `Link` that says why.
+    ``on_link(link, message)`` likewise, with the `Link` that says why. ``session``: a secret
+    key (16-128 chars, `new_session_key`) sent in a `hello` on every connection, so that `results`
+    lists this client's results from its earlier connections too.
     """
 
     def __init__(
@@ -297,6 +307,7 @@ class Client:
         on_state: StateCallback | None = None,
         token: str | bytes | None = None,
         on_link: LinkCallback | None = None,
+        session: str | None = None,
     ) -> None:
         self.address = resolve_address(address)
         parse_address(self.address)  # a malformed address is a caller's bug: say so now
@@ -306,6 +317,9 @@ class Client:
         if token is not None and len(token) > 255:
             raise ValueError("an sdbridge token is at most 255 bytes")
         self._plain = (TOKEN_USERNAME, token) if token else None
+        if session is not None and not MIN_SESSION_CHARS <= len(session) <= MAX_ID_CHARS:
+            raise ValueError(f"a session key is {MIN_SESSION_CHARS}..{MAX_ID_CHARS} characters")
+        self.session = session
         self.timeout = timeout
         self.client_name = client_name
         self._on_state = on_state
@@ -373,6 +387,14 @@ class Client:
         if isinstance(limit, int) and limit > 0:
             self._max_request_bytes = limit
         return answer
+
+    def results(
+        self, before: int | None = None, limit: int | None = None, images: bool = False
+    ) -> JobEvent:
+        """The daemon's `results` event: its saved results this client may see, newest first;
+        `before` a result's number pages back, `images` brings each one's PNG too."""
+        fields = {"before": before, "limit": limit, "images": images or None}
+        return self._call("results", **{k: v for k, v in fields.items() if v is not None})
 
     def status(self) -> JobEvent:
         """The daemon's `status` event: device, model, queue."""
@@ -524,6 +546,12 @@ class Client:
                 f"no sdbridge daemon at {self.address} ({exc}); is `sdbridge serve` running?",
             )
             return False
+        if self.session is not None:
+            # First on the connection, before any job: its results are the session's. The
+            # answer matches no request here and is dropped.
+            hello = {"v": PROTOCOL_VERSION, "op": "hello", "id": self._new_id()}
+            with contextlib.suppress(ZmtpError):  # then the reader finds the connection broken
+                conn.send([pack({**hello, "client": self.client_name, "session": self.session})])
         with self._lock:
             if self._closed.is_set():
                 conn.close()

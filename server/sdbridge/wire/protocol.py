@@ -31,6 +31,11 @@ MAX_ID_CHARS = 128
 MAX_NAME_CHARS = 256  # model, LoRA and scheduler names
 MAX_LORAS = 8
 MAX_LORA_WEIGHT = 10.0
+# A `hello` session key ties a client's results together across its connections: a secret the
+# client draws at random, long enough that nobody guesses another client's.
+MIN_SESSION_CHARS = 16
+MAX_RESULTS_PAGE = 50
+DEFAULT_RESULTS_PAGE = 20
 
 
 class ErrorCode:
@@ -342,6 +347,7 @@ class GenerateRequest:
     loras: tuple[LoraWeight, ...] = ()
     exact_size: bool = False
     refine_strength: float = 0.0
+    live: bool = False
 
     @property
     def mode(self) -> str:
@@ -377,10 +383,11 @@ class GenerateRequest:
 
 COMMON_FIELDS = frozenset({"v", "op", "id"})
 OP_FIELDS: dict[str, frozenset[str]] = {
-    "hello": frozenset({"client"}),
+    "hello": frozenset({"client", "session"}),
     "status": frozenset(),
     "models": frozenset(),
     "cancel": frozenset({"job"}),
+    "results": frozenset({"before", "limit", "images"}),
     "generate": frozenset(
         {
             "prompt",
@@ -401,6 +408,7 @@ OP_FIELDS: dict[str, frozenset[str]] = {
             "loras",
             "exact_size",
             "refine_strength",
+            "live",
         }
     ),
 }
@@ -501,9 +509,8 @@ def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateReques
     model = _name(message, "model")
     scheduler = _name(message, "scheduler")
     loras = _loras(message)
-    exact_size = message.get("exact_size", False)
-    if not isinstance(exact_size, bool):
-        raise ProtocolError(ErrorCode.BAD_TYPE, "exact_size must be a boolean", "exact_size")
+    exact_size = _flag(message, "exact_size")
+    live = _flag(message, "live")
     refine_strength = float(_get(message, "refine_strength", (int, float), 0.0))
     _check_range("refine_strength", refine_strength, 0.0, 1.0)
 
@@ -543,9 +550,17 @@ def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateReques
         loras=loras,
         exact_size=exact_size,
         refine_strength=refine_strength,
+        live=live,
     )
     request.check_size(limits.max_pixels)  # the model's native size is the engine's to check
     return request
+
+
+def _flag(message: dict[str, Any], field_name: str) -> bool:
+    value = message.get(field_name, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(ErrorCode.BAD_TYPE, f"{field_name} must be a boolean", field_name)
+    return value
 
 
 def _name(message: dict[str, Any], field_name: str) -> str | None:
@@ -598,3 +613,34 @@ def _loras(message: dict[str, Any]) -> tuple[LoraWeight, ...]:
 
 def validate_cancel(message: dict[str, Any]) -> str:
     return _get(message, "job", str, REQUIRED)
+
+
+def validate_hello(message: dict[str, Any]) -> str | None:
+    """The `hello`'s session key, or None."""
+    _get(message, "client", str, None)
+    session = _get(message, "session", str, None)
+    if session is not None and not MIN_SESSION_CHARS <= len(session) <= MAX_ID_CHARS:
+        raise ProtocolError(
+            ErrorCode.OUT_OF_RANGE,
+            f"session must be {MIN_SESSION_CHARS}..{MAX_ID_CHARS} chars (a random key)",
+            "session",
+        )
+    return session
+
+
+@dataclass(frozen=True)
+class ResultsQuery:
+    """A validated `results` request: a page of saved results, newest first."""
+
+    before: int | None = None  # only results numbered below this
+    limit: int = DEFAULT_RESULTS_PAGE
+    images: bool = False  # each result's PNG file too
+
+
+def validate_results(message: dict[str, Any]) -> ResultsQuery:
+    before = _get(message, "before", int, None)
+    if before is not None:
+        _check_range("before", before, 1, 2**63 - 1)
+    limit = _get(message, "limit", int, DEFAULT_RESULTS_PAGE)
+    _check_range("limit", limit, 1, MAX_RESULTS_PAGE)
+    return ResultsQuery(before, limit, _flag(message, "images"))

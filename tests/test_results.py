@@ -1,0 +1,177 @@
+"""`results`: a client that lost its connection, or an editor restarted since, gets its pictures
+back from the daemon, and only its own when the daemon has a token."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import DaemonProcess, Peer, pixels, wait_until
+from PIL import Image
+
+from sdbridge.editor.config import session_key
+from sdbridge.editor.session import Session
+from sdbridge.wire import protocol
+from sdbridge.wire.client import Client, new_session_key
+
+JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 4, "seed": 7}
+TOKEN = "results-token-for-the-tests-0123456789"
+
+
+@pytest.fixture(scope="module")
+def guarded(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A daemon with a token: a connection sees only its own results and its session's."""
+    workdir = tmp_path_factory.mktemp("guarded-results")
+    process = DaemonProcess(pipeline_dir, workdir, token=TOKEN).start()
+    yield process
+    process.stop()
+
+
+def listed(peer: Peer, **query: object) -> list[dict]:
+    answer = peer.answer("results", **query)
+    assert answer["event"] == "results", answer
+    return answer["results"]
+
+
+def decoded(image: dict) -> np.ndarray:
+    assert image["format"] == "png"
+    return np.asarray(Image.open(io.BytesIO(image["data"])).convert("RGB"))
+
+
+def test_results_lists_saved_images_newest_first_with_thumbnails_and_metadata(peer) -> None:
+    first = peer.generate(**JOB, width=96, height=64, num_images=2)[-1]
+    second = peer.generate(**{**JOB, "prompt": "a blue square", "seed": 8})[-1]
+    newest = listed(peer, limit=3)
+    assert [(r["job"], r["index"]) for r in newest] == [
+        (second["id"], 0),
+        (first["id"], 1),
+        (first["id"], 0),
+    ]
+    assert newest[0]["number"] > newest[1]["number"] > newest[2]["number"]
+    entry = newest[2]
+    assert entry["prompt"] == JOB["prompt"] and entry["seed"] == 7 and entry["model"] == "tiny-sd"
+    assert (entry["width"], entry["height"]) == (96, 64)
+    assert entry["parameters"] == first["images"][0]["parameters"]
+    assert entry["path"] == first["images"][0]["path"] and Path(entry["path"]).exists()
+    assert entry["image"] is None  # not asked for
+    thumb = entry["thumbnail"]
+    assert (thumb["width"], thumb["height"]) == (96, 64)  # smaller than 128: as it is
+    assert decoded(thumb).shape == (64, 96, 3)
+    assert newest[1]["seed"] == 8  # the second image: seed + 1
+
+
+def test_the_image_comes_from_the_saved_file_and_equals_the_result(peer) -> None:
+    done = peer.generate(**JOB, width=64, height=64)[-1]
+    (entry,) = listed(peer, limit=1, images=True)  # the shared daemon's newest: this one
+    assert entry["path"] == done["images"][0]["path"]
+    # The file as it was when read: stored at first, compressed once the result is out.
+    assert entry["image"]["data"][:8] == b"\x89PNG\r\n\x1a\n"
+    sent = pixels(done["images"][0])[..., :3]
+    assert np.array_equal(decoded(entry["image"]), sent)
+
+
+def test_paging_back_with_before_reaches_every_result_once(peer) -> None:
+    done = [peer.generate(**{**JOB, "seed": seed}, width=32, height=32)[-1] for seed in range(5)]
+    paths = [job["images"][0]["path"] for job in done]
+    seen: list[str] = []
+    before = None
+    while True:
+        page = peer.answer("results", limit=2, **({"before": before} if before else {}))
+        seen += [r["path"] for r in page["results"]]
+        assert len(page["results"]) <= 2
+        if not page["more"]:
+            break
+        before = page["results"][-1]["number"]
+    assert [path for path in seen if path in paths] == paths[::-1]
+    assert len(seen) == len(set(seen))
+
+
+def test_a_missing_file_leaves_the_entry_without_its_image(peer) -> None:
+    done = peer.generate(**JOB, width=32, height=32)[-1]
+    path = Path(done["images"][0]["path"])
+    wait_until(lambda: path.read_bytes()[25] == 2)  # compressed (RGB): the daemon is done with it
+    path.unlink()
+    (entry,) = listed(peer, limit=1, images=True)
+    assert entry["path"] == done["images"][0]["path"]
+    assert entry["image"] is None and entry["thumbnail"]["data"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "field"),
+    [
+        ({"limit": 0}, "out_of_range", "limit"),
+        ({"limit": 51}, "out_of_range", "limit"),
+        ({"limit": "5"}, "bad_type", "limit"),
+        ({"before": 0}, "out_of_range", "before"),
+        ({"images": 1}, "bad_type", "images"),
+        ({"page": 2}, "unknown_field", "page"),
+    ],
+)
+def test_a_bad_results_request_is_refused_naming_the_field(peer, fields, code, field) -> None:
+    answer = peer.answer("results", **fields)
+    assert (answer["event"], answer["code"], answer["field"]) == ("error", code, field)
+
+
+@pytest.mark.parametrize("session", ["short", "x" * 129, 42])
+def test_a_bad_session_key_is_refused(peer, session) -> None:
+    answer = peer.answer("hello", session=session)
+    assert answer["event"] == "error" and answer["field"] == "session"
+
+
+def test_with_a_token_each_connection_sees_its_own_and_its_sessions_results(guarded) -> None:
+    key = new_session_key()
+    owner = Peer(guarded.address, token=TOKEN)
+    stranger = Peer(guarded.address, token=TOKEN)
+    try:
+        assert owner.answer("hello", session=key)["event"] == "hello"
+        job = owner.generate(**JOB, width=32, height=32)[-1]["id"]
+        assert [r["job"] for r in listed(owner)] == [job]
+        assert listed(stranger) == []
+        assert stranger.answer("hello", session=new_session_key())["event"] == "hello"
+        assert listed(stranger) == []
+    finally:
+        owner.close()
+        stranger.close()
+    again = Peer(guarded.address, token=TOKEN)
+    try:
+        assert listed(again) == []  # a new connection without the key: nothing
+        again.answer("hello", session=key)
+        assert [r["job"] for r in listed(again)] == [job]
+    finally:
+        again.close()
+
+
+def test_a_job_whose_client_vanished_is_found_again_by_its_session(guarded) -> None:
+    """The client goes mid-job; the daemon finishes and saves it; the same key gets it back."""
+    key = new_session_key()
+    gone = Client(guarded.address, token=TOKEN, session=key)
+    job = gone.generate(**{**JOB, "num_inference_steps": 30}, width=64, height=64)
+    for event in job.events(timeout=60):
+        if event["event"] == "progress":
+            break
+    gone.close()
+    with Session(guarded.address, TOKEN, session_key=key) as session:
+        wait_until(lambda: any(r.job == job.id for r in session.results().results), timeout=60)
+        (found,) = [r for r in session.results(images=True).results if r.job == job.id]
+    assert found.image is not None and found.seed == JOB["seed"]
+    assert (found.width, found.height) == (64, 64)
+    with Session(guarded.address, TOKEN, session_key=new_session_key()) as other:
+        assert other.results().results == ()
+
+
+def test_the_artists_session_key_is_kept_private_and_stable(tmp_path: Path) -> None:
+    path = tmp_path / "sdbridge" / "session-key"
+    key = session_key(path)
+    assert session_key(path) == key and len(key) == 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.write_text("damaged")
+    repaired = session_key(path)
+    assert repaired != key and session_key(path) == repaired
+
+
+def test_hello_lists_the_new_capabilities(peer) -> None:
+    assert {"results", "live"} <= set(peer.answer("hello")["capabilities"])
+    assert protocol.MAX_RESULTS_PAGE == 50
