@@ -175,3 +175,21 @@ def test_the_artists_session_key_is_kept_private_and_stable(tmp_path: Path) -> N
 def test_hello_lists_the_new_capabilities(peer) -> None:
     assert {"results", "live"} <= set(peer.answer("hello")["capabilities"])
     assert protocol.MAX_RESULTS_PAGE == 50
+
+
+def test_a_client_asking_for_more_than_it_reads_is_told_to_wait(daemon_factory) -> None:
+    """Answers to a client that never reads would pile up in the daemon: each address gets two
+    largest messages' worth of `results`, refilled over RESULTS_REFILL_S."""
+    small = daemon_factory("--max-message-bytes", "60000")
+    peer = Peer(small.address)
+    try:
+        peer.generate(**JOB, width=128, height=128, num_images=2, output_format="png")
+        first = peer.answer("results", images=True)
+        assert first["event"] == "results" and first["results"][0]["image"] is not None
+        refused = [peer.answer("results", images=True) for _ in range(3)]
+        busy = [answer for answer in refused if answer["event"] == "error"]
+        assert busy and all(answer["code"] == "busy" for answer in busy)
+        assert "ask again in" in busy[0]["message"]
+        wait_until(lambda: peer.answer("results", limit=1)["event"] == "results", timeout=30)
+    finally:
+        peer.close()

@@ -41,7 +41,7 @@ from .engine import Engine, GeneratedImage, JobCancelled
 from .images import check_images
 from .jobqueue import FairQueue
 from .outputs import OutputFolder, SavedImage, encode_png, rgba_bytes
-from .results import ResultRecord, ResultsLog
+from .results import ResultRecord, ResultsBudget, ResultsLog
 from .schedulers import SAMPLERS
 from .security import LoginGuard
 
@@ -63,6 +63,10 @@ RECEIVE_BATCH = 64
 # More messages than this in a second from one connection: no editor sends that many; the
 # connection is closed (the daemon's memory would follow a faster sender, RCVHWM below).
 MAX_MESSAGES_PER_S = 2000
+# `results` answers to one address: a burst of this many largest messages' worth
+# (limits.max_message_bytes), refilled over this many seconds.
+RESULTS_BURST_MESSAGES = 2
+RESULTS_REFILL_S = 8.0
 CAPABILITIES = [
     "txt2img",
     "img2img",
@@ -185,6 +189,9 @@ class Daemon:
         self.rescanned: queue.SimpleQueue[tuple[Connection, dict[str, Any]]] = queue.SimpleQueue()
         # The saved images, and the `results` requests waiting for the reader thread.
         self.results = ResultsLog()
+        self.results_budget = ResultsBudget(
+            RESULTS_BURST_MESSAGES * self.limits.max_message_bytes, RESULTS_REFILL_S
+        )  # the reader thread's
         self.reads: queue.SimpleQueue[tuple[Connection, str, protocol.ResultsQuery]] = (
             queue.SimpleQueue()
         )
@@ -672,13 +679,23 @@ class Daemon:
     def _results(
         self, connection: Connection, rid: str, query: protocol.ResultsQuery
     ) -> dict[str, Any]:
+        wait = self.results_budget.wait(connection.address)
+        if wait > 0:
+            busy = ProtocolError(
+                ErrorCode.BUSY,
+                f"this address had more results than the daemon sends at once; ask again in "
+                f"{wait:.1f} s",
+            )
+            return protocol.error_event(rid, busy)
         try:
             fields = self.results.page(query, lambda record: self._may_see(connection, record))
         except Exception as exc:  # the daemon must go on
             log.exception("answering results failed")
             error = ProtocolError(ErrorCode.INTERNAL, f"the daemon failed on it: {exc}")
             return protocol.error_event(rid, error)
-        return protocol.event("results", rid, **fields)
+        answer = protocol.event("results", rid, **fields)
+        self.results_budget.spend(connection.address, sum(map(_answer_bytes, fields["results"])))
+        return answer
 
     def _may_see(self, connection: Connection, record: ResultRecord) -> bool:
         """A connection sees its own results and those of its session key; without a token
@@ -816,3 +833,9 @@ class Daemon:
 def _generated(routing_id: bytes | None) -> bool:
     """Whether libzmq's ROUTER made this routing id (a zero byte, then a 32-bit counter)."""
     return routing_id is not None and len(routing_id) == 5 and routing_id[0] == 0
+
+
+def _answer_bytes(entry: dict[str, Any]) -> int:
+    """What a `results` entry weighs on the wire: its images, and a little for the rest."""
+    image = entry["image"]
+    return 1024 + len(entry["thumbnail"]["data"]) + (len(image["data"]) if image else 0)

@@ -142,3 +142,35 @@ def read_image(record: ResultRecord) -> dict[str, Any] | None:
     if size != record.size:
         return None
     return {"width": size[0], "height": size[1], "format": "png", "data": data}
+
+
+class ResultsBudget:
+    """How many bytes of `results` answers each client address may still get, refilled over
+    time: answers to a client that never reads would otherwise pile up in the daemon's memory
+    as fast as the disk reads (a job's answers come no faster than the engine paints).
+
+    A full budget is `burst` bytes; it refills at `burst / refill_s` bytes a second. An answer
+    is sent while the budget is positive and spends what it holds (it may go below zero once).
+    """
+
+    def __init__(self, burst: int, refill_s: float) -> None:
+        self.burst = burst
+        self.rate = burst / refill_s
+        self._left: dict[str, tuple[float, float]] = {}  # address -> (bytes, at monotonic time)
+
+    def wait(self, address: str) -> float:
+        """Seconds until `address` may be answered again; 0: now."""
+        left = self._now(address)
+        return 0.0 if left > 0 else -left / self.rate + 0.001
+
+    def spend(self, address: str, size: int) -> None:
+        self._left[address] = (self._now(address) - size, time.monotonic())
+        # Forget the addresses whose budget is full again: the table stays as small as the
+        # number of recent askers.
+        full = [a for a in self._left if a != address and self._now(a) >= self.burst]
+        for done in full:
+            del self._left[done]
+
+    def _now(self, address: str) -> float:
+        left, at = self._left.get(address, (self.burst, 0.0))
+        return min(self.burst, left + (time.monotonic() - at) * self.rate)
