@@ -239,8 +239,15 @@ class SilentDaemon:
     def _swallow(self) -> None:
         while not self._stop.is_set():
             if self._router.poll(50):
-                frames = self._router.recv_multipart()
-                self.requests.append(protocol.unpack(frames[-1]))
+                *route, body = self._router.recv_multipart()
+                request = protocol.unpack(body)
+                self.requests.append(request)
+                answer = self._answer(request)
+                if answer is not None:
+                    self._router.send_multipart([*route, protocol.pack(answer)])
+
+    def _answer(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        return None
 
     def __enter__(self) -> SilentDaemon:
         return self
@@ -250,3 +257,16 @@ class SilentDaemon:
         self._reader.join()
         self._router.close(0)
         self._context.term()
+
+
+class OldDaemon(SilentDaemon):
+    """A daemon from before the `results` op: it answers `hello` (without the capability)
+    and refuses every other op as unknown."""
+
+    def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request["op"] == "hello":
+            return protocol.event("hello", request["id"], capabilities=["models"])
+        error = protocol.ProtocolError(
+            protocol.ErrorCode.UNKNOWN_OP, f"unknown op {request['op']!r}", "op"
+        )
+        return protocol.error_event(request["id"], error)
