@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port, sdbridge
+from helpers import free_port, sdbridge, wait_until
 from PIL import Image
 
 from sdbridge.cli import main
@@ -128,3 +130,31 @@ def test_every_command_has_a_clean_help(capsys) -> None:
         assert text.startswith(f"usage: sdbridge {command} ")
         assert not re.search(r"\{'|<argparse|object at 0x", text), text
     assert "less memory in attention, ~10% slower" in " ".join(help_text("serve").split())
+
+
+def test_results_saves_the_image_of_a_generate_that_was_killed(daemon, tmp_path: Path) -> None:
+    """The terminal closed mid-job: the daemon finishes and saves it, `results` gets it back."""
+    prompt = f"a killed run {free_port()}"  # unique on the shared daemon
+    command = [sys.executable, "-m", "sdbridge", "generate", prompt, "--steps", "60"]
+    command += ["--address", daemon.address, "-o", str(tmp_path / "never.png")]
+    killed = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert killed.stderr is not None
+    while "step" not in killed.stderr.read(64):
+        pass
+    killed.kill()
+    killed.wait()
+
+    def listed() -> bool:
+        run = sdbridge("results", "--limit", "3", "--address", daemon.address)
+        return prompt in run.stdout
+
+    wait_until(listed, timeout=60)
+    run = sdbridge(
+        "results", "--limit", "1", "--save", str(tmp_path / "back"), "--address", daemon.address
+    )
+    assert run.returncode == 0, run.stderr
+    assert prompt in run.stdout
+    (saved,) = (tmp_path / "back").iterdir()
+    with Image.open(saved) as image:
+        assert image.text["parameters"].startswith(prompt + "\nSteps: 60, ")
+    assert not (tmp_path / "never.png").exists()

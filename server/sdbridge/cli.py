@@ -14,6 +14,8 @@ from . import __version__
 from .editor.session import JobView, parse_lora
 from .wire import protocol
 
+CLI_NAME = f"sdbridge-cli/{__version__}"
+
 
 def _settings(args: argparse.Namespace) -> Any:
     """The effective settings for `serve` and `config`: flags over environment over file."""
@@ -172,6 +174,7 @@ def generate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .daemon.outputs import encode_png, write_atomically
+    from .editor.config import session_key
     from .editor.session import Phase, Session, Settings, request_fields
 
     # What is not given stays unset: the daemon fills in the model's defaults (few-step models...).
@@ -209,7 +212,8 @@ def generate(args: argparse.Namespace) -> int:
         return 2
     fields = request_fields(settings, args.width, args.height, init, mask, args.exact_size)
 
-    with Session(args.address, client_name=f"sdbridge-cli/{__version__}") as session:
+    # The artist's session key: `sdbridge results` finds the images of a run cut short.
+    with Session(args.address, client_name=CLI_NAME, session_key=session_key()) as session:
         if not session.client.wait_connected(args.wait):
             print(f"sdbridge: {session.client.state_message}", file=sys.stderr)
             return 1
@@ -256,6 +260,48 @@ def generate(args: argparse.Namespace) -> int:
         print(f"{path}  (seed {image.seed}, {copy})")
     if result.warning:
         print(f"sdbridge: {view.message}", file=sys.stderr)
+    return 0
+
+
+def results(args: argparse.Namespace) -> int:
+    """Lists the daemon's saved results this user may see, newest first; `--save DIR` also
+    writes their PNG files there (for a job whose `generate` was cut short)."""
+    from .daemon.outputs import write_atomically
+    from .editor.config import session_key
+    from .editor.session import Session
+    from .wire.client import ClientError
+
+    with Session(args.address, client_name=CLI_NAME, session_key=session_key()) as session:
+        if not session.client.wait_connected(args.wait):
+            print(f"sdbridge: {session.client.state_message}", file=sys.stderr)
+            return 1
+        try:
+            page = session.results(args.before, args.limit, images=args.save is not None)
+        except ClientError as exc:
+            print(f"sdbridge: {exc}", file=sys.stderr)
+            return 1
+    for entry in page.results:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.created))
+        print(f"{entry.number:>5}  {when}  {entry.label}")
+        print(f"       {entry.path or 'not saved by the daemon'}")
+        if args.save is None:
+            continue
+        if entry.image is None:
+            print("       (its file is gone: moved or deleted)", file=sys.stderr)
+            continue
+        name = Path(entry.path).name if entry.path else f"{entry.number:05d}-{entry.seed}.png"
+        target = Path(args.save) / name
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(target, entry.image["data"])
+        except OSError as exc:
+            print(f"sdbridge: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        print(f"       -> {target}")
+    if not page.results:
+        print("no results yet", file=sys.stderr)
+    elif page.more:
+        print(f"older ones: --before {page.results[-1].number}", file=sys.stderr)
     return 0
 
 
@@ -411,6 +457,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_client_options(p)
     p.set_defaults(run=generate)
+
+    p = commands.add_parser(
+        "results", help="list the daemon's saved results (yours; all on a loopback daemon)"
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=10,
+        choices=range(1, protocol.MAX_RESULTS_PAGE + 1),
+        metavar=f"1..{protocol.MAX_RESULTS_PAGE}",
+        help="how many, newest first (default 10)",
+    )
+    p.add_argument("--before", type=int, metavar="NUMBER", help="only results older than this")
+    p.add_argument("--save", metavar="DIR", help="also write their PNG files into DIR")
+    _add_client_options(p)
+    p.set_defaults(run=results)
 
     p = commands.add_parser("models", help="list the daemon's models and LoRAs")
     _add_client_options(p)
