@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ven
 try:
     from sdbridge import __version__
     from sdbridge.editor import canvas
+    from sdbridge.editor.config import session_key
     from sdbridge.editor.session import (
         DaemonInfo,
         Generation,
@@ -421,9 +422,11 @@ def enlarge(image: Gimp.Image, margins: tuple[int, int, int, int]) -> None:
     image.resize(image.get_width() + left + right, image.get_height() + top + bottom, left, top)
 
 
-def connect(address: str) -> Session:
+def connect(address: str, timeout: float = HELLO_TIMEOUT) -> Session:
+    """With this user's session key: on a daemon with a token, its `results` then lists what
+    GIMP made to GIMP, Krita and the CLI of the same user."""
     try:
-        return Session(address, client_name=CLIENT_NAME, timeout=HELLO_TIMEOUT)
+        return Session(address, client_name=CLIENT_NAME, timeout=timeout, session_key=session_key())
     except ValueError as exc:  # not tcp://HOST:PORT
         raise calling_error(str(exc)) from exc
 
@@ -523,12 +526,12 @@ def probe(address: str) -> DaemonInfo | None:
     or does not answer within PROBE_WAIT: the dialog never waits longer on a missing daemon."""
 
     def ask() -> DaemonInfo:
-        with Session(address, client_name=CLIENT_NAME, timeout=PROBE_WAIT) as session:
+        with connect(address, PROBE_WAIT) as session:
             return session.info()
 
     try:
         return off_thread(ask, wait=PROBE_WAIT)
-    except (ClientError, ValueError, TimeoutError):
+    except (ClientError, PluginError, TimeoutError):
         return None
 
 
