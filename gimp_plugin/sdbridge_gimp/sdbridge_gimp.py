@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""sdbridge for GIMP 3: Filters > sdbridge > Generate... and Repaint selection...
+"""sdbridge for GIMP 3: Filters > sdbridge > Generate..., Repaint selection..., Expand... and
+Recent results...
 
-Both procedures send the image (or selection) to a running `sdbridge serve` daemon and put the
-result on a new layer. The request and the placement rules come from `sdbridge.editor`, shared
+The first three send the image (or selection) to a running `sdbridge serve` daemon and put the
+result on a new layer; Recent results puts one the daemon saved earlier on a new layer. The
+requests, the placement rules and the results' listing come from `sdbridge.editor`, shared
 with the Krita plugin; this file only reads and writes GIMP's pixels and drives the UI.
 `sdbridge install gimp` puts the pure-Python sdbridge modules and msgpack in `vendor/` here.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import html
 import json
 import os
 import queue
@@ -36,6 +39,14 @@ try:
     from sdbridge import __version__
     from sdbridge.editor import canvas
     from sdbridge.editor.config import session_key
+    from sdbridge.editor.recent import (
+        NoSuchResult,
+        RecentError,
+        details,
+        fetch_result,
+        list_results,
+    )
+    from sdbridge.editor.results import ResultsPage, SavedResult
     from sdbridge.editor.session import (
         DaemonInfo,
         Generation,
@@ -67,6 +78,7 @@ CLIENT_NAME = f"sdbridge-gimp/{__version__}"
 GENERATE = "python-fu-sdbridge-generate"
 REPAINT = "python-fu-sdbridge-repaint-selection"
 EXPAND = "python-fu-sdbridge-expand"
+RECENT = "python-fu-sdbridge-recent"
 MARGINS = ("left", "top", "right", "bottom")
 MAX_MARGIN = 4096
 MENU = "<Image>/Filters/sdbridge"
@@ -83,6 +95,10 @@ POLL_INTERVAL = 0.05  # how often the progress dialog handles clicks while waiti
 # The steps argument's own range; the daemon's limits.max_steps is checked before sending.
 MAX_STEPS_ARGUMENT = 10_000
 MAX_IMAGES_ARGUMENT = 64  # the daemon's limits.max_images decides; the dialog shows it
+# Recent results: a page with one full-size PNG may take a while on a slow link; a daemon that
+# never answers lets go after this.
+RESULTS_TIMEOUT = 30.0
+THUMBNAIL_SIDE = 96  # px, the longer side of a result in the Recent results list
 T = TypeVar("T")
 
 
@@ -232,14 +248,7 @@ class ProgressDialog:
             height,
             width * 4,
         )
-        scale = PREVIEW_SIDE / max(width, height)
-        self.preview.set_from_pixbuf(
-            pixbuf.scale_simple(
-                max(1, round(width * scale)),
-                max(1, round(height * scale)),
-                GdkPixbuf.InterpType.BILINEAR,
-            )
-        )
+        self.preview.set_from_pixbuf(fit(pixbuf, PREVIEW_SIDE))
 
     def pump(self) -> None:
         while Gtk.events_pending():
@@ -248,6 +257,15 @@ class ProgressDialog:
     def close(self) -> None:
         self.dialog.destroy()
         self.pump()
+
+
+def fit(pixbuf: GdkPixbuf.Pixbuf, side: int) -> GdkPixbuf.Pixbuf:
+    """`pixbuf` scaled so that its longer side is `side` px."""
+    width, height = pixbuf.get_width(), pixbuf.get_height()
+    scale = side / max(width, height)
+    return pixbuf.scale_simple(
+        max(1, round(width * scale)), max(1, round(height * scale)), GdkPixbuf.InterpType.BILINEAR
+    )
 
 
 def off_thread(
@@ -647,15 +665,30 @@ def run(
     mode: Mode,
 ) -> Gimp.ValueArray:
     dialog = None
-    try:
-        if IMPORT_ERROR:
-            raise execution_error(IMPORT_ERROR)
+
+    def work() -> Gimp.Layer:
+        nonlocal dialog
         if run_mode != Gimp.RunMode.NONINTERACTIVE:  # the menu, or Filters > Repeat Last
             GimpUi.init(PLUG_IN_BINARY)
             if run_mode == Gimp.RunMode.INTERACTIVE:
                 ask(procedure, config)
             dialog = ProgressDialog(dialog_title(procedure))
-        layer = paint(image, drawables, Params.from_config(config, mode), mode, dialog)
+        return paint(image, drawables, Params.from_config(config, mode), mode, dialog)
+
+    try:
+        return returning_layer(procedure, work)
+    finally:
+        Gimp.progress_end()
+        if dialog is not None:
+            dialog.close()
+
+
+def returning_layer(procedure: Gimp.Procedure, work: Callable[[], Gimp.Layer]) -> Gimp.ValueArray:
+    """The procedure's return values: the layer `work` made, or how it failed."""
+    try:
+        if IMPORT_ERROR:
+            raise execution_error(IMPORT_ERROR)
+        layer = work()
     except Cancelled:
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     except PluginError as exc:
@@ -665,10 +698,6 @@ def run(
         return procedure.new_return_values(
             Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(f"sdbridge: internal error: {exc!r}")
         )
-    finally:
-        Gimp.progress_end()
-        if dialog is not None:
-            dialog.close()
     values = procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
     values.remove(1)
     values.insert(1, GObject.Value(Gimp.Layer, layer))
@@ -708,14 +737,189 @@ PROCEDURES = {
 }
 
 
+# --- Recent results ------------------------------------------------------------------------------
+
+
+def png_pixbuf(data: bytes) -> GdkPixbuf.Pixbuf:
+    loader = GdkPixbuf.PixbufLoader.new_with_type("png")
+    loader.write(data)
+    loader.close()
+    return loader.get_pixbuf()
+
+
+def png_rgba(data: bytes) -> tuple[canvas.Extent, bytes]:
+    """A PNG's size and pixels as the wire's RGBA (rows of an RGBA pixbuf have no padding)."""
+    pixbuf = png_pixbuf(data)
+    if not pixbuf.get_has_alpha():  # the daemon saves RGB
+        pixbuf = pixbuf.add_alpha(False, 0, 0, 0)
+    extent = canvas.Extent(pixbuf.get_width(), pixbuf.get_height())
+    return extent, pixbuf.read_pixel_bytes().get_data()
+
+
+class RecentDialog:
+    """The daemon's results to pick from, newest first: thumbnail, prompt, seed and size, the
+    A1111 parameters as the tooltip; Older… adds the next page while there is one."""
+
+    def __init__(self, title: str, session: Session, page: ResultsPage) -> None:
+        self.session = session
+        self.dialog = GimpUi.Dialog(title=title, role=PLUG_IN_BINARY)
+        self.dialog.add_button("_Cancel", Gtk.ResponseType.CANCEL)
+        self.dialog.add_button("_OK", Gtk.ResponseType.OK)
+        self.dialog.set_default_response(Gtk.ResponseType.OK)
+        # thumbnail, text (markup), tooltip (markup), the result's number
+        self.store = Gtk.ListStore(GdkPixbuf.Pixbuf, str, str, GObject.TYPE_INT64)
+        self.view = Gtk.TreeView(model=self.store, headers_visible=False, tooltip_column=2)
+        self.view.append_column(Gtk.TreeViewColumn("", Gtk.CellRendererPixbuf(), pixbuf=0))
+        self.view.append_column(Gtk.TreeViewColumn("", Gtk.CellRendererText(), markup=1))
+        self.view.get_selection().set_mode(Gtk.SelectionMode.BROWSE)  # always one picked
+        self.view.connect("row-activated", self._on_activated)
+        scroller = Gtk.ScrolledWindow(hscrollbar_policy=Gtk.PolicyType.NEVER)
+        scroller.set_size_request(460, 420)
+        scroller.add(self.view)
+        self.status = Gtk.Label(label=f"From the daemon at {session.address}", xalign=0.0)
+        self.status.set_line_wrap(True)
+        self.older = Gtk.Button.new_with_mnemonic("Ol_der…")
+        self.older.connect("clicked", self._on_older)
+        box = self.dialog.get_content_area()
+        box.set_spacing(8)
+        box.set_border_width(12)
+        box.pack_start(self.status, False, False, 0)
+        box.pack_start(scroller, True, True, 0)
+        box.pack_start(self.older, False, False, 0)
+        self.add(page)
+        self.view.get_selection().select_path(Gtk.TreePath.new_first())  # the newest
+        self.dialog.show_all()
+
+    def add(self, page: ResultsPage) -> None:
+        for result in page.results:
+            thumbnail = fit(png_pixbuf(result.thumbnail["data"]), THUMBNAIL_SIDE)
+            label, line = html.escape(result.label, False), html.escape(details(result), False)
+            text = f"{label}\n<small>{line}</small>"
+            tooltip = html.escape(result.parameters, False)
+            self.store.append([thumbnail, text, tooltip, result.number])
+        self.older.set_sensitive(page.more)
+
+    def _on_older(self, _button: Gtk.Button) -> None:
+        try:
+            self.add(list_results(self.session, before=self.store[-1][3]))
+        except RecentError as exc:  # the daemon went away: the rows shown can still be placed
+            self.status.set_text(str(exc))
+
+    def _on_activated(self, *_args: Any) -> None:
+        self.dialog.response(Gtk.ResponseType.OK)
+
+    def chosen(self) -> int:
+        model, row = self.view.get_selection().get_selected()
+        return model[row][3]
+
+    def run(self) -> int:
+        """The picked result's number; raises Cancelled when the artist closes the dialog."""
+        try:
+            if self.dialog.run() != Gtk.ResponseType.OK:
+                raise Cancelled()
+            return self.chosen()
+        finally:
+            self.dialog.destroy()
+
+
+def add_saved_layer(
+    image: Gimp.Image | None, drawables: list[Gimp.Drawable], result: SavedResult, show: bool
+) -> Gimp.Layer:
+    """The result as a new layer above the active one, its top-left corner at the image's
+    (where a result of the whole image's size was); without an image, in a new image of its
+    size, opened in a window when `show`."""
+    assert result.image is not None  # fetch_result brings it or raises
+    extent, rgba = png_rgba(result.image["data"])
+    placement = canvas.Placement(canvas.Bounds.of(extent), bytearray(rgba))
+    name = canvas.layer_name(result.prompt, result.seed)
+    if image is not None:
+        layer = add_result_layer(image, drawables, placement, name)
+    else:
+        image = Gimp.Image.new(extent.width, extent.height, Gimp.ImageBaseType.RGB)
+        image.undo_disable()  # a new picture, as if opened from a file: nothing to undo
+        layer = add_result_layer(image, [], placement, name)
+        image.undo_enable()
+        if show:
+            Gimp.Display.new(image)
+    Gimp.displays_flush()
+    return layer
+
+
+def run_recent(
+    procedure: Gimp.Procedure,
+    run_mode: Gimp.RunMode,
+    image: Gimp.Image | None,
+    drawables: list[Gimp.Drawable],
+    config: Gimp.ProcedureConfig,
+    _data: Any,
+) -> Gimp.ValueArray:
+    def work() -> Gimp.Layer:
+        address = text_property(config, "address") or saved_address()
+        try:
+            with connect(address, RESULTS_TIMEOUT) as session:
+                number = config.get_property("number")
+                if run_mode == Gimp.RunMode.INTERACTIVE:
+                    GimpUi.init(PLUG_IN_BINARY)
+                    page = list_results(session)
+                    number = RecentDialog(dialog_title(procedure), session, page).run()
+                    config.set_property("number", number)  # Repeat Last places it again
+                result = fetch_result(session, number)
+        except NoSuchResult as exc:
+            raise calling_error(str(exc)) from exc
+        except RecentError as exc:
+            raise execution_error(str(exc)) from exc
+        return add_saved_layer(image, drawables, result, run_mode != Gimp.RunMode.NONINTERACTIVE)
+
+    return returning_layer(procedure, work)
+
+
+def create_recent(plug_in: Gimp.PlugIn) -> Gimp.Procedure:
+    procedure = Gimp.ImageProcedure.new(plug_in, RECENT, Gimp.PDBProcType.PLUGIN, run_recent, None)
+    procedure.set_image_types("RGB*, GRAY*")
+    # Also with no image open: the result then opens as a new image.
+    procedure.set_sensitivity_mask(
+        Gimp.ProcedureSensitivityMask.DRAWABLE
+        | Gimp.ProcedureSensitivityMask.DRAWABLES
+        | Gimp.ProcedureSensitivityMask.NO_DRAWABLES
+        | Gimp.ProcedureSensitivityMask.NO_IMAGE
+    )
+    procedure.set_menu_label("Re_cent results...")
+    procedure.add_menu_path(MENU)
+    procedure.set_documentation(
+        "Places a result the sdbridge daemon saved earlier on a new layer",
+        "Lists the daemon's saved results, newest first (on a daemon with a token only those "
+        "of this user's editors); the one picked lands at the image's top-left "
+        "corner, or in a new image when none is open. Run from a script, it places result "
+        "`number` (0: the newest) without asking.",
+        RECENT,
+    )
+    procedure.set_attribution("sdbridge", "sdbridge", "2026")
+    procedure.add_int_argument(
+        "number",
+        "_Number",
+        "The result's number as the list shows it (#12); 0: the newest",
+        0,
+        GLib.MAXINT32,
+        0,
+        RW,
+    )
+    procedure.add_string_argument(
+        "address", "_Daemon address", "Empty: the address used last", "", RW
+    )
+    procedure.add_layer_return_value("layer", "Layer", "The new layer", False, RW)
+    return procedure
+
+
 class SdbridgePlugIn(Gimp.PlugIn):
     def do_set_i18n(self, _name: str) -> tuple[bool, str | None, str | None]:
         return False, None, None  # English only: no catalog to look for
 
     def do_query_procedures(self) -> list[str]:
-        return list(PROCEDURES)
+        return [*PROCEDURES, RECENT]
 
     def do_create_procedure(self, name: str) -> Gimp.Procedure:
+        if name == RECENT:
+            return create_recent(self)
         mode, label, blurb, help_text, strength = PROCEDURES[name]
         callback = functools.partial(run, mode=mode)
         procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, callback, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -10,15 +11,16 @@ from pathlib import Path
 import pytest
 import zmq
 from gimp_runner import Gimp, chroot_missing
-from helpers import SilentDaemon, free_port
+from helpers import OldDaemon, SilentDaemon, free_port, wait_until
 from PIL import Image
 
 from sdbridge import tiny
 from sdbridge.editor.canvas import layer_name
-from sdbridge.editor.session import CANCEL_GRACE_S
+from sdbridge.editor.session import CANCEL_GRACE_S, Session
 from sdbridge.editor.styles import Style, save_style
 from sdbridge.install import package
 from sdbridge.wire import protocol
+from sdbridge.wire.client import Client, new_session_key
 
 pytestmark = pytest.mark.gimp
 
@@ -747,3 +749,227 @@ def test_loras_several_images_and_the_refine_pass_reach_the_saved_parameters(
     assert markers["refined"][0] == "success"
     dogs = [text for text in saved.values() if text.startswith("a dog\n")]
     assert any("Hires upscale" in text for text in dogs), dogs
+
+
+# --- Recent results ------------------------------------------------------------------------------
+
+RECENT = "python-fu-sdbridge-recent"
+TOKEN = "recent-token-for-the-gimp-tests-0123456789"
+QUICK = {"num_inference_steps": 2, "width": 32, "height": 32}
+
+
+def newest_number(client: Client) -> int:
+    return client.results(limit=1)["results"][0]["number"]
+
+
+def test_recent_results_places_the_newest_or_a_numbered_result_with_its_pixels(
+    gimp: Gimp, daemon
+) -> None:
+    # Another program's result: a daemon without a token (loopback only) shows it to everyone.
+    with Client(daemon.address) as client:
+        job = client.generate(prompt="from another client", seed=9, num_inference_steps=2,
+                              width=64, height=48)  # fmt: skip
+        other = job.result(60)["images"][0]
+        number = newest_number(client)
+    markers = gimp.run(
+        f"""
+        procedure = Gimp.get_pdb().lookup_procedure({RECENT!r})
+        mark(registered=[
+            list(procedure.get_menu_paths()), procedure.get_menu_label(),
+            [spec.name for spec in procedure.get_arguments()],
+            [spec.name for spec in procedure.get_return_values()],
+        ])
+        image, background = new_image({W}, {H}, bytes([128, 128, 128]) * ({W} * {H}))
+        address = {daemon.address!r}
+        made = call({GENERATE!r}, image, [background], prompt="a gimp picture",
+                    random_seed=False, seed=5, steps=2, address=address, timeout=60.0)
+        save_pixels(image.get_layers()[0], "generated.rgba")
+        # The top layer active, as after Generate: each result lands above it.
+        newest = call({RECENT!r}, image, [image.get_layers()[0]], address=address)
+        save_pixels(image.get_layers()[0], "newest.rgba")
+        numbered = call({RECENT!r}, image, [image.get_layers()[0]], number={number},
+                        address=address)
+        save_pixels(image.get_layers()[0], "numbered.rgba")
+        mark(made=made[:2], newest=newest[:2], numbered=numbered[:2], layers=layers(image))
+
+        alone = call({RECENT!r}, None, [], number={number}, address=address)
+        (opened,) = [i for i in Gimp.get_images() if i.get_id() != image.get_id()]
+        save_pixels(opened.get_layers()[0], "alone.rgba")
+        mark(alone=alone[:2], opened=[opened.get_width(), opened.get_height(), layers(opened)])
+        """
+    ).checked()
+    menu, label, arguments, returns = markers["registered"]
+    assert (menu, label, returns) == (["<Image>/Filters/sdbridge"], "Re_cent results...", ["layer"])
+    assert [a for a in arguments if a != "num-drawables"] == [
+        "run-mode", "image", "drawables", "number", "address"
+    ]  # fmt: skip
+    mine = layer_name("a gimp picture", 5)
+    theirs = layer_name("from another client", 9)
+    assert markers["made"] == ["success", mine]
+    assert markers["newest"] == ["success", f"{mine} #1"]  # GIMP numbers a name in use
+    assert markers["numbered"] == ["success", theirs]
+    # At the image's top-left corner, at the result's own size, above the active layer.
+    assert markers["layers"] == [
+        {"name": theirs, "offsets": [0, 0], "size": [64, 48]},
+        {"name": f"{mine} #1", "offsets": [0, 0], "size": [W, H]},
+        {"name": mine, "offsets": [0, 0], "size": [W, H]},
+        {"name": "background", "offsets": [0, 0], "size": [W, H]},
+    ]
+    # The pictures themselves, read back from the daemon's files, bit for bit.
+    assert gimp.host("newest.rgba").read_bytes() == gimp.host("generated.rgba").read_bytes()
+    assert gimp.host("numbered.rgba").read_bytes() == other["data"]
+    # Without an image, the result opens as a new image of its size.
+    assert markers["alone"] == ["success", theirs]
+    assert markers["opened"] == [64, 48, [{"name": theirs, "offsets": [0, 0], "size": [64, 48]}]]
+    assert gimp.host("alone.rgba").read_bytes() == other["data"]
+
+
+def test_on_a_daemon_with_a_token_recent_results_lists_only_this_users_results(
+    gimp: Gimp, daemon_factory: Callable
+) -> None:
+    guarded = daemon_factory(token=TOKEN)
+    with Client(guarded.address, token=TOKEN, session=new_session_key()) as stranger:
+        stranger.generate(prompt="a stranger's picture", seed=2, **QUICK).result(60)
+        strangers = newest_number(stranger)
+    markers = gimp.run(
+        f"""
+        image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
+        address = {guarded.address!r}
+        nothing = call({RECENT!r}, image, [background], address=address)
+        made = call({GENERATE!r}, image, [background], prompt="my own picture",
+                    random_seed=False, seed=11, steps=2, address=address, timeout=60.0)
+        # Every call is a plug-in process, and a connection, of its own.
+        other, other_background = new_image({W}, {H}, bytes({W} * {H} * 3))
+        mine = call({RECENT!r}, other, [other_background], address=address)
+        theirs = call({RECENT!r}, other, [other_background], number={strangers},
+                      address=address)
+        mark(nothing=nothing[:2], made=made[:2], mine=mine[:2], theirs=theirs[:2],
+             layers=[len(image.get_layers()), len(other.get_layers())])
+        """,
+        env={"SDBRIDGE_TOKEN": TOKEN},
+    ).checked()
+    status, error = markers["nothing"]
+    assert status == "execution-error"
+    assert error == (
+        f"sdbridge: the daemon at {guarded.address} has no results to show: it lists what it "
+        "saved since it started, and a daemon with a token only what this user's editors made"
+    )
+    assert markers["made"][0] == "success"
+    # GIMP's own result, made on another connection, is listed: the same session key.
+    assert markers["mine"] == ["success", layer_name("my own picture", 11)]
+    status, error = markers["theirs"]
+    assert status == "calling-error"
+    assert f"lists no result {strangers} for this user" in error
+    assert markers["layers"] == [2, 2]  # a background and one new layer each: none for errors
+    # The key is the user's (the sdbridge config folder): Krita and the CLI see GIMP's result.
+    key = gimp.host(".config/sdbridge/session-key").read_text().strip()
+    with Session(guarded.address, TOKEN, session_key=key) as session:
+        assert [r.prompt for r in session.results().results] == ["my own picture"]
+
+
+def test_recent_results_errors_name_the_reason_and_add_nothing(gimp: Gimp, daemon) -> None:
+    with Client(daemon.address) as client:
+        done = client.generate(prompt="soon deleted", seed=4, **QUICK).result(60)
+        number = newest_number(client)
+    path = Path(done["images"][0]["path"])
+    wait_until(lambda: path.read_bytes()[25] == 2)  # compressed (RGB): the daemon is done with it
+    path.unlink()
+    absent = f"tcp://127.0.0.1:{free_port()}"
+    with OldDaemon() as old:
+        cases = {
+            "deleted": {"address": daemon.address, "number": number},
+            "unlisted": {"address": daemon.address, "number": number + 1000},
+            "absent": {"address": absent},
+            "old": {"address": old.address},
+        }
+        markers = gimp.run(
+            f"""
+            image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
+            for label, arguments in {cases!r}.items():
+                status, error, seconds = call({RECENT!r}, image, [background], **arguments)
+                mark(**{{label: [status, error, seconds]}})
+            mark(layers=len(image.get_layers()))
+            """
+        ).checked()
+    assert markers["deleted"][:2] == [
+        "execution-error",
+        f"sdbridge: the file of result {number} was moved or deleted: {path}",
+    ]
+    status, error, _ = markers["unlisted"]
+    assert status == "calling-error" and f"lists no result {number + 1000} " in error
+    status, error, seconds = markers["absent"]
+    assert status == "execution-error" and absent in error and "sdbridge serve" in error
+    assert seconds < 10
+    status, error, _ = markers["old"]
+    assert status == "execution-error"
+    assert error == (
+        f"sdbridge: the daemon at {old.address} cannot list its results (its sdbridge is older "
+        "than this editor's); update it and restart `sdbridge serve`"
+    )
+    assert markers["layers"] == 1
+
+
+def test_the_recent_results_dialog_pages_back_and_places_the_picked_result(
+    gimp: Gimp, daemon
+) -> None:
+    prompts = ["an <old> & odd one", "a middle one", "the newest one"]
+    with Client(daemon.address) as client:
+        made = [
+            client.generate(prompt=prompt, seed=seed, **QUICK).result(60)["images"][0]
+            for seed, prompt in enumerate(prompts, 1)
+        ]
+    run = gimp.run(
+        f"""
+        import threading
+
+        plugin = dialog_plugin()
+        session = plugin.connect({daemon.address!r})
+        dialog = plugin.RecentDialog("Recent", session, plugin.list_results(session, limit=2))
+        show(dialog.dialog)
+        rows = lambda: [[row[1], row[2], row[3]] for row in dialog.store]
+        first, older = rows(), dialog.older.get_sensitive()
+        dialog.older.clicked()
+        thumbnail = dialog.store[0][0]
+        mark(first=first, older=older, rows=rows(), chosen=dialog.chosen(),
+             thumbnail=[thumbnail.get_width(), thumbnail.get_height()])
+        dialog.dialog.destroy()
+        session.close()
+
+        # From the menu: the newest is picked already; Cancel places nothing, OK places it.
+        plugin.save_address({daemon.address!r})
+        image, background = new_image({W}, {H}, bytes({W} * {H} * 3))
+        answers = {{}}
+        for key in ("c", "o"):
+            def answer(key=key):
+                answers[key] = press_mnemonic("sdbridge: Recent results", key)
+            presser = threading.Thread(target=answer)
+            presser.start()
+            result = call({RECENT!r}, image, [background], run_mode=Gimp.RunMode.INTERACTIVE)
+            presser.join()
+            mark(**{{key: result[:2]}})
+        mark(answers=answers, layers=[layer["name"] for layer in layers(image)])
+        """,
+        display=True,
+        env={"GDK_CORE_DEVICE_EVENTS": "1"},
+    )
+    markers = run.checked()
+    newest, middle, oldest = made[::-1]
+    # Newest first, two to a page here; Older… adds the next page below them.
+    assert markers["older"]
+    assert markers["rows"][:2] == markers["first"]
+    numbers = [number for _, _, number in markers["rows"]]
+    assert numbers == sorted(numbers, reverse=True) and len(numbers) >= 3
+    texts = [text for text, _, _ in markers["rows"][:3]]
+    tooltips = [tooltip for _, tooltip, _ in markers["rows"][:3]]
+    assert texts[0].startswith("the newest one (seed 3, 32x32)\n<small>#")
+    assert texts[1].startswith("a middle one (seed 2, 32x32)\n<small>#")
+    # The prompt is the artist's text, not markup; the A1111 parameters are the tooltip.
+    assert texts[2].startswith("an &lt;old&gt; &amp; odd one (seed 1, 32x32)\n")
+    assert tooltips[2] == html.escape(oldest["parameters"], quote=False)
+    assert tooltips[0] == html.escape(newest["parameters"], quote=False)
+    assert markers["chosen"] == numbers[0]  # the newest, until the artist picks another
+    assert markers["thumbnail"] == [96, 96]
+    assert set(markers["answers"]) == {"c", "o"} and all(markers["answers"].values())
+    assert markers["c"][0] == "cancel"
+    assert markers["o"] == ["success", layer_name("the newest one", 3)]
+    assert markers["layers"] == [layer_name("the newest one", 3), "background"]
