@@ -1,5 +1,6 @@
 """Screenshots of the real GIMP 3 window (under Xvfb in the chroot) after Filters > sdbridge >
-Generate painted a layer, and of the plug-in's dialog (gimp-dialog.png beside it):
+Generate painted a layer, of the plug-in's dialog (gimp-dialog.png beside it) and of the Recent
+results list (gimp-recent.png):
 
     .venv/bin/python tests/gimp/screenshot.py docs/images/gimp.png [--model SPEC]
 
@@ -23,6 +24,7 @@ from helpers import DaemonProcess  # noqa: E402
 from pipelines import build_pipeline  # noqa: E402
 
 from sdbridge import tiny  # noqa: E402
+from sdbridge.wire.client import Client  # noqa: E402
 
 SCENE = """
 import subprocess
@@ -64,7 +66,25 @@ box = dialog.get_window().get_frame_extents()
 mark(dialog=[box.x, box.y, box.x + box.width, box.y + box.height])
 subprocess.run(["import", "-window", "root", f"{WORK}/dialog.png"], check=True)
 dialog.destroy()
+
+# The Recent results list: the picture above and the earlier ones.
+recent = Gimp.get_pdb().lookup_procedure(plugin.RECENT)
+session = plugin.connect(ADDRESS)
+dialog = plugin.RecentDialog(plugin.dialog_title(recent), session, plugin.list_results(session))
+for _ in range(40):
+    while Gtk.events_pending():
+        Gtk.main_iteration()
+    time.sleep(0.025)
+box = dialog.dialog.get_window().get_frame_extents()
+mark(recent=[box.x, box.y, box.x + box.width, box.y + box.height])
+subprocess.run(["import", "-window", "root", f"{WORK}/recent.png"], check=True)
+dialog.dialog.destroy()
+session.close()
 """
+EARLIER = (  # made before the screenshots, so that the list has more than one row
+    (3, "a red circle at the top left on a green background"),
+    (5, "a blue square in the center on a white background"),
+)
 
 
 def main() -> int:
@@ -89,6 +109,9 @@ def main() -> int:
         daemon = DaemonProcess(model, Path(tmp)).start()
         gimp = Gimp()
         try:
+            with Client(daemon.address) as client:
+                for seed, prompt in EARLIER:
+                    client.generate(prompt=prompt, seed=seed, num_inference_steps=20).result(300)
             code = f"PROMPT = {args.prompt!r}\nADDRESS = {daemon.address!r}\n{SCENE}"
             markers = gimp.run(code, timeout=240, gui=True).checked()
             if markers["status"] != "success":
@@ -99,10 +122,12 @@ def main() -> int:
                 shot.crop(shot.getbbox()).save(args.out)  # the window, not the black screen
             with Image.open(gimp.host("dialog.png")) as shot:
                 shot.crop(tuple(markers["dialog"])).save(args.out.with_name("gimp-dialog.png"))
+            with Image.open(gimp.host("recent.png")) as shot:
+                shot.crop(tuple(markers["recent"])).save(args.out.with_name("gimp-recent.png"))
         finally:
             gimp.remove()
             daemon.stop()
-    print(f"wrote {args.out} and {args.out.with_name('gimp-dialog.png')}")
+    print(f"wrote {args.out}, {args.out.with_name('gimp-dialog.png')} and gimp-recent.png")
     return 0
 
 
