@@ -7,6 +7,7 @@ no test copies a helper another already has.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -270,3 +271,61 @@ class OldDaemon(SilentDaemon):
             protocol.ErrorCode.UNKNOWN_OP, f"unknown op {request['op']!r}", "op"
         )
         return protocol.error_event(request["id"], error)
+
+
+class TcpProxy:
+    """A loopback TCP relay to a daemon whose connections can be cut the way a network failure
+    cuts them: both ends see their connection close while the daemon goes on; a new connection
+    gets through again."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self._target = (host, int(port))
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self._server.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:  # closed
+                return
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:  # the daemon is down: the client sees its connection close
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Closes every connection relayed so far."""
+        with self._lock:
+            ends, self._open = self._open, []
+        for end in ends:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._server.close()
+        self.cut()

@@ -1,7 +1,8 @@
 """The daemon connection, kept off Krita's GUI thread.
 
-Opening a `Session` (it connects) and asking the daemon what it offers (`hello`, `models`) wait
-for the network, so they run on one worker thread fed by a queue. Jobs need no worker: a
+Opening a `Session` (it connects), asking the daemon what it offers (`hello`, `models`) and
+which results it saved (`results`) wait for the network, so they run on one worker thread fed by
+a queue. Jobs need no worker: a
 `Generation` sends and cancels on threads of its own. News reaches the GUI thread as Qt
 signals, which Qt queues because the emitting thread is not the one this object lives in.
 """
@@ -17,10 +18,13 @@ from typing import Any
 from PyQt5.QtCore import QObject, pyqtSignal
 
 from sdbridge import __version__
+from sdbridge.editor.config import session_key
+from sdbridge.editor.history import images_page
 from sdbridge.editor.session import Generation, Session, ViewCallback
 from sdbridge.wire.client import ClientError, Link
 
 CLIENT_NAME = f"sdbridge-krita/{__version__}"
+RECENT_RESULTS = 20  # how far back a lost job's results are looked for
 _log = logging.getLogger(__name__)
 
 
@@ -29,6 +33,8 @@ class Connection(QObject):
     state_changed = pyqtSignal(bool, str, str)
     # the daemon's offer: a session.DaemonInfo
     info_received = pyqtSignal(object)
+    # a results.ResultsPage with the images of lost jobs, or None when the daemon did not answer
+    results_received = pyqtSignal(object)
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,6 +52,10 @@ class Connection(QObject):
     def refresh(self) -> None:
         """Asks the daemon again for its models and defaults (new files in its folders)."""
         self._tasks.put(self._ask_info)
+
+    def look_for(self, jobs: frozenset[str]) -> None:
+        """Looks for the images of these jobs (request ids) in the daemon's saved results."""
+        self._tasks.put(lambda: self._look_for(jobs))
 
     def submit(self, fields: Mapping[str, Any], on_view: ViewCallback) -> Generation | None:
         """Sends a job (at once, from the GUI thread); None when there is no session."""
@@ -70,7 +80,9 @@ class Connection(QObject):
         if old is not None:
             old.close()
         try:
-            session = Session(address, token, CLIENT_NAME, on_link=self._on_link)
+            session = Session(
+                address, token, CLIENT_NAME, on_link=self._on_link, session_key=session_key()
+            )
         except ValueError as exc:
             text = f"“{address}” is not a daemon address; use tcp://HOST:PORT."
             self.state_changed.emit(False, text, str(exc))
@@ -94,3 +106,17 @@ class Connection(QObject):
         except ClientError as exc:
             text = f"The daemon at {session.address} does not answer."
             self.state_changed.emit(False, text, exc.message)
+
+    def _look_for(self, jobs: frozenset[str]) -> None:
+        with self._lock:
+            session = self._session
+        page = None
+        if session is not None and session.link is Link.CONNECTED:
+            try:
+                # The newest results without their images first: most looks find nothing.
+                listed = session.results(limit=RECENT_RESULTS)
+                wanted = images_page(listed, jobs)
+                page = listed if wanted is None else session.results(*wanted, images=True)
+            except ClientError as exc:
+                _log.warning("sdbridge-krita: looking for lost results failed: %s", exc.message)
+        self.results_received.emit(page)

@@ -116,9 +116,18 @@ class SdbridgeDocker(DockWidget):
         self.cancel = QPushButton("Cancel")
         self.cancel.setObjectName("sdbridge_cancel")
         self.cancel.setEnabled(False)
+        self.live = QPushButton("Live")
+        self.live.setObjectName("sdbridge_live")
+        self.live.setCheckable(True)
+        self.live.setEnabled(False)  # until the daemon says it has live mode
+        self.live.setToolTip(
+            "Live: every change to the canvas is repainted at the Strength below, on a live "
+            "layer on top; Apply keeps the live image as a layer"
+        )
         buttons = QHBoxLayout()
         buttons.addWidget(self.generate)
         buttons.addWidget(self.cancel)
+        buttons.addWidget(self.live)
         layout.addLayout(buttons)
         self.progress = QProgressBar()
         self.progress.setObjectName("sdbridge_progress")
@@ -304,8 +313,9 @@ class SdbridgeDocker(DockWidget):
         self.fixed_seed.toggled.connect(self._on_fixed_seed)
         self.seed.textChanged.connect(lambda text: setattr(m, "seed", int(text or 0)))
         self.reuse_seed.clicked.connect(self._on_reuse_seed)
-        self.generate.clicked.connect(m.generate)
+        self.generate.clicked.connect(lambda: m.apply_live() if m.live else m.generate())
         self.cancel.clicked.connect(m.cancel)
+        self.live.toggled.connect(m.set_live)
 
         m.connection_changed.connect(self._on_connection)
         m.info_changed.connect(self._on_info)
@@ -317,6 +327,7 @@ class SdbridgeDocker(DockWidget):
         m.styles_changed.connect(self._on_styles)
         m.history_changed.connect(self._on_history)
         m.settings_loaded.connect(self._on_settings_loaded)
+        m.live_changed.connect(self._on_live)
         self.history.itemClicked.connect(lambda item: m.show_item(item.data(Qt.UserRole)))
         self.apply.clicked.connect(lambda: self._with_picked(m.apply_item))
         self.use_settings.clicked.connect(lambda: self._with_picked(m.use_item_settings))
@@ -427,6 +438,7 @@ class SdbridgeDocker(DockWidget):
         self.images.setMaximum(info.limits.max_images)
         self.lora_choice.clear()
         self.lora_choice.addItems(info.loras)
+        self.live.setEnabled("live" in info.capabilities)
         self._show_loras()
         self._show_defaults()
 
@@ -448,6 +460,13 @@ class SdbridgeDocker(DockWidget):
     def _on_running(self, running: bool) -> None:
         self.generate.setEnabled(not running)
         self.cancel.setEnabled(running)
+
+    def _on_live(self, live: bool) -> None:
+        """While live, Generate is Apply: the live image becomes a layer."""
+        self.live.blockSignals(True)
+        self.live.setChecked(live)
+        self.live.blockSignals(False)
+        self.generate.setText("Apply" if live else "Generate")
 
     def _on_progress(self, step: int, total: int) -> None:
         self.progress.setTextVisible(total > 0)

@@ -3,14 +3,20 @@ Krita `Document` lives here, so the rest of the plugin deals in Bounds and RGBA 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from krita import Krita
 
 from sdbridge.editor import canvas
 from sdbridge.editor.canvas import Bounds, Extent, JobPlan, Placement
+from sdbridge.editor.live import LayerState, selection_state
 
-PREVIEW_LAYER = "sdbridge preview"
+PREVIEW_LAYER = "sdbridge preview"  # a history image being looked at
+LIVE_LAYER = "sdbridge live"  # live mode's newest image
+# sdbridge's own layers show what it made: they are never part of a job's input.
+OWN_LAYERS = (PREVIEW_LAYER, LIVE_LAYER)
 
 
 class DocumentError(Exception):
@@ -75,27 +81,120 @@ class KritaDocument:
         return Capture(expand, bytes(canvas.fill_transparent(region, expand.bounds.extent)))
 
     def _pixels(self, b: Bounds) -> bytes:
-        """The merged image (what the artist sees) over `b`, as RGBA."""
-        return bytes(canvas.bgra_to_rgba(self._doc.pixelData(b.x, b.y, b.width, b.height)))
+        """The artist's merged image (what they see, without sdbridge's layers) over `b`, as
+        RGBA."""
+        with self._own_layers_hidden():
+            bgra = self._doc.pixelData(b.x, b.y, b.width, b.height)
+        return bytes(canvas.bgra_to_rgba(bgra))
+
+    @contextmanager
+    def _own_layers_hidden(self) -> Iterator[None]:
+        """The projection without sdbridge's layers, made again at once (Krita updates it in
+        the background otherwise): hiding a layer is no undo step."""
+        shown = [node for node in self._own_nodes() if node.visible()]
+        for node in shown:
+            node.setVisible(False)
+        if shown:
+            self._refresh()
+        try:
+            yield
+        finally:
+            for node in shown:
+                node.setVisible(True)
+            if shown:
+                self._refresh()
+
+    def _refresh(self) -> None:
+        self._doc.refreshProjection()
+        self._doc.waitForDone()
+
+    def _own_nodes(self) -> list:
+        return [n for n in self._doc.rootNode().childNodes() if n.name() in OWN_LAYERS]
+
+    def _own(self, name: str):
+        return next((n for n in self._doc.rootNode().childNodes() if n.name() == name), None)
+
+    def layer_states(self) -> tuple[LayerState, ...]:
+        """What live mode watches for a change: each of the artist's layers (a group with
+        what is in it). Its cost is reading their pixels: the polls space out on a large
+        canvas (`live.next_poll_s`)."""
+        w, h = self._doc.width(), self._doc.height()
+        return tuple(
+            LayerState.of(
+                node.uniqueId().toString(),
+                node.visible(),
+                node.opacity(),
+                node.blendingMode(),
+                bytes(node.pixelData(0, 0, w, h)) if node.visible() else None,
+            )
+            for node in self._doc.rootNode().childNodes()
+            if node.name() not in OWN_LAYERS and node.type() != "selectionmask"
+        )
+
+    def selection_state(self) -> int | None:
+        selection = self._doc.selection()
+        if selection is None or selection.width() <= 0 or selection.height() <= 0:
+            return None
+        x, y, w, h = selection.x(), selection.y(), selection.width(), selection.height()
+        return selection_state(x, y, w, h, bytes(selection.pixelData(x, y, w, h)))
 
     def add_layer(self, placement: Placement, name: str) -> None:
-        """A paint layer on top of the stack. The node is filled before it joins the image,
-        so adding it is one undo step."""
+        """A paint layer on top of the artist's layers (below the live image, which stays in
+        view). The node is filled before it joins the image, so adding it is one undo step."""
         self.clear_preview()
-        self._doc.rootNode().addChildNode(self._layer(placement, name), None)
+        self._add(self._layer(placement, name))
         self._doc.refreshProjection()
 
     def show_preview(self, placement: Placement) -> None:
         """A history image shown on the canvas, on a layer of its own above the others, until
         it is applied or another is shown."""
         self.clear_preview()
-        self._doc.rootNode().addChildNode(self._layer(placement, PREVIEW_LAYER), None)
+        self._add(self._layer(placement, PREVIEW_LAYER))
         self._doc.refreshProjection()
 
     def clear_preview(self) -> None:
-        for node in self._doc.rootNode().childNodes():
-            if node.name() == PREVIEW_LAYER:
-                node.remove()
+        preview = self._own(PREVIEW_LAYER)
+        if preview is not None:
+            preview.remove()
+
+    def _add(self, node) -> None:
+        """On top, or just below the live layer (Krita's `above`: the node it goes over)."""
+        children = self._doc.rootNode().childNodes()
+        names = [child.name() for child in children]
+        index = names.index(LIVE_LAYER) if LIVE_LAYER in names else 0
+        self._doc.rootNode().addChildNode(node, children[index - 1] if index > 0 else None)
+
+    def start_live(self) -> None:
+        """An empty live layer on top, made once when live mode starts: each image then only
+        replaces its pixels, which is no undo step, so Ctrl+Z undoes the artist's strokes."""
+        if self._own(LIVE_LAYER) is not None:
+            return
+        active = self._doc.activeNode()
+        node = self._doc.createNode(LIVE_LAYER, "paintlayer")
+        node.setLocked(True)  # a stroke on it would be lost at the next image
+        self._doc.rootNode().addChildNode(node, None)
+        if active is not None:
+            self._doc.setActiveNode(active)  # the artist goes on painting where they were
+
+    def show_live(self, placement: Placement) -> None:
+        """Live mode's newest image, in place of the one before."""
+        node = self._own(LIVE_LAYER)
+        if node is None:  # undone or deleted by the artist
+            self.start_live()
+            node = self._own(LIVE_LAYER)
+        old = node.bounds()
+        if old.width() > 0 and old.height() > 0:
+            blank = bytes(old.width() * old.height() * 4)
+            node.setPixelData(blank, old.x(), old.y(), old.width(), old.height())
+        b = placement.bounds
+        node.setPixelData(bytes(canvas.rgba_to_bgra(placement.rgba)), b.x, b.y, b.width, b.height)
+        self._doc.refreshProjection()
+
+    def stop_live(self) -> None:
+        live = self._own(LIVE_LAYER)
+        if live is not None:
+            live.remove()
+            self._doc.refreshProjection()
 
     def _layer(self, placement: Placement, name: str):
         node = self._doc.createNode(name, "paintlayer")

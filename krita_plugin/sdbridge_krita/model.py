@@ -1,21 +1,27 @@
 """The docker's state and actions, without widgets: what the artist chose, the connection, the
 running job. Widgets read it and listen to its signals; it reaches Krita only through
 `document.KritaDocument` and the daemon only through `connection.Connection`. What a job's
-events mean is `sdbridge.editor.session`'s business, shared with GIMP and the CLI."""
+events mean is `sdbridge.editor.session`'s business, shared with GIMP and the CLI; when live mode
+sends and which of its images shows is `sdbridge.editor.live`'s."""
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from krita import Krita
-from PyQt5.QtCore import QObject, pyqtSignal
+from PyQt5.QtCore import QObject, QTimer, pyqtSignal
 from PyQt5.QtGui import QImage
 
 from sdbridge.editor import canvas
 from sdbridge.editor.canvas import JobPlan, Placement
-from sdbridge.editor.history import History, HistoryItem
+from sdbridge.editor.history import History, HistoryItem, LostJob, LostJobs, result_of
+from sdbridge.editor.live import LIVE_STRENGTH, LiveScheduler, Snapshot, live_settings, next_poll_s
+from sdbridge.editor.results import ResultsPage, SavedResult
 from sdbridge.editor.session import (
     DaemonInfo,
     Generation,
@@ -26,9 +32,10 @@ from sdbridge.editor.session import (
     Settings,
     check_settings,
     editor_fields,
+    saved_text,
 )
 from sdbridge.editor.styles import Style, StyleError, load_styles, save_style
-from sdbridge.wire.protocol import DEFAULT_ADDRESS
+from sdbridge.wire.protocol import DEFAULT_ADDRESS, MAX_SEED, ErrorCode
 
 from .connection import Connection
 from .document import DocumentError, KritaDocument
@@ -46,10 +53,36 @@ class RunningJob:
     generation: Generation | None = None
 
 
-def qimage(image: dict[str, Any]) -> QImage:
+@dataclass(frozen=True)
+class LiveJob:
+    generation: Generation
+    plan: JobPlan
+    prompt: str
+
+
+@dataclass
+class LiveRun:
+    """Live mode on one document, from switching it on to switching it off."""
+
+    document: KritaDocument
+    seed: int  # for every job of the run, unless the artist fixed one
+    scheduler: LiveScheduler = field(default_factory=LiveScheduler)
+    jobs: dict[int, LiveJob] = field(default_factory=dict)  # by ticket, until each ends
+    image: tuple[Placement, str] | None = None  # what shows, and its layer name for Apply
+
+
+def qimage(image: Mapping[str, Any]) -> QImage:
     """A raw RGBA wire image as a QImage that owns its pixels (copy: the bytes go away)."""
     width, height = image["width"], image["height"]
     return QImage(image["data"], width, height, width * 4, QImage.Format_RGBA8888).copy()
+
+
+def raw_image(png: Mapping[str, Any]) -> dict[str, Any]:
+    """A PNG wire image (what `results` lists) as a raw RGBA one, like a `result`'s."""
+    image = QImage.fromData(png["data"], "PNG").convertToFormat(QImage.Format_RGBA8888)
+    bits = image.constBits()
+    bits.setsize(image.sizeInBytes())  # rows of width * 4 bytes: no padding in RGBA8888
+    return {"width": image.width(), "height": image.height(), "format": "raw", "data": bytes(bits)}
 
 
 class Model(QObject):
@@ -63,8 +96,10 @@ class Model(QObject):
     styles_changed = pyqtSignal(list, str)  # names, the chosen one ("" for none)
     history_changed = pyqtSignal()
     settings_loaded = pyqtSignal()  # the artist's choices changed here: widgets re-read them
+    live_changed = pyqtSignal(bool)
     # A job's new view, from the client's threads to the GUI thread (queued by Qt).
     _view_received = pyqtSignal(str, object)
+    _live_view_received = pyqtSignal(object, int, object)  # run, ticket, view
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,10 +127,20 @@ class Model(QObject):
         self.history = History()
         self._documents: dict[int, KritaDocument | None] = {}  # by history number: where it goes
         self._keys = (f"krita-{n}" for n in itertools.count(1))
+        self.live: LiveRun | None = None
+        self._live_timer = QTimer(self)
+        self._live_timer.setSingleShot(True)
+        self._live_timer.timeout.connect(self._poll_live)
+        self.lost = LostJobs()
+        self._look_timer = QTimer(self)
+        self._look_timer.setSingleShot(True)
+        self._look_timer.timeout.connect(self._look_for_lost)
         self._view_received.connect(self._on_view)
+        self._live_view_received.connect(self._on_live_view)
         self._connection = Connection()
         self._connection.state_changed.connect(self._on_state)
         self._connection.info_received.connect(self._on_info)
+        self._connection.results_received.connect(self._on_results)
         self._connection.set_address(self.address, self.token)
 
     # --- actions ---------------------------------------------------------------------------------
@@ -217,6 +262,113 @@ class Model(QObject):
             self.fixed_seed = True
             self.seed = self.last_seed
 
+    # --- live mode -------------------------------------------------------------------------------
+
+    def set_live(self, on: bool) -> None:
+        """Live mode on the active document: every change to it (debounced) sends a live job
+        whose image shows on the live layer; off: the live layer goes and its job stops."""
+        if on == (self.live is not None):
+            return
+        if on:
+            self._start_live()
+        else:
+            self._stop_live()
+
+    def _start_live(self) -> None:
+        try:
+            document = KritaDocument.active()
+        except DocumentError as exc:
+            self.message_changed.emit(str(exc), True)
+            self.live_changed.emit(False)
+            return
+        if self.strength >= 1.0:
+            self.strength = LIVE_STRENGTH
+            self.settings_loaded.emit()
+        document.start_live()
+        self.live = LiveRun(document, random.randint(0, MAX_SEED))
+        self.live_changed.emit(True)
+        self.message_changed.emit("Live: paint, and the image follows.", False)
+        self._live_timer.start(0)
+
+    def _stop_live(self) -> None:
+        run, self.live = self.live, None
+        self._live_timer.stop()
+        for job in list(run.jobs.values()):
+            job.generation.cancel()  # each still ends, cancelled, on the live view path
+        if run.document.is_open:
+            run.document.stop_live()
+        self.live_changed.emit(False)
+        self.message_changed.emit("", False)
+
+    def apply_live(self) -> None:
+        """Adds the live image as a layer of the artist's, named like any result."""
+        run = self.live
+        if run is None or run.image is None:
+            self.message_changed.emit("Nothing to apply yet: the live image comes first.", True)
+            return
+        placement, name = run.image
+        run.document.add_layer(placement, name)
+        self.message_changed.emit(f"Added {name}.", False)
+
+    def _poll_live(self) -> None:
+        """Looks at the canvas; sends a live job when it changed and then held still."""
+        run = self.live
+        if run is None:
+            return
+        if not run.document.is_open:
+            self._stop_live()
+            return
+        started = time.perf_counter()
+        defaults = self.info.defaults_for(self.model_name) if self.info else None
+        snapshot = Snapshot(
+            run.document.layer_states(),
+            run.document.selection_state(),
+            live_settings(self.settings(), defaults, run.seed),
+        )
+        cost = time.perf_counter() - started
+        if self.connected and run.scheduler.observe(snapshot, time.monotonic()):
+            self._send_live(run, snapshot)
+        self._live_timer.start(round(next_poll_s(cost) * 1000))
+
+    def _send_live(self, run: LiveRun, snapshot: Snapshot) -> None:
+        ticket = run.scheduler.sent(snapshot)  # a failure here waits for the next change
+        settings = snapshot.settings
+        problem = check_settings(settings, self.info)
+        if problem:
+            self.message_changed.emit(problem, True)
+            return
+        try:
+            capture = run.document.capture(self.strength)
+        except DocumentError as exc:
+            self.message_changed.emit(str(exc), True)
+            return
+        fields = editor_fields(settings, capture.plan, capture.rgba, live=True)
+        generation = self._connection.submit(
+            fields, lambda view: self._live_view_received.emit(run, ticket, view)
+        )
+        if generation is not None:
+            run.jobs[ticket] = LiveJob(generation, capture.plan, settings.prompt)
+
+    def _on_live_view(self, run: LiveRun, ticket: int, view: JobView) -> None:
+        if not view.done:
+            return
+        job = run.jobs.pop(ticket)
+        if run is not self.live:
+            return  # switched off since
+        if view.is_error:
+            self.message_changed.emit(view.message, True)
+        if view.phase is not Phase.FINISHED or not run.scheduler.land(ticket):
+            return
+        image = view.result.images[0]
+        try:
+            placement = canvas.place_result(dict(image.image), job.plan)
+        except ValueError as exc:
+            self.message_changed.emit(f"Could not place the live image: {exc}", True)
+            return
+        run.document.show_live(placement)
+        run.image = (placement, canvas.layer_name(job.prompt, image.seed))
+        self.preview_changed.emit(qimage(image.image))
+
     # --- news from the connection and the job (GUI thread, via queued signals) -------------------
 
     def _on_state(self, connected: bool, text: str, detail: str) -> None:
@@ -231,6 +383,35 @@ class Model(QObject):
         self.info_changed.emit(info)
         text = f"Connected to {self.address}: {info.model} on {info.device}"
         self.connection_changed.emit(True, text, f"sdbridge daemon {info.server}")
+        if self.live is not None and "live" not in info.capabilities:
+            self._stop_live()  # another daemon now, an older one
+        # Connected again (info follows every connection): the lost jobs may be done by now.
+        self.lost.reconnected()
+        self._look_for_lost()
+
+    def _look_for_lost(self) -> None:
+        if self.lost and self.info is not None and "results" in self.info.capabilities:
+            self._connection.look_for(self.lost.ids)
+
+    def _on_results(self, page: ResultsPage | None) -> None:
+        for job, saved in self.lost.found(page) if page is not None else ():
+            self._recovered(job, saved)
+        if self.lost:  # still running on the daemon, perhaps: look again later
+            self._look_timer.start(round(self.lost.next_look_s() * 1000))
+
+    def _recovered(self, job: LostJob, saved: tuple[SavedResult, ...]) -> None:
+        """A lost job's images, found among the daemon's saved results: into the history,
+        where they can be applied where the job would have put them."""
+        kept = [entry for entry in saved if entry.image is not None]  # a PNG moved away: gone
+        if not kept:
+            return
+        result = result_of(kept, [raw_image(entry.image) for entry in kept])
+        self._remember(job.settings, job.plan, result, job.where)
+        self.message_changed.emit(
+            f"The lost job “{job.settings.prompt}” finished after all: its image is in the "
+            f"history; press Apply to add it. {saved_text(result)}",
+            False,
+        )
 
     def _on_view(self, key: str, view: JobView) -> None:
         job = self.job
@@ -248,20 +429,42 @@ class Model(QObject):
         self.progress_changed.emit(0, 0)
         if view.phase is Phase.FINISHED and view.result is not None:
             self._apply(job, view.result, view.message)
+        elif self._lost(job, view):
+            self.message_changed.emit(
+                f"{view.message} If the daemon finishes the job, its image joins the history "
+                "once the plugin is connected again.",
+                True,
+            )
         else:
             self.message_changed.emit(view.message, view.is_error)
 
-    def _apply(self, job: RunningJob, result: Result, saved: str) -> None:
-        """One image lands as a layer at once; several are picked from the history."""
-        items = self.history.add(job.settings, job.plan, result)
+    def _lost(self, job: RunningJob, view: JobView) -> bool:
+        """Keeps a job the lost connection cut off: the daemon runs a started job to its end
+        and lists its images; those of a queued one it drops, so nothing is found for it."""
+        sent = job.generation.job if job.generation is not None else None
+        if sent is None or view.failure is None or view.failure.code != ErrorCode.CONNECTION_LOST:
+            return False
+        self.lost.add(sent.id, job.settings, job.plan, job.document)
+        return True  # the first look comes with the next connection's info
+
+    def _remember(
+        self, settings: Settings, plan: JobPlan, result: Result, document: KritaDocument
+    ) -> list[HistoryItem]:
+        """A job's images into the history, with the document they go to."""
+        items = self.history.add(settings, plan, result)
         # Where each kept image goes; the history forgets its oldest, and so does this.
         self._documents = {item.number: self._documents.get(item.number) for item in self.history}
         for item in items:
-            self._documents[item.number] = job.document
+            self._documents[item.number] = document
         self.history_changed.emit()
         self.last_seed = items[0].seed
         self.last_seed_changed.emit(items[0].seed)
-        self.preview_changed.emit(qimage(dict(items[0].image)))
+        self.preview_changed.emit(qimage(items[0].image))
+        return items
+
+    def _apply(self, job: RunningJob, result: Result, saved: str) -> None:
+        """One image lands as a layer at once; several are picked from the history."""
+        items = self._remember(job.settings, job.plan, result, job.document)
         if not job.document.is_open:
             self.message_changed.emit(f"The image was closed; nothing was added. {saved}", True)
             return

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import SilentDaemon, wait_until
+from helpers import SilentDaemon, TcpProxy, wait_until
 from PIL import Image
 
 from sdbridge import tiny
@@ -22,6 +22,17 @@ pytestmark = pytest.mark.krita
 
 SCREENSHOT = Path(__file__).parents[2] / "docs" / "images" / "krita.png"
 FILL = (50, 100, 200, 255)  # BGRA of the test canvases' background
+LIVE_LAYER = "state['doc'].rootNode().childNodes()[-1]"  # on top while live mode is on
+# Records every job the docker sends, as (fields, Generation), in state['sent'].
+RECORD_JOBS = """
+connection = dock().model._connection
+sent = state['sent'] = []
+def submit(fields, on_view, real=type(connection).submit.__get__(connection)):
+    sent.append((fields, real(fields, on_view)))
+    return sent[-1][1]
+connection.submit = submit
+"""
+STOP_RECORDING = "del dock().model._connection.submit"
 
 
 @pytest.fixture
@@ -445,6 +456,133 @@ def test_a_malformed_address_is_explained(krita, daemon):
         _connect(krita, "localhost:7878", expect="not a daemon address")
     finally:
         _connect(krita, daemon.address)
+
+
+def stroke(krita, index: int, bgra: tuple[int, int, int, int] = (0, 0, 255, 255)) -> None:
+    """A square painted on the background, as a brush stroke lands on a layer."""
+    krita.run(
+        f"state['doc'].rootNode().childNodes()[0].setPixelData("
+        f"bytes({list(bgra)}) * 256, {6 * index}, {6 * index}, 16, 16)\n"
+        "state['doc'].refreshProjection()"
+    )
+
+
+def sent_fields(krita, index: int) -> dict:
+    """The fields of the `index`th recorded job, its images' bytes as the daemon gets them."""
+    fields = krita.eval(
+        f"{{k: ({{**v, 'data': v['data'].hex()}} if k.endswith('_image') else v)"
+        f" for k, v in state['sent'][{index}][0].items()}}"
+    )
+    for name in ("init_image", "mask_image"):
+        if name in fields:
+            fields[name]["data"] = bytes.fromhex(fields[name]["data"])
+    return fields
+
+
+def rgba_to_bgra(data: bytes) -> bytes:
+    out = bytearray(data)
+    out[0::4], out[2::4] = data[2::4], data[0::4]
+    return bytes(out)
+
+
+def test_live_mode_paints_the_latest_stroke_only_and_apply_keeps_it(doc, daemon):
+    """While Live is on, each stroke sends a live job of the canvas; a newer stroke supersedes
+    the job of the one before, so only the latest stroke's image lands on the live layer, and
+    every job still ends. The live layer is never part of a job's input."""
+    side = 64
+    before = new_document(doc, side, side)
+    names = [layer[0] for layer in before]
+    whole = [0, 0, side, side]
+    doc.run(RECORD_JOBS)
+    try:
+        # Many steps: each stroke below comes while the job of the one before still runs.
+        doc.run("dock().prompt.setPlainText('a red circle'); dock().steps.setValue(150)")
+        doc.run("dock().strength.setValue(90); dock().live.click()")
+        assert doc.eval("[dock().live.isChecked(), dock().generate.text()]") == [True, "Apply"]
+        assert [layer[0] for layer in doc.eval("layers()")] == [*names, "sdbridge live"]
+        doc.wait_for("len(state['sent']) == 1")  # the canvas as it is when Live goes on
+        for index in range(4):
+            stroke(doc, index)
+            doc.wait_for(f"len(state['sent']) == {index + 2}")
+        doc.wait_for("all(g.view.done for f, g in state['sent'])", timeout=120)
+        ended = doc.eval("[[g.view.phase.name, g.view.message] for f, g in state['sent']]")
+        assert [phase for phase, _ in ended] == ["CANCELLED"] * 4 + ["FINISHED"], ended
+        assert {message for _, message in ended[:4]} == {"A newer live job took this one's place."}
+        doc.wait_for("state['seen']['previews'] == 1")  # the one image that landed
+        live = pixels(doc, LIVE_LAYER, whole)
+        canvas = pixels(doc, "state['doc'].rootNode().childNodes()[0]", whole)
+        last = sent_fields(doc, 4)
+        assert last["live"] is True and last["strength"] == 0.9
+        assert rgba_to_bgra(last["init_image"]["data"]) == canvas, "the latest stroke's canvas"
+        del last["live"]
+        with Client(daemon.address, timeout=60) as client:
+            again = client.generate(**last).result(timeout=60)["images"][0]
+        assert live == rgba_to_bgra(again["data"]), "the daemon's image of that canvas"
+
+        # The next stroke's job reads the artist's layers, not the live image over them.
+        stroke(doc, 5, (0, 255, 0, 255))
+        doc.wait_for("len(state['sent']) == 6")
+        canvas = pixels(doc, "state['doc'].rootNode().childNodes()[0]", whole)
+        sent = rgba_to_bgra(sent_fields(doc, 5)["init_image"]["data"])
+        assert sent == canvas and sent != live
+        doc.wait_for("state['seen']['previews'] == 2", timeout=60)
+        live = pixels(doc, LIVE_LAYER, whole)
+
+        # Apply keeps the live image as a layer of the artist's, under the live layer.
+        doc.run("dock().generate.click()")
+        layers = doc.eval("layers()")
+        seed = last["seed"]
+        assert layers[:-1] == [*before, [f"a red circle ({seed})", "paintlayer", whole]]
+        assert layers[-1][0] == "sdbridge live"
+        applied = pixels(doc, "state['doc'].rootNode().childNodes()[-2]", whole)
+        assert applied == live
+
+        doc.run("dock().live.click()")
+        assert doc.eval("[dock().live.isChecked(), dock().generate.text()]") == [False, "Generate"]
+        assert [layer[0] for layer in doc.eval("layers()")] == [*names, f"a red circle ({seed})"]
+        doc.wait_for("all(g.view.done for f, g in state['sent'])", timeout=CANCEL_GRACE_S + 5)
+    finally:
+        doc.run(f"dock().live.setChecked(False); dock().strength.setValue(100); {STOP_RECORDING}")
+
+
+def test_a_job_reads_the_artists_layers_not_the_history_preview_over_them(doc, daemon):
+    new_document(doc, 64, 64)
+    generate(doc, "two pears", images=2)  # the first image shows on the preview layer
+    try:
+        assert doc.eval("layers()")[-1][0] == "sdbridge preview"
+        doc.run(RECORD_JOBS)
+        generate(doc, "a pear", strength=40)
+        sent = rgba_to_bgra(sent_fields(doc, 0)["init_image"]["data"])
+    finally:
+        doc.run(f"dock().images.setValue(1); dock().strength.setValue(100); {STOP_RECORDING}")
+    assert sent == bytes(FILL) * 64 * 64
+
+
+def test_the_image_of_a_job_cut_off_by_a_lost_connection_joins_the_history(doc, daemon):
+    """The connection drops while the daemon runs the job: the job fails for the artist, the
+    daemon finishes and saves it, and once the plugin is connected again it finds the image
+    among the daemon's saved results and adds it to the history."""
+    new_document(doc, 64, 64)
+    with TcpProxy(daemon.address) as proxy:
+        try:
+            _connect(doc, proxy.address)
+            doc.run("dock().prompt.setPlainText('a lost lighthouse'); dock().steps.setValue(150)")
+            doc.run("dock().generate.click()")
+            doc.wait_for("any(step >= 2 for step, total in state['seen']['progress'])")
+            proxy.cut()
+            doc.wait_for("dock().model.job is None", timeout=30)
+            assert "joins the history" in doc.eval("dock().message.text()")
+            doc.wait_for("'finished after all' in dock().message.text()", timeout=120)
+        finally:
+            _connect(doc, daemon.address)
+    saved = newest_output(daemon)
+    assert saved.text["parameters"].startswith("a lost lighthouse")
+    assert doc.eval("dock().history.item(0).toolTip()") == saved.text["parameters"]
+    doc.run("dock().history.setCurrentRow(0); dock().apply.click()")
+    name, kind, bounds = doc.eval("layers()")[-1]
+    assert name.startswith("a lost lighthouse (") and bounds == [0, 0, 64, 64]
+    layer = pixels(doc, "state['doc'].rootNode().childNodes()[-1]", [0, 0, 64, 64])
+    assert layer == as_bgra(saved, (0, 0, 64, 64)), "the pixels the daemon saved"
 
 
 def test_screenshot_of_the_docker_with_a_generated_layer(doc, daemon, tmp_path):
