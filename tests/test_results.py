@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DaemonProcess, Peer, pixels, wait_until
+from helpers import DaemonProcess, Peer, TcpProxy, pixels, wait_until
 from PIL import Image
 
 from sdbridge.editor.config import session_key
-from sdbridge.editor.session import Session
+from sdbridge.editor.session import Phase, Session
 from sdbridge.wire import protocol
-from sdbridge.wire.client import Client, new_session_key
+from sdbridge.wire.client import Client, Link, new_session_key
 
 JOB = {"prompt": "a red circle on a blue background", "num_inference_steps": 4, "seed": 7}
 TOKEN = "results-token-for-the-tests-0123456789"
@@ -193,3 +193,22 @@ def test_a_client_asking_for_more_than_it_reads_is_told_to_wait(daemon_factory) 
         wait_until(lambda: peer.answer("results", limit=1)["event"] == "results", timeout=30)
     finally:
         peer.close()
+
+
+def test_a_session_cut_off_mid_job_finds_the_image_after_it_reconnects(guarded) -> None:
+    """The network drops mid-job; the client reconnects by itself and presents its session key
+    again, so on a daemon with a token the new connection sees the old one's result."""
+    with TcpProxy(guarded.address) as proxy:
+        session = Session(proxy.address, TOKEN, session_key=new_session_key())
+        try:
+            generation = session.submit({**JOB, "num_inference_steps": 30, "width": 64})
+            views = generation.views(timeout=60)
+            next(view for view in views if view.phase is Phase.RUNNING and view.step)
+            proxy.cut()
+            assert [view.phase for view in views][-1] is Phase.FAILED  # connection_lost
+            assert generation.job is not None
+            job = generation.job.id
+            wait_until(lambda: session.link is Link.CONNECTED, timeout=10)
+            wait_until(lambda: any(r.job == job for r in session.results().results), timeout=60)
+        finally:
+            session.close()
