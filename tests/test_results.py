@@ -12,6 +12,8 @@ import pytest
 from helpers import DaemonProcess, Peer, TcpProxy, pixels, wait_until
 from PIL import Image
 
+from sdbridge.daemon.parameters import GenerationInfo
+from sdbridge.daemon.results import ResultsLog
 from sdbridge.editor.config import session_key
 from sdbridge.editor.session import Phase, Session
 from sdbridge.wire import protocol
@@ -212,3 +214,78 @@ def test_a_session_cut_off_mid_job_finds_the_image_after_it_reconnects(guarded) 
             wait_until(lambda: any(r.job == job for r in session.results().results), timeout=60)
         finally:
             session.close()
+
+
+def test_results_outlive_a_daemon_restart_for_their_owner_only(daemon_factory) -> None:
+    """The daemon notes each saved image in an index in its output folder and reads the last
+    ones back when it starts: an editor and a daemon both restarted still list yesterday's."""
+    process = daemon_factory(token=TOKEN)
+    key = new_session_key()
+    with Session(process.address, TOKEN, session_key=key) as session:
+        first = session.submit({**JOB, "width": 48, "height": 32})
+        before = next(view for view in first.views(timeout=60) if view.done).result
+    assert before is not None
+    process.restart()
+    with Session(process.address, TOKEN, session_key=key) as session:
+        page = session.results(images=True)
+        (earlier,) = page.results
+        assert (earlier.prompt, earlier.seed, earlier.width, earlier.height) == (
+            JOB["prompt"], JOB["seed"], 48, 32,
+        )  # fmt: skip
+        assert earlier.path == before.images[0].path
+        assert earlier.parameters == before.images[0].parameters
+        assert earlier.image is not None and earlier.thumbnail["data"]
+        assert np.array_equal(decoded(earlier.image), pixels(dict(before.images[0].image))[..., :3])
+        later = session.submit({**JOB, "seed": 9, "width": 32, "height": 32})
+        assert next(view for view in later.views(timeout=60) if view.done).result
+        numbers = [r.number for r in session.results().results]
+        assert len(numbers) == 2 and numbers[0] > numbers[1] == earlier.number  # counts on
+    with Session(process.address, TOKEN, session_key=new_session_key()) as stranger:
+        assert stranger.results().results == ()
+
+
+def test_a_damaged_index_costs_only_its_damaged_lines(daemon_factory, tmp_path: Path) -> None:
+    process = daemon_factory()
+    peer = Peer(process.address)
+    kept = peer.generate(**JOB, width=32, height=32)[-1]["images"][0]["path"]
+    gone = peer.generate(**{**JOB, "seed": 8}, width=32, height=32)[-1]["images"][0]["path"]
+    peer.close()
+    process.stop()
+    Path(gone).unlink()
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (32, 32)).save(outside)
+    index = process.output_dir / ".sdbridge-results.jsonl"
+    good = index.read_text().splitlines()[0]
+    foreign = good.replace(Path(kept).relative_to(process.output_dir).as_posix(), "../outside.png")
+    with index.open("a") as out:
+        out.write("not json\n" + foreign + '\n{"number": 99, "path": 5}\n{"number": 100, "pa')
+    process.start()
+    peer = Peer(process.address)
+    try:
+        assert [r["path"] for r in listed(peer)] == [kept]
+        fresh = peer.generate(**{**JOB, "seed": 10}, width=32, height=32)[-1]["images"][0]
+        assert listed(peer)[0]["number"] == 100  # after the highest readable number: 99
+    finally:
+        peer.close()
+    process.restart()
+    peer = Peer(process.address)
+    try:  # the line cut short by a "crash" did not swallow the next one
+        assert [r["path"] for r in listed(peer)] == [fresh["path"], kept]
+    finally:
+        peer.close()
+
+
+def test_the_index_is_cut_back_to_what_is_listed(tmp_path: Path) -> None:
+    image = Image.new("RGB", (16, 16), (200, 30, 30))
+    log = ResultsLog(tmp_path, capacity=3)
+    for seed in range(7):
+        path = tmp_path / f"{seed:05d}-{seed}.png"
+        image.save(path)
+        info = GenerationInfo("a red square", "", 1, "Euler", 0.0, seed, 16, 16, "tiny")
+        log.add("j", 0, image, info, path, connection=1, session=None)
+    assert len((tmp_path / ".sdbridge-results.jsonl").read_text().splitlines()) == 7
+    again = ResultsLog(tmp_path, capacity=3)  # a restart: over twice the capacity, cut back
+    assert len((tmp_path / ".sdbridge-results.jsonl").read_text().splitlines()) == 3
+    again.restore()
+    page = again.page(protocol.ResultsQuery(), lambda record: True)
+    assert [entry["seed"] for entry in page["results"]] == [6, 5, 4]

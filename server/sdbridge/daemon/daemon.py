@@ -41,7 +41,7 @@ from .engine import Engine, GeneratedImage, JobCancelled
 from .images import check_images
 from .jobqueue import FairQueue
 from .outputs import OutputFolder, SavedImage, encode_png, rgba_bytes
-from .results import ResultRecord, ResultsBudget, ResultsLog
+from .results import ResultRecord, ResultsBudget, ResultsLog, owner_of
 from .schedulers import SAMPLERS
 from .security import LoginGuard
 
@@ -188,7 +188,7 @@ class Daemon:
         self.rescans: queue.SimpleQueue[tuple[Connection, dict[str, Any]]] = queue.SimpleQueue()
         self.rescanned: queue.SimpleQueue[tuple[Connection, dict[str, Any]]] = queue.SimpleQueue()
         # The saved images, and the `results` requests waiting for the reader thread.
-        self.results = ResultsLog()
+        self.results = ResultsLog(outputs.root)
         self.results_budget = ResultsBudget(
             RESULTS_BURST_MESSAGES * self.limits.max_message_bytes, RESULTS_REFILL_S
         )  # the reader thread's
@@ -662,6 +662,7 @@ class Daemon:
 
     def _read(self) -> None:
         """Answer `results` requests: their images are read from disk, off the main thread."""
+        self.results.restore()  # earlier runs' results: `results` waits for them
         out = self.context.socket(zmq.PUSH)
         out.connect(self._events_address)
         try:
@@ -702,12 +703,8 @@ class Daemon:
         (the daemon then listens on loopback only) every connection sees every result."""
         if self.token is None or record.connection == connection.serial:
             return True
-        mine = connection.session
-        return (
-            record.session is not None
-            and mine is not None
-            and hmac.compare_digest(record.session, mine)
-        )
+        mine, theirs = owner_of(connection.session), record.owner
+        return mine is not None and theirs is not None and hmac.compare_digest(mine, theirs)
 
     # --- worker thread -----------------------------------------------------------------------
 
