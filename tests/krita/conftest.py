@@ -108,6 +108,13 @@ class Krita:
                 raise AssertionError(f"still false after {timeout} s: {expression}")
             time.sleep(0.1)
 
+    def connect(self, address: str, token: str = "", expect: str = "") -> None:
+        """Types the address and token into the docker, presses Connect, waits for `expect`."""
+        self.run(f"dock().address.setText({address!r}); dock().token.setText({token!r})")
+        self.run("dock().findChild(QPushButton, 'sdbridge_connect').click()")
+        expect = expect or f"Connected to {address}"
+        self.wait_for(f"{expect!r} in dock().connection.text()", timeout=30)
+
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
@@ -188,41 +195,55 @@ def profile_template(log: Path) -> Path:
     return template
 
 
+def plugin_profile(profile: Path, log: Path) -> Path:
+    """A copy of the template profile with the sdbridge plugin installed as users install it."""
+    shutil.copytree(profile_template(log), profile, symlinks=True)
+    install.install("krita", plugins_dir=profile / "data" / "krita" / "pykrita", enable=False)
+    _enable(profile, "sdbridge_krita")
+    return profile
+
+
+def start_krita(profile: Path, address: str) -> Krita:
+    """Krita on `profile`, its docker pointed at the daemon at `address`, the helpers loaded."""
+    kritarc = profile / "config" / "kritarc"
+    kritarc.write_text(install.set_ini_value(kritarc.read_text(), "sdbridge", "address", address))
+    app = Krita(profile, profile.parent / "krita.log")
+    app.run(DOCKER_HELPERS)
+    return app
+
+
 @pytest.fixture(scope="session")
 def krita_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     reason = krita_missing()
     if reason:
         pytest.skip(reason)
     logs = tmp_path_factory.mktemp("krita-logs")
-    template = profile_template(logs / "template.log")
-    profile = tmp_path_factory.mktemp("krita") / "profile"
-    shutil.copytree(template, profile, symlinks=True)
-    install.install("krita", plugins_dir=profile / "data" / "krita" / "pykrita", enable=False)
-    _enable(profile, "sdbridge_krita")
-    return profile
+    return plugin_profile(tmp_path_factory.mktemp("krita") / "profile", logs / "template.log")
 
 
 @pytest.fixture(scope="session")
 def krita(krita_profile: Path, daemon) -> Iterator[Krita]:
     """Krita with the sdbridge plugin, pointed at the session's daemon."""
-    kritarc = krita_profile / "config" / "kritarc"
-    kritarc.write_text(
-        install.set_ini_value(kritarc.read_text(), "sdbridge", "address", daemon.address)
-    )
-    app = Krita(krita_profile, krita_profile.parent / "krita.log")
-    app.run(DOCKER_HELPERS)
+    app = start_krita(krita_profile, daemon.address)
     yield app
     app.quit()
 
 
 # Runs once inside Krita: names the tests use to reach the docker and documents.
 DOCKER_HELPERS = """
-from PyQt5.QtCore import QPoint, Qt
+from PyQt5.QtCore import QEventLoop, QPoint, Qt, QTimer
 from PyQt5.QtWidgets import QDockWidget, QPushButton, QScrollArea
 from krita import Selection
 
 def dock():
     return app.activeWindow().qwindow().findChild(QDockWidget, "sdbridge_docker")
+
+def settle(ms=300):
+    # Krita 5.1 crashes when a delayed canvas update reaches an OpenGL canvas that is not shown
+    # yet or already closed: let the event loop run those updates before a view comes or goes.
+    loop = QEventLoop()
+    QTimer.singleShot(ms, loop.quit)
+    loop.exec_()
 
 def new_document(width, height, bgra_fill):
     doc = app.createDocument(width, height, "sdbridge-test", "RGBA", "U8", "", 72.0)
@@ -232,9 +253,11 @@ def new_document(width, height, bgra_fill):
     doc.refreshProjection()
     doc.waitForDone()
     state["doc"] = doc
+    settle()
     return doc
 
 def close_documents():
+    settle()
     for d in app.documents():
         d.setModified(False)
         d.close()

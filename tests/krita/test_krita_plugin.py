@@ -114,7 +114,7 @@ def test_the_docker_shows_connection_prompt_and_message_without_scrolling(krita)
 def test_a_few_step_model_picked_in_the_docker_runs_its_preset(doc, daemon, library_daemon):
     new_document(doc, 64, 64)
     try:
-        _connect(doc, library_daemon.address)
+        doc.connect(library_daemon.address)
         doc.wait_for("dock().models.findText('tiny-sd-turbo') >= 0", timeout=30)
         doc.run("dock().models.setCurrentText('tiny-sd-turbo')")
         assert doc.eval("dock().steps.toolTip()") == ("model default: 4 steps, guidance 0, Euler a")
@@ -122,7 +122,7 @@ def test_a_few_step_model_picked_in_the_docker_runs_its_preset(doc, daemon, libr
         assert "Added" in doc.eval("dock().message.text()"), layers
         parameters = newest_output(library_daemon).text["parameters"]
     finally:
-        _connect(doc, daemon.address)
+        doc.connect(daemon.address)
     assert "Steps: 4," in parameters and "CFG scale: 0," in parameters
     assert "Sampler: Euler a" in parameters and "Model: tiny-sd-turbo" in parameters
     assert doc.eval("state['seen']['progress']")[-2] == [4, 4]
@@ -133,7 +133,7 @@ def test_sampler_loras_and_a_style_reach_the_saved_parameters(
 ):
     new_document(doc, 64, 64)
     try:
-        _connect(doc, library_daemon.address)
+        doc.connect(library_daemon.address)
         doc.wait_for("dock().lora_choice.findText('ink') >= 0", timeout=30)
         doc.run(
             """
@@ -153,7 +153,7 @@ def test_sampler_loras_and_a_style_reach_the_saved_parameters(
             "dock().model.loras = []; dock().loras.clear(); dock().style.setCurrentIndex(0);"
             " dock().scheduler.setCurrentIndex(0)"
         )
-        _connect(doc, daemon.address)
+        doc.connect(daemon.address)
     assert parameters.startswith("a cat, ink drawing <lora:ink:0.5>\n")
     assert "Sampler: DPM++ 2M," in parameters and "Steps: 3," in parameters
     # The style is in the file that the GIMP plug-in and the CLI read too.
@@ -172,7 +172,7 @@ def test_generate_fills_the_transparent_margin_and_keeps_the_picture_exactly(
     new_document(doc, width, height)
     prompt = "a red circle at the left on a blue background"
     try:
-        _connect(doc, tiny_daemon.address)
+        doc.connect(tiny_daemon.address)
         doc.run("dock().fixed_seed.setChecked(True); dock().seed.setText('3')")
         generate(doc, prompt, steps=None)
         before = pixels(doc, "state['doc']", [0, 0, width, height])
@@ -190,7 +190,7 @@ def test_generate_fills_the_transparent_margin_and_keeps_the_picture_exactly(
         after = pixels(doc, "state['doc']", [0, 0, width + margin, height])
     finally:
         doc.run("dock().fixed_seed.setChecked(False)")
-        _connect(doc, daemon.address)
+        doc.connect(daemon.address)
     assert "Added" in doc.eval("dock().message.text()")
     assert layers[-1][2][:2] == [width, 0], "the new layer starts at the margin"
     stride = (width + margin) * 4
@@ -216,10 +216,10 @@ def test_a_limit_changed_on_the_daemon_changes_the_widget_range(krita, daemon, d
     assert krita.eval("[dock().steps.maximum(), dock().images.maximum()]") == [150, 8]
     own = daemon_factory("--max-steps", "40", "--max-images", "3")
     try:
-        _connect(krita, own.address)
+        krita.connect(own.address)
         krita.wait_for("dock().steps.maximum() == 40 and dock().images.maximum() == 3")
     finally:
-        _connect(krita, daemon.address)
+        krita.connect(daemon.address)
     krita.wait_for("dock().steps.maximum() == 150 and dock().images.maximum() == 8")
 
 
@@ -227,7 +227,7 @@ def test_cancel_against_a_daemon_that_never_answers_frees_generate_within_its_bo
     new_document(doc, 64, 64)
     try:
         with SilentDaemon() as silent:
-            _connect(doc, silent.address)
+            doc.connect(silent.address)
             doc.run("dock().prompt.setPlainText('into the void'); dock().generate.click()")
             assert doc.eval("dock().model.job is not None and dock().cancel.isEnabled()")
             wait_until(lambda: [r["op"] for r in silent.requests] == ["hello", "generate"])
@@ -239,7 +239,7 @@ def test_cancel_against_a_daemon_that_never_answers_frees_generate_within_its_bo
             assert "did not confirm the cancel" in doc.eval("dock().message.text()")
             assert "cancel" in [r["op"] for r in silent.requests]
     finally:
-        _connect(doc, daemon.address)
+        doc.connect(daemon.address)
     assert waited < CANCEL_GRACE_S + 2
 
 
@@ -391,7 +391,7 @@ def test_daemon_error_is_shown_in_plain_words(doc, daemon):
         assert after == before
         assert "does not have that model" in doc.eval("dock().message.text()")
     finally:
-        _connect(doc, daemon.address)  # the daemon's list and model again
+        doc.connect(daemon.address)  # the daemon's list and model again
 
 
 def test_an_image_that_is_not_8_bit_rgb_is_explained(doc):
@@ -422,9 +422,9 @@ def test_daemon_stopping_mid_job_is_reported_krita_stays_responsive_and_it_recon
     before = new_document(doc, 64, 64)
     try:
         # This daemon requires a token: the docker says so, then takes the right one.
-        _connect(doc, own.address, expect="needs a token")
-        _connect(doc, own.address, token="wrong", expect="did not accept the token")
-        _connect(doc, own.address, token="krita-secret-0123456789")
+        doc.connect(own.address, expect="needs a token")
+        doc.connect(own.address, token="wrong", expect="did not accept the token")
+        doc.connect(own.address, token="krita-secret-0123456789")
         assert doc.eval("app.readSetting('sdbridge', 'address', '')") == own.address
         assert doc.eval("app.readSetting('sdbridge', 'token', '')") == "krita-secret-0123456789"
         doc.run("dock().prompt.setPlainText('a long one'); dock().steps.setValue(150)")
@@ -448,14 +448,14 @@ def test_daemon_stopping_mid_job_is_reported_krita_stays_responsive_and_it_recon
         doc.wait_for("'Connected' in dock().connection.text()", timeout=30)
         assert len(generate(doc, "back again")) == len(before) + 1
     finally:
-        _connect(doc, daemon.address)
+        doc.connect(daemon.address)
 
 
 def test_a_malformed_address_is_explained(krita, daemon):
     try:
-        _connect(krita, "localhost:7878", expect="not a daemon address")
+        krita.connect("localhost:7878", expect="not a daemon address")
     finally:
-        _connect(krita, daemon.address)
+        krita.connect(daemon.address)
 
 
 def stroke(krita, index: int, bgra: tuple[int, int, int, int] = (0, 0, 255, 255)) -> None:
@@ -565,7 +565,7 @@ def test_the_image_of_a_job_cut_off_by_a_lost_connection_joins_the_history(doc, 
     new_document(doc, 64, 64)
     with TcpProxy(daemon.address) as proxy:
         try:
-            _connect(doc, proxy.address)
+            doc.connect(proxy.address)
             doc.run("dock().prompt.setPlainText('a lost lighthouse'); dock().steps.setValue(150)")
             doc.run("dock().generate.click()")
             doc.wait_for("any(step >= 2 for step, total in state['seen']['progress'])")
@@ -574,7 +574,7 @@ def test_the_image_of_a_job_cut_off_by_a_lost_connection_joins_the_history(doc, 
             assert "joins the history" in doc.eval("dock().message.text()")
             doc.wait_for("'finished after all' in dock().message.text()", timeout=120)
         finally:
-            _connect(doc, daemon.address)
+            doc.connect(daemon.address)
     saved = newest_output(daemon)
     assert saved.text["parameters"].startswith("a lost lighthouse")
     assert doc.eval("dock().history.item(0).toolTip()") == saved.text["parameters"]
@@ -591,7 +591,7 @@ def test_screenshot_of_the_docker_with_a_generated_layer(doc, daemon, tmp_path):
     address = os.environ.get("SDBRIDGE_SCREENSHOT_DAEMON")
     new_document(doc, 512, 384)
     if address:
-        _connect(doc, address)
+        doc.connect(address)
     try:
         generate(doc, "a large yellow star in the center on a blue background", steps=20)
         assert doc.eval("'Added' in dock().message.text()")
@@ -606,7 +606,7 @@ def test_screenshot_of_the_docker_with_a_generated_layer(doc, daemon, tmp_path):
         )
     finally:
         if address:
-            _connect(doc, daemon.address)
+            doc.connect(daemon.address)
     assert shot.stat().st_size > 10_000 and history.stat().st_size > 5_000
     if os.environ.get("SDBRIDGE_UPDATE_SCREENSHOT"):
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -636,14 +636,6 @@ def _screenshot(krita, path: Path) -> Path:
 
 def _inside(rect: list[int], x: int, y: int) -> bool:
     return rect[0] <= x < rect[0] + rect[2] and rect[1] <= y < rect[1] + rect[3]
-
-
-def _connect(krita, address: str, token: str = "", expect: str = "") -> None:
-    """Types the address and token into the docker, presses Connect, waits for `expect`."""
-    krita.run(f"dock().address.setText({address!r}); dock().token.setText({token!r})")
-    krita.run("dock().findChild(QPushButton, 'sdbridge_connect').click()")
-    expect = expect or f"Connected to {address}"
-    krita.wait_for(f"{expect!r} in dock().connection.text()", timeout=30)
 
 
 def _daemon_hello(daemon) -> dict:
