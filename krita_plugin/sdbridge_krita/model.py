@@ -353,8 +353,8 @@ class Model(QObject):
         if not view.done:
             return
         job = run.jobs.pop(ticket)
-        if run is not self.live:
-            return  # switched off since
+        if run is not self.live or not run.document.is_open:
+            return  # switched off since, or the image closed (the next poll switches it off)
         if view.is_error:
             self.message_changed.emit(view.message, True)
         if view.phase is not Phase.FINISHED or not run.scheduler.land(ticket):
