@@ -23,6 +23,7 @@ BENCHMARKS = [
     "client_import",
     "cluster",
     "simulate_cluster",
+    "live_latency",
 ]
 
 
