@@ -116,9 +116,8 @@ class SdbridgeDocker(DockWidget):
         self.cancel = QPushButton("Cancel")
         self.cancel.setObjectName("sdbridge_cancel")
         self.cancel.setEnabled(False)
-        self.live = QPushButton("Live")
+        self.live = QCheckBox("Live")
         self.live.setObjectName("sdbridge_live")
-        self.live.setCheckable(True)
         self.live.setEnabled(False)  # until the daemon says it has live mode
         self.live.setToolTip(
             "Live: every change to the canvas is repainted at the Strength below, on a live "

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from krita import Krita
+from PyQt5.QtCore import QTimer
 
 from sdbridge.editor import canvas
 from sdbridge.editor.canvas import Bounds, Extent, JobPlan, Placement
@@ -174,7 +175,9 @@ class KritaDocument:
         node.setLocked(True)  # a stroke on it would be lost at the next image
         self._doc.rootNode().addChildNode(node, None)
         if active is not None:
-            self._doc.setActiveNode(active)  # the artist goes on painting where they were
+            # The artist goes on painting where they were. Krita makes the new layer the active
+            # one from its event loop, after this returns: take it back after that.
+            QTimer.singleShot(0, lambda: self._doc.setActiveNode(active))
 
     def show_live(self, placement: Placement) -> None:
         """Live mode's newest image, in place of the one before."""

@@ -501,6 +501,8 @@ def test_live_mode_paints_the_latest_stroke_only_and_apply_keeps_it(doc, daemon)
         assert doc.eval("[dock().live.isChecked(), dock().generate.text()]") == [True, "Apply"]
         assert [layer[0] for layer in doc.eval("layers()")] == [*names, "sdbridge live"]
         doc.wait_for("len(state['sent']) == 1")  # the canvas as it is when Live goes on
+        # The artist paints on where they were, not on the (locked) live layer.
+        assert doc.eval("state['doc'].activeNode().name()") == "Background"
         for index in range(4):
             stroke(doc, index)
             doc.wait_for(f"len(state['sent']) == {index + 2}")
@@ -612,6 +614,39 @@ def test_screenshot_of_the_docker_with_a_generated_layer(doc, daemon, tmp_path):
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(shot, SCREENSHOT)
         shutil.copy2(history, SCREENSHOT.with_name("krita-history.png"))
+
+
+def test_screenshot_of_live_mode(doc, daemon, tmp_path):
+    """SDBRIDGE_UPDATE_SCREENSHOT=1 writes docs/images/krita-live.png: a rough yellow disk
+    painted on a blue canvas, and over it on the live layer what the model makes of it."""
+    address = os.environ.get("SDBRIDGE_SCREENSHOT_DAEMON")
+    doc.run("new_document(512, 384, [170, 70, 20, 255]); record(dock().model)")
+    doc.run(
+        """
+        background, yellow = state['doc'].rootNode().childNodes()[0], bytes([20, 210, 250, 255])
+        for y in range(192 - 110, 192 + 110):
+            half = int((110 ** 2 - (y - 192) ** 2) ** 0.5)
+            background.setPixelData(yellow * 2 * half, 256 - half, y, 2 * half, 1)
+        state['doc'].refreshProjection()
+        """
+    )
+    if address:
+        doc.connect(address)
+    try:
+        prompt = "a large yellow circle in the center on a blue background"
+        doc.run(f"dock().prompt.setPlainText({prompt!r}); dock().strength.setValue(60)")
+        doc.run("dock().fixed_seed.setChecked(True); dock().seed.setText('5')")
+        doc.run("dock().live.click()")
+        doc.wait_for("state['seen']['previews'] >= 1", timeout=60)
+        shot = _screenshot(doc, tmp_path / "krita-live.png")
+    finally:
+        doc.run("dock().live.setChecked(False); dock().strength.setValue(100)")
+        doc.run("dock().fixed_seed.setChecked(False)")
+        if address:
+            doc.connect(daemon.address)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("SDBRIDGE_UPDATE_SCREENSHOT"):
+        shutil.copy2(shot, SCREENSHOT.with_name("krita-live.png"))
 
 
 def _screenshot(krita, path: Path) -> Path:
