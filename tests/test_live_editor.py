@@ -95,7 +95,6 @@ def test_only_the_newest_jobs_image_shows():
     # The first job's image is of a canvas that has changed since: it never shows.
     assert not scheduler.land(first)
     assert scheduler.land(second)
-    assert scheduler.shown == second
     assert not scheduler.land(second), "an image shows once"
 
 
@@ -106,7 +105,6 @@ def test_an_image_that_arrives_after_a_newer_job_went_out_is_dropped():
     second = scheduler.sent(snapshot(layer(b"b")))
     third = scheduler.sent(snapshot(layer(b"c")))
     assert not scheduler.land(second)
-    assert scheduler.shown == first, "the older image stays until the newest arrives"
     assert scheduler.land(third)
 
 

@@ -118,7 +118,3 @@ class LiveScheduler:
             return False
         self._shown = ticket
         return True
-
-    @property
-    def shown(self) -> int:
-        return self._shown
