@@ -230,7 +230,7 @@ def test_cancel_against_a_daemon_that_never_answers_frees_generate_within_its_bo
             doc.connect(silent.address)
             doc.run("dock().prompt.setPlainText('into the void'); dock().generate.click()")
             assert doc.eval("dock().model.job is not None and dock().cancel.isEnabled()")
-            wait_until(lambda: [r["op"] for r in silent.requests] == ["hello", "generate"])
+            wait_until(lambda: "generate" in [r["op"] for r in silent.requests])
             started = time.monotonic()
             doc.run("dock().cancel.click()")
             doc.wait_for("dock().model.job is None", timeout=CANCEL_GRACE_S + 5)
