@@ -287,5 +287,37 @@ def test_the_index_is_cut_back_to_what_is_listed(tmp_path: Path) -> None:
     again = ResultsLog(tmp_path, capacity=3)  # a restart: over twice the capacity, cut back
     assert len((tmp_path / ".sdbridge-results.jsonl").read_text().splitlines()) == 3
     again.restore()
-    page = again.page(protocol.ResultsQuery(), lambda record: True)
+    page = again.page(protocol.ResultsQuery(), lambda record: True, lambda record: False)
     assert [entry["seed"] for entry in page["results"]] == [6, 5, 4]
+
+
+def test_on_a_daemon_without_a_token_a_client_tells_its_own_results_by_mine(daemon) -> None:
+    key = new_session_key()
+    with Session(daemon.address, session_key=key) as mine:
+        made = mine.submit({**JOB, "width": 32, "height": 32})
+        job = next(view for view in made.views(timeout=60) if view.done).result
+    assert job is not None
+    path = job.images[0].path
+    with Session(daemon.address, session_key=key) as again, Session(daemon.address) as other:
+        (own,) = [r for r in again.results().results if r.path == path]
+        (theirs,) = [r for r in other.results().results if r.path == path]
+    assert own.mine and not theirs.mine
+
+
+def test_a_file_name_used_again_lists_only_the_newer_image(tmp_path: Path) -> None:
+    """Deleting the newest file frees its number: the next image of that seed takes the
+    name, and the entry of the deleted one must not show the newer picture."""
+    log = ResultsLog(tmp_path)
+    path = tmp_path / "00001-7.png"
+    for prompt, colour in (("first", (200, 0, 0)), ("second", (0, 0, 200))):
+        image = Image.new("RGB", (16, 16), colour)
+        image.save(path)
+        info = GenerationInfo(prompt, "", 1, "Euler", 0.0, 7, 16, 16, "tiny")
+        log.add("j", 0, image, info, path, connection=1, session=None)
+    log.restore()
+    page = log.page(protocol.ResultsQuery(), lambda record: True, lambda record: False)
+    assert [entry["prompt"] for entry in page["results"]] == ["second"]
+    again = ResultsLog(tmp_path)  # after a restart too
+    again.restore()
+    page = again.page(protocol.ResultsQuery(), lambda record: True, lambda record: False)
+    assert [entry["prompt"] for entry in page["results"]] == ["second"]

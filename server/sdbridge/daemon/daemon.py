@@ -689,7 +689,11 @@ class Daemon:
             )
             return protocol.error_event(rid, busy)
         try:
-            fields = self.results.page(query, lambda record: self._may_see(connection, record))
+            fields = self.results.page(
+                query,
+                lambda record: self.token is None or self._owns(connection, record),
+                lambda record: self._owns(connection, record),
+            )
         except Exception as exc:  # the daemon must go on
             log.exception("answering results failed")
             error = ProtocolError(ErrorCode.INTERNAL, f"the daemon failed on it: {exc}")
@@ -698,10 +702,12 @@ class Daemon:
         self.results_budget.spend(connection.address, sum(map(_answer_bytes, fields["results"])))
         return answer
 
-    def _may_see(self, connection: Connection, record: ResultRecord) -> bool:
-        """A connection sees its own results and those of its session key; without a token
-        (the daemon then listens on loopback only) every connection sees every result."""
-        if self.token is None or record.connection == connection.serial:
+    @staticmethod
+    def _owns(connection: Connection, record: ResultRecord) -> bool:
+        """Whether the connection, or one with its session key, made the result. With a token
+        a connection sees only those; without one (the daemon then listens on loopback only)
+        it sees every result, its own marked `mine`."""
+        if record.connection == connection.serial:
             return True
         mine, theirs = owner_of(connection.session), record.owner
         return mine is not None and theirs is not None and hmac.compare_digest(mine, theirs)

@@ -56,7 +56,7 @@ class ResultRecord:
     connection: int
     owner: str | None
 
-    def to_dict(self, image: dict[str, Any] | None) -> dict[str, Any]:
+    def to_dict(self, image: dict[str, Any] | None, mine: bool) -> dict[str, Any]:
         width, height = self.thumbnail_size
         small = {"width": width, "height": height, "format": "png", "data": self.thumbnail}
         return {
@@ -74,6 +74,7 @@ class ResultRecord:
             "path": None if self.path is None else str(self.path),
             "thumbnail": small,
             "image": image,
+            "mine": mine,
         }
 
     def to_line(self, root: Path) -> str:
@@ -168,9 +169,18 @@ class ResultsLog:
                 owner=owner_of(session),
             )
             self._next_number += 1
+            if path is not None:  # a name freed by deleting its file: the old entry is gone
+                self._forget(path)
             self._records.append(record)
             self._append(record)
         return record
+
+    def _forget(self, path: Path) -> None:
+        """Drop the entries of `path` (under the lock): the output folder numbers its files
+        from the highest one there, so deleting the newest file frees its name for the next."""
+        if any(record.path == path for record in self._records):
+            kept = [record for record in self._records if record.path != path]
+            self._records = deque(kept, maxlen=self.capacity)
 
     def _append(self, record: ResultRecord) -> None:
         """One line in the index (under the lock: lines never interleave); a failure costs only
@@ -195,7 +205,12 @@ class ResultsLog:
             lines, self._earlier = self._earlier, []
             restored = [record for line in lines if (record := self._parse(line)) is not None]
             with self._lock:  # before this run's, which may have come meanwhile
-                self._records = deque([*restored, *self._records], maxlen=self.capacity)
+                earlier = list(self._records)
+                self._records = deque(maxlen=self.capacity)
+                for record in [*restored, *earlier]:  # a later entry of a name wins
+                    if record.path is not None:
+                        self._forget(record.path)
+                    self._records.append(record)
         finally:
             self.restored.set()
 
@@ -203,8 +218,8 @@ class ResultsLog:
         assert self.root is not None
         try:
             entry = json.loads(line)
-            path = (self.root / entry["path"]).resolve()
-            if not path.is_relative_to(self.root.resolve()) or path.suffix != ".png":
+            path = self.root / entry["path"]
+            if not path.resolve().is_relative_to(self.root.resolve()) or path.suffix != ".png":
                 return None  # the index names only the folder's own images
             with Image.open(path) as image:
                 small, size = thumbnail(image)
@@ -230,9 +245,14 @@ class ResultsLog:
         except (OSError, ValueError, KeyError, TypeError, IndexError, Image.DecompressionBombError):
             return None  # a damaged line, or a file gone, moved or unreadable
 
-    def page(self, query: ResultsQuery, visible: Callable[[ResultRecord], bool]) -> dict[str, Any]:
+    def page(
+        self,
+        query: ResultsQuery,
+        visible: Callable[[ResultRecord], bool],
+        mine: Callable[[ResultRecord], bool],
+    ) -> dict[str, Any]:
         """The `results` event's fields: the visible records before `query.before`, newest
-        first, with their images read from disk when asked for."""
+        first, with their images read from disk when asked for, each marked `mine` or not."""
         self.restored.wait()
         with self._lock:
             records = list(self._records)
@@ -247,7 +267,7 @@ class ResultsLog:
                 return {"results": found, "more": True}
             image = read_image(record) if query.images else None
             image_bytes += len(image["data"]) if image else 0
-            found.append(record.to_dict(image))
+            found.append(record.to_dict(image, mine(record)))
         return {"results": found, "more": False}
 
 

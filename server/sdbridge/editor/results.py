@@ -29,6 +29,9 @@ class SavedResult:
     path: str | None  # the saved PNG; None when it could not be saved
     thumbnail: Mapping[str, Any]  # a PNG wire image, at most 128 px a side
     image: Mapping[str, Any] | None  # the PNG wire image, when asked for and still on disk
+    # Made by this connection or one with its session key (a daemon without a token lists
+    # everyone's results: these are the front-end's own).
+    mine: bool = False
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> SavedResult:
@@ -47,6 +50,7 @@ class SavedResult:
             path=entry.get("path"),
             thumbnail=entry["thumbnail"],
             image=entry.get("image"),
+            mine=entry.get("mine") is True,
         )
 
     @property

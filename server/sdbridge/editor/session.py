@@ -351,8 +351,9 @@ class Phase(enum.Enum):
 
 # What the artist reads when a job fails, by protocol error code; others show the daemon's text.
 PLAIN_ERRORS = {
-    ErrorCode.CONNECTION_LOST: "The sdbridge daemon went away (stopped or restarted) during "
-    "the job. The plugin reconnects by itself; press Generate again once it is back.",
+    ErrorCode.CONNECTION_LOST: "The connection to the sdbridge daemon was lost during the job "
+    "(it stopped or restarted, or the network dropped). The plugin reconnects by itself; an "
+    "image the daemon saved is listed in its recent results.",
     ErrorCode.OUT_OF_MEMORY: "The daemon ran out of memory. Try a smaller selection or image, "
     "or fewer images at once.",
     ErrorCode.BUSY: "The daemon's queue is full. Try again in a moment.",
