@@ -278,12 +278,16 @@ def test_a_damaged_index_costs_only_its_damaged_lines(daemon_factory, tmp_path: 
 def test_the_index_is_cut_back_to_what_is_listed(tmp_path: Path) -> None:
     image = Image.new("RGB", (16, 16), (200, 30, 30))
     log = ResultsLog(tmp_path, capacity=3)
+    log.restore()  # nothing earlier: from here on the log may cut its index back
     for seed in range(7):
         path = tmp_path / f"{seed:05d}-{seed}.png"
         image.save(path)
         info = GenerationInfo("a red square", "", 1, "Euler", 0.0, seed, 16, 16, "tiny")
         log.add("j", 0, image, info, path, connection=1, session=None)
-    assert len((tmp_path / ".sdbridge-results.jsonl").read_text().splitlines()) == 7
+    # Cut back to the three listed once past six lines, while it runs.
+    assert len((tmp_path / ".sdbridge-results.jsonl").read_text().splitlines()) == 3
+    index = tmp_path / ".sdbridge-results.jsonl"
+    index.write_text(index.read_text() * 3)  # as an older daemon left it: 9 lines
     again = ResultsLog(tmp_path, capacity=3)  # a restart: over twice the capacity, cut back
     assert len((tmp_path / ".sdbridge-results.jsonl").read_text().splitlines()) == 3
     again.restore()

@@ -130,6 +130,7 @@ class ResultsLog:
         # A line a crash cut short: the next one starts on a line of its own.
         self._cut_short = bool(self._earlier) and not self._earlier[-1].endswith("\n")
         self._next_number = 1 + max(map(_number, self._earlier), default=0)
+        self._index_lines = len(self._earlier)
         # Set once `restore` has run (at once without an index): `page` waits for it.
         self.restored = threading.Event()
         if root is None:
@@ -193,6 +194,12 @@ class ResultsLog:
             with open(index, "a", encoding="utf-8") as out:
                 out.write("\n" + line if self._cut_short else line)
             self._cut_short = False
+            self._index_lines += 1
+            if self._index_lines > 2 * self.capacity and self.restored.is_set():
+                # A daemon that runs for weeks: the index keeps what is listed, no more.
+                kept = [r.to_line(index.parent) for r in self._records if r.path is not None]
+                write_atomically(index, "".join(kept).encode())
+                self._index_lines = len(kept)
         except (OSError, ValueError) as exc:  # ValueError: a path outside the folder
             if not self._index_failed:
                 self._index_failed = True
