@@ -115,7 +115,7 @@ class Connection(QObject):
             try:
                 # The newest results without their images first: most looks find nothing.
                 listed = session.results(limit=RECENT_RESULTS)
-                wanted = images_page(listed, jobs)
+                wanted = images_page([saved for saved in listed.results if saved.job in jobs])
                 page = listed if wanted is None else session.results(*wanted, images=True)
             except ClientError as exc:
                 _log.warning("sdbridge-krita: looking for lost results failed: %s", exc.message)
