@@ -19,9 +19,10 @@ from PyQt5.QtCore import QObject, pyqtSignal
 
 from sdbridge import __version__
 from sdbridge.editor.config import session_key
-from sdbridge.editor.history import images_page
+from sdbridge.editor.history import images_page, own_results
 from sdbridge.editor.session import Generation, Session, ViewCallback
 from sdbridge.wire.client import ClientError, Link
+from sdbridge.wire.protocol import MAX_RESULTS_PAGE
 
 CLIENT_NAME = f"sdbridge-krita/{__version__}"
 RECENT_RESULTS = 20  # how far back a lost job's results are looked for
@@ -35,12 +36,16 @@ class Connection(QObject):
     info_received = pyqtSignal(object)
     # a results.ResultsPage with the images of lost jobs, or None when the daemon did not answer
     results_received = pyqtSignal(object)
+    # A daemon's address and the artist's newest results there (SavedResults with their images,
+    # newest first), once per address in a Krita run: an earlier Krita's, GIMP's, the CLI's.
+    restored = pyqtSignal(str, object)
 
     def __init__(self) -> None:
         super().__init__()
         self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards _session: the GUI thread submits through it
         self._session: Session | None = None
+        self._restored: set[str] = set()  # the worker's: the addresses it restored results of
         self._worker = threading.Thread(target=self._run, name="sdbridge-krita", daemon=True)
         self._worker.start()
 
@@ -102,10 +107,28 @@ class Connection(QObject):
         if session is None or session.link is not Link.CONNECTED:
             return
         try:
-            self.info_received.emit(session.info())
+            info = session.info()
         except ClientError as exc:
             text = f"The daemon at {session.address} does not answer."
             self.state_changed.emit(False, text, exc.message)
+            return
+        self.info_received.emit(info)
+        if "results" in info.capabilities and session.address not in self._restored:
+            self._restore(session)
+
+    def _restore(self, session: Session) -> None:
+        # Once per address: a reconnection (a daemon restart, a laptop's sleep) brings nothing
+        # back that the history does not already hold, and its images cost a fetch.
+        try:
+            # The list without images first: on a daemon without a token it holds everyone's.
+            wanted = own_results(session.results(limit=MAX_RESULTS_PAGE))
+            span = images_page(wanted)
+            found = own_results(session.results(*span, images=True)) if span else ()
+        except ClientError as exc:  # the next connection tries again
+            _log.warning("sdbridge-krita: fetching earlier results failed: %s", exc.message)
+            return
+        self._restored.add(session.address)
+        self.restored.emit(session.address, found)
 
     def _look_for(self, jobs: frozenset[str]) -> None:
         with self._lock:

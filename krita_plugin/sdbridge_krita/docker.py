@@ -257,7 +257,8 @@ class SdbridgeDocker(DockWidget):
         self.preview.setMinimumHeight(PREVIEW_SIZE)
         details.addWidget(self.preview)
 
-        # Every image of this Krita session: click to see it on the canvas, then Apply it.
+        # Every image of this Krita session, then the artist's earlier ones from the daemon:
+        # click to see it on the canvas, then Apply it.
         self.history = QListWidget()
         self.history.setObjectName("sdbridge_history")
         self.history.setViewMode(QListView.IconMode)
@@ -265,10 +266,16 @@ class SdbridgeDocker(DockWidget):
         self.history.setFlow(QListView.LeftToRight)
         self.history.setWrapping(False)
         self.history.setFixedHeight(HISTORY_ICON + 28)
-        self.history.setToolTip("This session's images; click one to see it on the canvas")
+        self.history.setToolTip(
+            "This session's images, then your earlier ones from the daemon; "
+            "click one to see it on the canvas"
+        )
         self.apply = QPushButton("Apply")
         self.apply.setObjectName("sdbridge_apply")
-        self.apply.setToolTip("Add the picked image as a layer where it was painted")
+        self.apply.setToolTip(
+            "Add the picked image as a layer where it was painted "
+            "(an earlier session's: at the top left)"
+        )
         self.use_settings = QPushButton("Use settings")
         self.use_settings.setObjectName("sdbridge_use_settings")
         self.use_settings.setToolTip("Load its prompt, seed and parameters into the panel")

@@ -50,15 +50,20 @@ class KritaDocument:
     def extent(self) -> Extent:
         return Extent(self._doc.width(), self._doc.height())
 
-    def capture(self, strength: float) -> Capture:
-        """Reads what a job needs: its region, the mask and, when the job needs them, the
-        merged pixels of that region. The mask is the selection; without one, the canvas's
-        transparent parts (expand), if it has any."""
+    def check_rgba8(self) -> None:
+        """sdbridge's pixels are 8-bit RGBA: a layer of them in another colour space would be
+        read as something else (and past its end)."""
         if (self._doc.colorModel(), self._doc.colorDepth()) != ("RGBA", "U8"):
             raise DocumentError(
                 "sdbridge works on 8-bit RGB images; convert this one with "
                 "Image > Convert Image Color Space (RGB/Alpha, 8-bit integer)."
             )
+
+    def capture(self, strength: float) -> Capture:
+        """Reads what a job needs: its region, the mask and, when the job needs them, the
+        merged pixels of that region. The mask is the selection; without one, the canvas's
+        transparent parts (expand), if it has any."""
+        self.check_rgba8()
         selection = self._doc.selection()
         if selection is None or selection.width() <= 0 or selection.height() <= 0:
             return self._capture_canvas(strength)

@@ -125,7 +125,8 @@ class Model(QObject):
         self.last_seed: int | None = None
         self.job: RunningJob | None = None
         self.history = History()
-        self._documents: dict[int, KritaDocument | None] = {}  # by history number: where it goes
+        # By history number: where it goes. An earlier session's image has none: the active one.
+        self._documents: dict[int, KritaDocument] = {}
         self._keys = (f"krita-{n}" for n in itertools.count(1))
         self.live: LiveRun | None = None
         self._live_timer = QTimer(self)
@@ -141,6 +142,7 @@ class Model(QObject):
         self._connection.state_changed.connect(self._on_state)
         self._connection.info_received.connect(self._on_info)
         self._connection.results_received.connect(self._on_results)
+        self._connection.restored.connect(self._on_restored)
         self._connection.set_address(self.address, self.token)
 
     # --- actions ---------------------------------------------------------------------------------
@@ -413,6 +415,20 @@ class Model(QObject):
             False,
         )
 
+    def _on_restored(self, address: str, found: tuple[SavedResult, ...]) -> None:
+        """The artist's newest results on this daemon (an earlier Krita's, GIMP's, the CLI's):
+        into the history, after this run's images; nothing is added to the canvas."""
+        items = self.history.restore(found, raw_image)
+        if not items:
+            return
+        self.history_changed.emit()
+        self.message_changed.emit(
+            f"{len(items)} of your earlier images from {address} "
+            f"{'is' if len(items) == 1 else 'are'} back in the history, after this session's: "
+            "click one to see it, Apply adds it at the top left of the image.",
+            False,
+        )
+
     def _on_view(self, key: str, view: JobView) -> None:
         job = self.job
         if job is None or key != job.key:
@@ -453,7 +469,8 @@ class Model(QObject):
         """A job's images into the history, with the document they go to."""
         items = self.history.add(settings, plan, result)
         # Where each kept image goes; the history forgets its oldest, and so does this.
-        self._documents = {item.number: self._documents.get(item.number) for item in self.history}
+        kept = {item.number for item in self.history}
+        self._documents = {n: doc for n, doc in self._documents.items() if n in kept}
         for item in items:
             self._documents[item.number] = document
         self.history_changed.emit()
@@ -481,18 +498,24 @@ class Model(QObject):
 
     def _placed(self, number: int) -> tuple[HistoryItem, KritaDocument, Placement] | None:
         item = self.history.get(number)
-        document = self._documents.get(number)
-        if item is None or document is None or not document.is_open:
-            self.message_changed.emit("That image's document is closed.", True)
+        if item is None:  # the strip is redrawn whenever the history changes
             return None
         try:
+            document = self._documents.get(number) or KritaDocument.active()
+            if not document.is_open:
+                raise DocumentError("That image's document is closed.")
+            # The artist may have converted it since, or it is any image (an earlier session's).
+            document.check_rgba8()
             return item, document, canvas.place_result(dict(item.image), item.plan)
+        except DocumentError as exc:
+            self.message_changed.emit(str(exc), True)
         except ValueError as exc:
             self.message_changed.emit(f"Could not place the result: {exc}", True)
-            return None
+        return None
 
     def show_item(self, number: int) -> None:
-        """Shows a history image on the canvas where it was painted, on a preview layer."""
+        """Shows a history image on the canvas where it was painted (an earlier session's: at the
+        active image's top left), on a preview layer."""
         placed = self._placed(number)
         if placed is not None:
             item, document, placement = placed
@@ -500,7 +523,8 @@ class Model(QObject):
             self.preview_changed.emit(qimage(dict(item.image)))
 
     def apply_item(self, number: int, saved: str = "", warned: bool = False) -> None:
-        """Adds a history image as a layer where it was painted (the preview goes away).
+        """Adds a history image as a layer where it was painted (an earlier session's: at the
+        active image's top left; the preview goes away).
         `saved`: where the daemon keeps its copy, `warned`: when it could not keep one."""
         placed = self._placed(number)
         if placed is None:

@@ -14,9 +14,10 @@ from PIL import Image
 
 from sdbridge import tiny
 from sdbridge.editor.canvas import Bounds, Extent, job_bounds
-from sdbridge.editor.session import CANCEL_GRACE_S
+from sdbridge.editor.config import SESSION_KEY_FILE, session_key
+from sdbridge.editor.session import CANCEL_GRACE_S, Result, Session
 from sdbridge.editor.styles import load_styles
-from sdbridge.wire.client import Client
+from sdbridge.wire.client import Client, new_session_key
 
 pytestmark = pytest.mark.krita
 
@@ -588,6 +589,89 @@ def test_the_image_of_a_job_cut_off_by_a_lost_connection_joins_the_history(doc, 
     assert name.startswith("a lost lighthouse (") and bounds == [0, 0, 64, 64]
     layer = pixels(doc, "state['doc'].rootNode().childNodes()[-1]", [0, 0, 64, 64])
     assert layer == as_bgra(saved, (0, 0, 64, 64)), "the pixels the daemon saved"
+
+
+def made_by(address: str, key: str, prompt: str, **fields: object) -> Result:
+    """A job of a session with this key, to its end: what another editor made."""
+    with Session(address, session_key=key) as session:
+        job = {"prompt": prompt, "width": 64, "height": 64, "num_inference_steps": 3, **fields}
+        result = next(view for view in session.submit(job).views(timeout=60) if view.done).result
+    assert result is not None
+    return result
+
+
+def history_tips(krita) -> list[str]:
+    return krita.eval("[dock().history.item(i).toolTip() for i in range(dock().history.count())]")
+
+
+def test_an_earlier_kritas_images_come_back_into_the_history_once(
+    doc, daemon, daemon_factory, krita_profile
+):
+    """Krita (and the daemon) restarted since: the first time the docker connects to the daemon
+    it brings the artist's newest results there back into the history, after this session's
+    images, with nothing added to the canvas; Apply places one at the top left, exactly as
+    saved. Another user's results on the same tokenless daemon stay out, and an image already
+    in the history does not join it twice."""
+    own = daemon_factory()
+    # The key this Krita reads (its XDG_CONFIG_HOME is the profile's): an earlier Krita's too.
+    key = session_key(krita_profile / "config" / "sdbridge" / SESSION_KEY_FILE)
+    earlier = made_by(own.address, key, "an earlier lighthouse", num_images=2, seed=5)
+    theirs = made_by(own.address, new_session_key(), "someone else's cat")
+    own.restart()  # the daemon lists them from its index
+    before = new_document(doc, 64, 64)
+    held = history_tips(doc)
+    doc.run(
+        "state['restored'] = []\n"
+        "state['spy'] = lambda address, found: state['restored'].append([address, len(found)])\n"
+        "dock().model._connection.restored.connect(state['spy'])"
+    )
+    try:
+        doc.connect(own.address)
+        doc.wait_for("'back in the history' in dock().message.text()", timeout=30)
+        assert doc.eval("dock().message.text()").startswith(
+            f"2 of your earlier images from {own.address} are back in the history"
+        )
+        newest_first = [image.parameters for image in reversed(earlier.images)]
+        assert history_tips(doc) == [*held, *newest_first]
+        assert theirs.images[0].parameters not in history_tips(doc)
+        assert doc.eval("layers()") == before, "nothing is applied by itself"
+
+        doc.run(f"dock().history.setCurrentRow({len(held)}); dock().apply.click()")
+        name, kind, bounds = doc.eval("layers()")[-1]
+        assert (name, kind, bounds) == ("an earlier lighthouse (6)", "paintlayer", [0, 0, 64, 64])
+        saved = Image.open(earlier.images[1].path)
+        layer = pixels(doc, "state['doc'].rootNode().childNodes()[-1]", [0, 0, 64, 64])
+        assert layer == as_bgra(saved, (0, 0, 64, 64)), "the pixels the daemon saved"
+        doc.run("dock().use_settings.click()")
+        assert doc.eval("[dock().prompt.toPlainText(), dock().steps.value()]") == [
+            "an earlier lighthouse", 3,
+        ]  # fmt: skip
+
+        # This session's images come before the earlier ones; the same daemon reached at
+        # another address lists all three as the artist's, and none joins twice.
+        generate(doc, "a new lighthouse", steps=3)
+        tips = history_tips(doc)
+        assert tips[0].startswith("a new lighthouse") and tips[-2:] == newest_first
+        with TcpProxy(own.address) as proxy:
+            doc.connect(proxy.address)
+            doc.wait_for(f"{[proxy.address, 3]} in state['restored']", timeout=30)
+        assert history_tips(doc) == tips
+
+        # An earlier image goes on whichever image is active: not on one of other pixels.
+        doc.run(
+            'state["doc"] = app.createDocument(64, 64, "deep", "RGBA", "U16", "", 72.0)\n'
+            'app.activeWindow().addView(state["doc"])'
+        )
+        deep = doc.eval("layers()")
+        doc.run(f"dock().history.setCurrentRow({len(tips) - 1}); dock().apply.click()")
+        assert "8-bit RGB" in doc.eval("dock().message.text()") and doc.eval("layers()") == deep
+    finally:
+        doc.run(
+            "dock().model._connection.restored.disconnect(state['spy'])\n"
+            "dock().fixed_seed.setChecked(False); dock().scheduler.setCurrentIndex(0)\n"
+            "dock().guidance.setValue(dock().guidance.minimum())"
+        )
+        doc.connect(daemon.address)
 
 
 def test_screenshot_of_the_docker_with_a_generated_layer(doc, daemon, tmp_path):
