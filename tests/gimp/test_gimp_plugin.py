@@ -851,8 +851,8 @@ def test_on_a_daemon_with_a_token_recent_results_lists_only_this_users_results(
     status, error = markers["nothing"]
     assert status == "execution-error"
     assert error == (
-        f"sdbridge: the daemon at {guarded.address} has no results to show: it lists what it "
-        "saved since it started, and a daemon with a token only what this user's editors made"
+        f"sdbridge: the daemon at {guarded.address} has no results to show: it lists the last "
+        "500 images it saved, and a daemon with a token only what this user's editors made"
     )
     assert markers["made"][0] == "success"
     # GIMP's own result, made on another connection, is listed: the same session key.

@@ -46,8 +46,7 @@ def fetch_result(session: Session, number: int = 0) -> SavedResult:
     if found is None or (number and found.number != number):
         raise NoSuchResult(
             f"the daemon at {session.address} lists no result {number} for this user "
-            "(it numbers its results from 1 each time it starts and keeps the last 500; "
-            "0 is the newest)"
+            "(it lists its last 500 saved images; 0 is the newest)"
         )
     if found.image is None:
         if found.path is None:
@@ -64,8 +63,8 @@ def details(result: SavedResult) -> str:
 
 def _nothing_text(address: str) -> str:
     return (
-        f"the daemon at {address} has no results to show: it lists what it saved since it "
-        "started, and a daemon with a token only what this user's editors made"
+        f"the daemon at {address} has no results to show: it lists the last 500 images it "
+        "saved, and a daemon with a token only what this user's editors made"
     )
 
 
