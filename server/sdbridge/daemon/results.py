@@ -56,9 +56,8 @@ class ResultRecord:
     connection: int
     owner: str | None
 
-    def to_dict(self, image: dict[str, Any] | None, mine: bool) -> dict[str, Any]:
-        width, height = self.thumbnail_size
-        small = {"width": width, "height": height, "format": "png", "data": self.thumbnail}
+    def _described(self) -> dict[str, Any]:
+        """What the wire and the index both carry."""
         return {
             "number": self.number,
             "job": self.job,
@@ -68,11 +67,22 @@ class ResultRecord:
             "negative_prompt": self.negative_prompt,
             "model": self.model,
             "seed": self.seed,
+            "parameters": self.parameters,
+        }
+
+    def to_dict(self, image: dict[str, Any] | None, mine: bool) -> dict[str, Any]:
+        width, height = self.thumbnail_size
+        return {
+            **self._described(),
             "width": self.size[0],
             "height": self.size[1],
-            "parameters": self.parameters,
             "path": None if self.path is None else str(self.path),
-            "thumbnail": small,
+            "thumbnail": {
+                "width": width,
+                "height": height,
+                "format": "png",
+                "data": self.thumbnail,
+            },
             "image": image,
             "mine": mine,
         }
@@ -81,16 +91,8 @@ class ResultRecord:
         """The record as a line of the index (without the thumbnail, made again from the file)."""
         assert self.path is not None
         entry = {
-            "number": self.number,
+            **self._described(),
             "path": self.path.relative_to(root).as_posix(),
-            "job": self.job,
-            "index": self.index,
-            "created": self.created,
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "model": self.model,
-            "seed": self.seed,
-            "parameters": self.parameters,
             "size": list(self.size),
             "owner": self.owner,
         }
