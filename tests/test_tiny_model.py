@@ -69,6 +69,18 @@ def test_analyser_reads_procedural_scenes(split: str) -> None:
         assert result == dict.fromkeys(ATTRIBUTES, True), (scene, result)
 
 
+def test_analyser_counts_objects_and_reads_a_canvas_of_any_size() -> None:
+    """The second version paints at other sizes: the analyser reads position and size
+    relative to the image, and counts the objects (a duplicate is a miss)."""
+    for seed in range(10):
+        pair = sample_scene(seed, two_objects=1.0)
+        assert len(pair.objects) == 2 and analyse(render(pair)).count == 2
+        single = sample_scene(seed, two_objects=0)
+        bigger = Image.fromarray(render(single)).resize((192, 192), Image.Resampling.NEAREST)
+        result = score(analyse(np.asarray(bigger)), single)
+        assert result == dict.fromkeys(ATTRIBUTES, True), (single, result)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     os.environ["HF_HUB_OFFLINE"] = "1"

@@ -3,7 +3,10 @@
 Background = the palette colour most border pixels are nearest to; the object = pixels far
 from that colour (an opening removes night-sky stars and speckle; the largest blob is kept);
 its colour = the palette colour most of its interior is nearest to; position = centroid;
-size = bounding box extent; shape = how much of its bounding box and of its convex hull it fills.
+size = bounding box extent; shape = how much of its bounding box and of its convex hull it fills;
+count = the blobs at least a fifth the largest one's area (a second copy of the object, even a
+smaller one, counts). Any image size: position and size are read relative to the image (the
+middle eighth on both axes is "center"; large is over a third of the shorter side).
 """
 
 from __future__ import annotations
@@ -15,11 +18,16 @@ import numpy as np
 
 from .scenes import BACKGROUNDS, OBJECT_COLOURS, SIZE, Obj, Scene
 
-ATTRIBUTES = ("colour", "background", "position", "shape", "size")
+ATTRIBUTES = ("colour", "background", "position", "shape", "size", "count")
 OBJECT_DISTANCE = 60.0  # RGB distance from the background that counts as object
-CENTER_BOX = 16  # centroid within this many pixels of the middle on both axes = "center"
-# Bounding-box extent splitting small (26-38 px on ground truth) from large (48-64 px).
-LARGE_EXTENT = 43
+# Centroid within this share of the side from the middle on both axes = "center" (16 px at 128).
+CENTER_BOX = 16 / SIZE
+# Bounding-box extent over the shorter side splitting small (26-38 px of 128 on ground truth)
+# from large (48-64 px).
+LARGE_EXTENT = 43 / SIZE
+# A blob counts as an object from this share of the largest blob's area (and MIN_BLOB pixels).
+COUNT_SHARE = 0.2
+MIN_BLOB = 20
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,7 @@ class Analysis:
     position: str | None = None
     size: str | None = None
     shape: str | None = None
+    count: int = 0
 
 
 def _nearest(pixels: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> np.ndarray:
@@ -39,17 +48,20 @@ def _nearest(pixels: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> np
 def _shift_all(mask: np.ndarray, combine: str) -> np.ndarray:
     """3x3 erosion ("all") or dilation ("any"), treating outside the image as background."""
     padded = np.pad(mask, 1)
+    height, width = mask.shape
     views = [
-        padded[1 + dy : SIZE + 1 + dy, 1 + dx : SIZE + 1 + dx]
+        padded[1 + dy : height + 1 + dy, 1 + dx : width + 1 + dx]
         for dy in (-1, 0, 1)
         for dx in (-1, 0, 1)
     ]
     return np.all(views, axis=0) if combine == "all" else np.any(views, axis=0)
 
 
-def _largest_blob(mask: np.ndarray) -> np.ndarray:
+def _blobs(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """The 4-connected blobs of a mask, largest first."""
+    height, width = mask.shape
     seen = np.zeros_like(mask)
-    best: list[tuple[int, int]] = []
+    blobs: list[list[tuple[int, int]]] = []
     for start in zip(*np.nonzero(mask), strict=True):
         if seen[start]:
             continue
@@ -59,15 +71,17 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
             y, x = queue.popleft()
             blob.append((y, x))
             for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < SIZE and 0 <= nx < SIZE and mask[ny, nx] and not seen[ny, nx]:
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
                     seen[ny, nx] = True
                     queue.append((ny, nx))
-        if len(blob) > len(best):
-            best = blob
-    out = np.zeros_like(mask)
-    if best:
-        ys, xs = zip(*best, strict=True)
-        out[list(ys), list(xs)] = True
+        blobs.append(blob)
+    return sorted(blobs, key=len, reverse=True)
+
+
+def _mask_of(blob: list[tuple[int, int]], shape: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros(shape[:2], bool)
+    ys, xs = zip(*blob, strict=True)
+    out[list(ys), list(xs)] = True
     return out
 
 
@@ -109,7 +123,7 @@ def classify_shape(mask: np.ndarray) -> str:
 
 
 def analyse(image: np.ndarray) -> Analysis:
-    """Read the attributes of the one object in an RGB uint8 SIZE x SIZE image."""
+    """Read the attributes of the (largest) object in an RGB uint8 image, and count them."""
     pixels = image.astype(np.float32)
     border = np.concatenate(
         [
@@ -125,23 +139,27 @@ def analyse(image: np.ndarray) -> Analysis:
     bg_colour = np.median(border[labels == winner], axis=0)
 
     far = np.linalg.norm(pixels - bg_colour, axis=-1) > OBJECT_DISTANCE
-    mask = _largest_blob(_shift_all(_shift_all(far, "all"), "any"))
-    if mask.sum() < 20:
+    blobs = _blobs(_shift_all(_shift_all(far, "all"), "any"))
+    if not blobs or len(blobs[0]) < MIN_BLOB:
         return Analysis(background)
+    least = max(MIN_BLOB, COUNT_SHARE * len(blobs[0]))
+    count = sum(1 for blob in blobs if len(blob) >= least)
+    mask = _mask_of(blobs[0], image.shape)
     # Edges blend into the background; the interior carries the object's own colour.
     interior = _shift_all(mask, "all")
     core = pixels[interior if interior.sum() >= 10 else mask]
     colour = list(OBJECT_COLOURS)[int(np.bincount(_nearest(core, OBJECT_COLOURS)).argmax())]
 
+    height, width = mask.shape
     ys, xs = np.nonzero(mask)
-    cy, cx = ys.mean() - SIZE / 2, xs.mean() - SIZE / 2
+    cy, cx = ys.mean() / height - 0.5, xs.mean() / width - 0.5
     if max(abs(cx), abs(cy)) < CENTER_BOX:
         position = "center"
     else:
         position = f"{'top' if cy < 0 else 'bottom'} {'left' if cx < 0 else 'right'}"
-    extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+    extent = (max(ys.max() - ys.min(), xs.max() - xs.min()) + 1) / min(height, width)
     size = "large" if extent > LARGE_EXTENT else "small"
-    return Analysis(background, colour, position, size, classify_shape(mask))
+    return Analysis(background, colour, position, size, classify_shape(mask), count)
 
 
 def score(analysis: Analysis, scene: Scene) -> dict[str, bool]:
@@ -153,4 +171,5 @@ def score(analysis: Analysis, scene: Scene) -> dict[str, bool]:
         "position": analysis.position == obj.position,
         "shape": analysis.shape == obj.shape,
         "size": analysis.size == obj.size,
+        "count": analysis.count == len(scene.objects),
     }

@@ -140,12 +140,19 @@ def _object_phrase(obj: Obj, size: bool, position: bool) -> str:
     return " ".join(words)
 
 
-def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
-    """The full caption, or with a random generator one that sometimes leaves attributes out.
+def caption(
+    scene: Scene,
+    rng: np.random.Generator | None = None,
+    *,
+    size: bool = True,
+    position: bool = True,
+    background: bool = True,
+) -> str:
+    """The caption, with the attributes asked for; with a random generator one that sometimes
+    leaves attributes out (the flags then come from it).
 
     Leaving words out teaches the model that short prompts ("a red circle") are valid too.
     """
-    size = position = background = True
     order = list(scene.objects)
     if rng is not None:
         size, position, background = (bool(rng.random() > p) for p in (0.15, 0.15, 0.1))
