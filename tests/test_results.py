@@ -283,7 +283,7 @@ def test_the_index_is_cut_back_to_what_is_listed(tmp_path: Path) -> None:
         path = tmp_path / f"{seed:05d}-{seed}.png"
         image.save(path)
         info = GenerationInfo("a red square", "", 1, "Euler", 0.0, seed, 16, 16, "tiny")
-        log.add("j", 0, image, info, path, connection=1, session=None)
+        log.add("j", 0, image, info, path, connection=1, owner=None)
     # Cut back to the three listed once past six lines, while it runs.
     assert len((tmp_path / ".sdbridge-results.jsonl").read_text().splitlines()) == 3
     index = tmp_path / ".sdbridge-results.jsonl"
@@ -317,7 +317,7 @@ def test_a_file_name_used_again_lists_only_the_newer_image(tmp_path: Path) -> No
         image = Image.new("RGB", (16, 16), colour)
         image.save(path)
         info = GenerationInfo(prompt, "", 1, "Euler", 0.0, 7, 16, 16, "tiny")
-        log.add("j", 0, image, info, path, connection=1, session=None)
+        log.add("j", 0, image, info, path, connection=1, owner=None)
     log.restore()
     page = log.page(protocol.ResultsQuery(), lambda record: True, lambda record: False)
     assert [entry["prompt"] for entry in page["results"]] == ["second"]

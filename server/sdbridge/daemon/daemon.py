@@ -97,7 +97,9 @@ class Connection:
     routing_id: bytes | None = None
     address: str = ""
     open: bool = True
-    session: str | None = None  # its `hello`'s key: results of earlier connections with it
+    # The digest of its `hello`'s session key (`owner_of`): its results, and earlier
+    # connections' with the same key.
+    owner: str | None = None
     live: Job | None = None  # its latest `live` job: a newer one supersedes it
     # Messages in the current one-second window, for the flood guard.
     window_start: float = 0.0
@@ -431,7 +433,7 @@ class Daemon:
         if op == "hello":
             session = protocol.validate_hello(message)
             if session is not None:
-                connection.session = session
+                connection.owner = owner_of(session)
             self._send(connection, self._hello(rid))
         elif op == "status":
             self._send(connection, self._status(connection, rid))
@@ -709,7 +711,7 @@ class Daemon:
         it sees every result, its own marked `mine`."""
         if record.connection == connection.serial:
             return True
-        mine, theirs = owner_of(connection.session), record.owner
+        mine, theirs = connection.owner, record.owner
         return mine is not None and theirs is not None and hmac.compare_digest(mine, theirs)
 
     # --- worker thread -----------------------------------------------------------------------
@@ -807,9 +809,9 @@ class Daemon:
                 stored = self.outputs.save(image, generated.info, rgba)
                 saved.append(stored)
                 data, path = rgba if raw else stored.png, stored.path
-                owner = job.connection
+                asker = job.connection
                 self.results.add(
-                    job.id, index, image, generated.info, path, owner.serial, owner.session
+                    job.id, index, image, generated.info, path, asker.serial, asker.owner
                 )
             encoded.append(
                 {

@@ -150,8 +150,9 @@ class ResultsLog:
         info: GenerationInfo,
         path: Path | None,
         connection: int,
-        session: str | None,
+        owner: str | None,
     ) -> ResultRecord:
+        """`owner`: the digest of the asking connection's session key (`owner_of`)."""
         small, size = thumbnail(image)
         with self._lock:
             record = ResultRecord(
@@ -169,7 +170,7 @@ class ResultsLog:
                 thumbnail=small,
                 thumbnail_size=size,
                 connection=connection,
-                owner=owner_of(session),
+                owner=owner,
             )
             self._next_number += 1
             if path is not None:  # a name freed by deleting its file: the old entry is gone
@@ -214,12 +215,11 @@ class ResultsLog:
             lines, self._earlier = self._earlier, []
             restored = [record for line in lines if (record := self._parse(line)) is not None]
             with self._lock:  # before this run's, which may have come meanwhile
-                earlier = list(self._records)
-                self._records = deque(maxlen=self.capacity)
-                for record in [*restored, *earlier]:  # a later entry of a name wins
-                    if record.path is not None:
-                        self._forget(record.path)
-                    self._records.append(record)
+                records = [*restored, *self._records]
+                last = {record.path: i for i, record in enumerate(records)}
+                # A later entry of a file name wins (see `_forget`).
+                kept = (r for i, r in enumerate(records) if r.path is None or last[r.path] == i)
+                self._records = deque(kept, maxlen=self.capacity)
         finally:
             self.restored.set()
 
@@ -231,9 +231,9 @@ class ResultsLog:
             if not path.resolve().is_relative_to(self.root.resolve()) or path.suffix != ".png":
                 return None  # the index names only the folder's own images
             with Image.open(path) as image:
-                small, size = thumbnail(image)
                 if list(image.size) != entry["size"]:
                     return None  # replaced by another picture
+                small, size = thumbnail(image)
             return ResultRecord(
                 number=int(entry["number"]),
                 job=str(entry["job"]),

@@ -169,8 +169,7 @@ def editor_fields(
         mask = image_map(plan.bounds.extent, mask_to_rgba(plan.mask))
     # Without an init image the job paints from scratch: strength means nothing then.
     settings = replace(settings, strength=strength if init is not None else None)
-    extent = plan.bounds.extent
-    return request_fields(settings, extent.width, extent.height, init, mask, live=live)
+    return request_fields(settings, plan.bounds.width, plan.bounds.height, init, mask, live=live)
 
 
 # --- what the daemon offers ------------------------------------------------------------------
