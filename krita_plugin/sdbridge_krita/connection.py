@@ -19,7 +19,7 @@ from PyQt5.QtCore import QObject, pyqtSignal
 
 from sdbridge import __version__
 from sdbridge.editor.config import session_key
-from sdbridge.editor.history import images_page, own_results
+from sdbridge.editor.history import own_results, with_images
 from sdbridge.editor.session import Generation, Session, ViewCallback
 from sdbridge.wire.client import ClientError, Link
 from sdbridge.wire.protocol import MAX_RESULTS_PAGE
@@ -121,9 +121,8 @@ class Connection(QObject):
         # back that the history does not already hold, and its images cost a fetch.
         try:
             # The list without images first: on a daemon without a token it holds everyone's.
-            wanted = own_results(session.results(limit=MAX_RESULTS_PAGE))
-            span = images_page(wanted)
-            found = own_results(session.results(*span, images=True)) if span else ()
+            page = with_images(session, own_results(session.results(limit=MAX_RESULTS_PAGE)))
+            found = own_results(page) if page else ()
         except ClientError as exc:  # the next connection tries again
             _log.warning("sdbridge-krita: fetching earlier results failed: %s", exc.message)
             return
@@ -138,8 +137,8 @@ class Connection(QObject):
             try:
                 # The newest results without their images first: most looks find nothing.
                 listed = session.results(limit=RECENT_RESULTS)
-                wanted = images_page([saved for saved in listed.results if saved.job in jobs])
-                page = listed if wanted is None else session.results(*wanted, images=True)
+                wanted = [saved for saved in listed.results if saved.job in jobs]
+                page = with_images(session, wanted) or listed
             except ClientError as exc:
                 _log.warning("sdbridge-krita: looking for lost results failed: %s", exc.message)
         self.results_received.emit(page)

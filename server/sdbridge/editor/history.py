@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from ..wire.protocol import MAX_RESULTS_PAGE
 from .canvas import Extent, JobPlan, plan_job
 from .results import ResultsPage, SavedResult
-from .session import LoraChoice, Result, ResultImage, Settings
+from .session import LoraChoice, Result, ResultImage, Session, Settings
 
 MAX_BYTES = 256 << 20  # about 250 images of 512x512
 # A lost job is looked for this long: longer than any job runs, shorter than the daemon keeps
@@ -163,6 +163,13 @@ def images_page(wanted: Collection[SavedResult]) -> tuple[int, int] | None:
     if not numbers:
         return None
     return max(numbers) + 1, min(MAX_RESULTS_PAGE, max(numbers) - min(numbers) + 1)
+
+
+def with_images(session: Session, wanted: Collection[SavedResult]) -> ResultsPage | None:
+    """These results (listed without images) asked for again with their images, in one page;
+    None when none are wanted. Lists are cheap, images are not: ask for them last."""
+    span = images_page(wanted)
+    return None if span is None else session.results(*span, images=True)
 
 
 def own_results(page: ResultsPage, limit: int = RESTORED_RESULTS) -> tuple[SavedResult, ...]:
