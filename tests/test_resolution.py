@@ -20,7 +20,7 @@ JOB = {
     ("family", "native", "low", "high", "multiple"),
     [
         ("sd1", 512, 512, 768, 8),
-        ("sd1", 128, 128, 192, 8),  # the embedded model
+        ("sd1", 128, 128, 192, 8),  # an SD 1.x model at 128 px that declares nothing
         ("sd2", 768, 768, 960, 8),
         ("sdxl", 1024, 768, 1280, 64),
         ("flux", 1024, 768, 1280, 16),
@@ -42,6 +42,31 @@ def test_a_small_selection_grows_to_native_and_a_huge_canvas_shrinks() -> None:
     assert sd15.fit(96, 96) == (512, 512)
     assert sd15.fit(4000, 3000) == (888, 664)
     assert sd15.fit(640, 512) == (640, 512)  # inside the range: as asked
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [
+        "{not json",
+        '{"sizes": [128, 128, 8]}',
+        '{"sizes": {"low": 128, "high": 64, "multiple": 8}}',
+        '{"sizes": {"low": 128, "high": 128}}',
+        '{"sizes": {"low": "big", "high": 128, "multiple": 8}}',
+        '{"sizes": {"low": 128, "high": 128, "multiple": 0}}',
+    ],
+)
+def test_a_folder_that_declares_its_sizes_badly_gets_its_familys_range(
+    tmp_path, declared: str
+) -> None:
+    (tmp_path / "sdbridge.json").write_text(declared)
+    assert size_range("sd1", 512, str(tmp_path)) == size_range("sd1", 512)
+
+
+def test_a_folder_may_declare_the_sizes_its_training_covered(tmp_path) -> None:
+    (tmp_path / "sdbridge.json").write_text('{"sizes": {"low": 256, "high": 320, "multiple": 16}}')
+    sizes = size_range("sd1", 256, str(tmp_path))
+    assert (sizes.low, sizes.high, sizes.multiple) == (256, 320, 16)
+    assert sizes.fit(1000, 1000) == (320, 320)
 
 
 def test_the_second_pass_doubles_at_most_and_only_for_larger_targets() -> None:

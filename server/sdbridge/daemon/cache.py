@@ -244,6 +244,6 @@ class ModelCache:
             inpaint=AutoPipelineForInpainting.from_pipe(pipe),
             previewer=LatentPreviewer.fit(pipe.vae),
             native_size=native,
-            sizes=size_range(entry.family, native),
+            sizes=size_range(entry.family, native, entry.path),
             defaults=job_defaults(entry.name, type(pipe.scheduler).__name__, settings),
         )
