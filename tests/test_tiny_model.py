@@ -14,7 +14,9 @@ from PIL import Image
 from sdbridge.tiny import MODEL_DIR, NAME
 from tools.tiny.analyse import ATTRIBUTES, analyse, score
 from tools.tiny.scenes import (
+    BACKGROUNDS,
     HELD_OUT,
+    OBJECT_COLOURS,
     SIZE,
     Obj,
     Scene,
@@ -51,6 +53,48 @@ def test_scenes_are_deterministic_images() -> None:
     assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
     assert np.array_equal(image, render(sample_scene(7)))
     assert caption(scene) == caption(sample_scene(7))
+
+
+def test_training_covers_every_size_the_engine_picks_for_the_model() -> None:
+    """Buckets from 1:2 to 2:1 at about the native area; scenes at each read back correctly,
+    on every background (every object colour is one too, never under its own colour)."""
+    from tools.tiny.train import buckets
+
+    sizes = buckets()
+    assert (88, 184) in sizes and (184, 88) in sizes and (144, 112) in sizes and (168, 96) in sizes
+    assert all(w % 8 == 0 and h % 8 == 0 and 0.45 <= w / h <= 2.1 for w, h in sizes)
+    assert {OBJECT_COLOURS[c] for c in OBJECT_COLOURS} <= {BACKGROUNDS[b] for b in BACKGROUNDS}
+    seen_backgrounds = set()
+    for seed, (width, height) in enumerate(sizes * 4):
+        scene = sample_scene(seed, two_objects=0, width=width, height=height)
+        image = render(scene)
+        assert image.shape == (height, width, 3)
+        result = score(analyse(image), scene)
+        assert result == dict.fromkeys(ATTRIBUTES, True), (scene, result)
+        seen_backgrounds.add(scene.background)
+    assert len(seen_backgrounds) >= 8
+
+
+def test_a_caption_leaves_out_places_only_for_the_layout_that_means() -> None:
+    """No position named: one object in the center, two on the diagonal from the top left,
+    in the order named. Size and background may be left out of any caption."""
+    rng = np.random.default_rng(0)
+    short = 0
+    for seed in range(600):
+        scene = sample_scene(seed)
+        text = caption(scene, rng)
+        if " at the " in text or " in the center" in text:
+            continue
+        short += 1
+        positions = tuple(o.position for o in scene.objects)
+        assert positions in (("center",), ("top left", "bottom right")), (scene, text)
+        first = scene.objects[0]
+        assert text.startswith(f"a {first.size} {first.colour}") or text.startswith(
+            f"a {first.colour}"
+        )
+    assert 30 <= short <= 200
+    full = caption(Scene((Obj("red", "circle", "small", "center"),), "yellow", seed=0))
+    assert full == "a small red circle in the center on a yellow background"
 
 
 def test_every_grammar_word_is_one_token_and_captions_fit() -> None:

@@ -8,9 +8,10 @@ caption (should be near chance), the effect of guidance, where the model puts ob
 first sampling step, and the time of one image.
 
 Then what an editor asks of it: the held-out captions at the sizes the engine generates at for
-ordinary canvases, with the object count; short prompts (position or background left out); and
-img2img's mean pixel change at each strength on ground-truth scenes, with a prompt that
-disagrees with them, at the engine's default guidance.
+ordinary canvases (the range the model folder declares), with the object count; short prompts
+(any of size, position and background left out); two-object captions; and img2img's mean pixel
+change at each strength on ground-truth scenes, with a prompt that disagrees with them, at the
+engine's default guidance.
 """
 
 from __future__ import annotations
@@ -111,9 +112,9 @@ def accuracy(images: list[np.ndarray], scenes: list[Scene]) -> dict[str, float]:
     return {a: sum(r[a] for r in results) / len(results) for a in ATTRIBUTES}
 
 
-def engine_size(width: int, height: int) -> tuple[int, int]:
-    """The size the engine generates at for a canvas of `width` x `height`."""
-    return size_range(SD1, SIZE).fit(width, height)
+def engine_size(pipe: StableDiffusionPipeline, width: int, height: int) -> tuple[int, int]:
+    """The size the engine generates at for a canvas of `width` x `height` with this model."""
+    return size_range(SD1, SIZE, pipe.name_or_path).fit(width, height)
 
 
 def size_rows(
@@ -123,7 +124,7 @@ def size_rows(
     rows = {}
     prompts, seeds = [caption(s) for s in scenes], [s.seed for s in scenes]
     for canvas in CANVASES:
-        width, height = engine_size(*canvas)
+        width, height = engine_size(pipe, *canvas)
         images = generate(pipe, prompts, seeds, width=width, height=height)
         rows[f"{canvas[0]}x{canvas[1]} -> {width}x{height}"] = (
             accuracy(images, scenes),
@@ -135,22 +136,51 @@ def size_rows(
 def short_rows(
     pipe: StableDiffusionPipeline, scenes: list[Scene]
 ) -> dict[str, tuple[dict[str, float], int]]:
-    """Captions with the position or the background left out, at the native size and at a
-    512x384 canvas's; only what the caption still asks for is scored."""
+    """Captions with the position, the background, the size or all three left out, at the
+    native size and at a 512x384 canvas's; only what the caption still asks for is scored."""
     rows = {}
-    for left_out, kept in (
-        ("position", ("colour", "shape", "count")),
-        ("background", ("colour", "shape", "position", "count")),
+    for name, left_out in (
+        ("no position", ("position",)),
+        ("no background", ("background",)),
+        ("no size", ("size",)),
+        ("colour and shape only", ("position", "background", "size")),
     ):
-        prompts = [caption(s, **{left_out: False}) for s in scenes]
+        prompts = [caption(s, **dict.fromkeys(left_out, False)) for s in scenes]
         for canvas in (CANVASES[0], CANVASES[1]):
-            width, height = engine_size(*canvas)
+            width, height = engine_size(pipe, *canvas)
             images = generate(pipe, prompts, [s.seed for s in scenes], width=width, height=height)
             scored = accuracy(images, scenes)
-            name = f"no {left_out}, {width}x{height}"
-            rows[name] = (
-                {a: scored[a] if a in kept else float("nan") for a in ATTRIBUTES},
+            rows[f"{name}, {width}x{height}"] = (
+                {a: float("nan") if a in left_out else scored[a] for a in ATTRIBUTES},
                 len(scenes),
+            )
+    return rows
+
+
+def two_object_rows(
+    pipe: StableDiffusionPipeline, count: int = 40
+) -> dict[str, tuple[dict[str, float], int]]:
+    """Captions naming two objects (with their places, then without), at the native size and
+    at a 512x384 canvas's: the background and exactly two objects are scored."""
+    placed = [sample_scene(700_000 + i, two_objects=1.0) for i in range(count)]
+    rows = {}
+    for name, prompts in (
+        ("two objects", [caption(s) for s in placed]),
+        ("two objects, no position", [caption(s, position=False) for s in placed]),
+    ):
+        for canvas in (CANVASES[0], CANVASES[1]):
+            width, height = engine_size(pipe, *canvas)
+            images = generate(pipe, prompts, [s.seed for s in placed], width=width, height=height)
+            found = [analyse(im) for im in images]
+            scored = {
+                "background": np.mean(
+                    [a.background == s.background for a, s in zip(found, placed, strict=True)]
+                ),
+                "count": np.mean([a.count == 2 for a in found]),
+            }
+            rows[f"{name}, {width}x{height}"] = (
+                {a: float(scored.get(a, float("nan"))) for a in ATTRIBUTES},
+                len(placed),
             )
     return rows
 
@@ -281,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     print_rows(size_rows(pipe, sample), SIZE_TARGETS)
     print("\nshort prompts (only what the caption asks for is scored)")
     print_rows(short_rows(pipe, sample), {"count": 0.9})
+    print("\ntwo objects (count = exactly two)")
+    print_rows(two_object_rows(pipe), {"count": 0.9})
     change = img2img_change(pipe)
     print(
         f"\nimg2img, 20 ground-truth scenes, a disagreeing prompt, guidance "

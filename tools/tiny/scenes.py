@@ -2,6 +2,9 @@
 
 Nothing is stored on disk; a scene is a small record that renders to pixels and to a caption.
 Some colour+shape pairs are held out of training so the evaluation can test composition.
+A scene has its own width and height (the aspect buckets of training): positions are read
+relative to the image and object sizes relative to its shorter side, so "at the top left" means
+the same part of a 184x88 image as of a 128x128 one.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-SIZE = 128
+SIZE = 128  # the native side; buckets keep about its area
 
 OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -22,23 +25,28 @@ OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 190),
     "white": (245, 245, 245),
 }
+# Every object colour is a background too (an object never shares its background's colour).
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    **OBJECT_COLOURS,
     "black": (20, 20, 20),
-    "white": (245, 245, 245),
     "gray": (128, 128, 128),
-    "blue": (40, 90, 220),
     "night sky": (20, 30, 90),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-SIZES: dict[str, int] = {"small": 34, "large": 58}
-POSITIONS: dict[str, tuple[int, int]] = {
-    "top left": (32, 32),
-    "top right": (96, 32),
-    "bottom left": (32, 96),
-    "bottom right": (96, 96),
-    "center": (64, 64),
+SIZES: dict[str, int] = {"small": 34, "large": 58}  # diameters on a 128 px shorter side
+# Centres as fractions of the width and height.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+    "center": (0.5, 0.5),
 }
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
+# Where objects go when a caption names no position: one in the center, two on the diagonal
+# (the first named at the top left). A place left to chance made the model paint the object
+# at several places at once; a fixed one is what a short prompt means.
+UNPLACED: dict[int, tuple[str, ...]] = {1: ("center",), 2: ("top left", "bottom right")}
 
 # One unseen shape per colour: the evaluation asks for exactly these combinations.
 HELD_OUT: frozenset[tuple[str, str]] = frozenset(
@@ -67,6 +75,21 @@ class Scene:
     objects: tuple[Obj, ...]
     background: str
     seed: int
+    width: int = SIZE
+    height: int = SIZE
+
+    def centre(self, obj: Obj) -> tuple[float, float]:
+        """The object's nominal centre in pixels."""
+        fx, fy = POSITIONS[obj.position]
+        return fx * self.width, fy * self.height
+
+    def diameter(self, obj: Obj) -> float:
+        """The object's nominal diameter in pixels: its size on a 128 px shorter side, scaled."""
+        return SIZES[obj.size] * min(self.width, self.height) / SIZE
+
+    def unplaced(self) -> bool:
+        """Whether the layout is the one a caption without positions means."""
+        return tuple(o.position for o in self.objects) == UNPLACED[len(self.objects)]
 
 
 def allowed(colour: str, background: str) -> bool:
@@ -74,16 +97,23 @@ def allowed(colour: str, background: str) -> bool:
     return OBJECT_COLOURS[colour] != BACKGROUNDS[background]
 
 
-def sample_scene(seed: int, split: str = "train", two_objects: float = 0.3) -> Scene:
+def sample_scene(
+    seed: int,
+    split: str = "train",
+    two_objects: float = 0.3,
+    width: int = SIZE,
+    height: int = SIZE,
+) -> Scene:
     """A random scene; split "train" avoids HELD_OUT pairs, "heldout" draws only from them."""
     rng = np.random.default_rng(seed)
     background = str(rng.choice(list(BACKGROUNDS)))
     count = 2 if split == "train" and rng.random() < two_objects else 1
-    positions = (
-        [str(p) for p in rng.choice(CORNERS, size=2, replace=False)]
-        if count == 2
-        else [str(rng.choice(list(POSITIONS)))]
-    )
+    if count == 1:
+        positions = [str(rng.choice(list(POSITIONS)))]
+    elif rng.random() < 0.25:  # often enough that two objects named without places are learnt
+        positions = list(UNPLACED[2])
+    else:
+        positions = [str(p) for p in rng.choice(CORNERS, size=2, replace=False)]
     objects = []
     for position in positions:
         while True:
@@ -96,7 +126,7 @@ def sample_scene(seed: int, split: str = "train", two_objects: float = 0.3) -> S
             ):
                 break
         objects.append(Obj(colour, shape, str(rng.choice(list(SIZES))), position))
-    return Scene(tuple(objects), background, seed)
+    return Scene(tuple(objects), background, seed, width, height)
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, d: float) -> list[tuple[float, float]]:
@@ -117,14 +147,17 @@ def _shape_polygon(shape: str, cx: float, cy: float, d: float) -> list[tuple[flo
 def render(scene: Scene) -> np.ndarray:
     """The scene as a uint8 HxWx3 array; jitter in place and size comes from the scene's seed."""
     rng = np.random.default_rng(scene.seed + 1_000_003)
-    image = Image.new("RGB", (SIZE, SIZE), BACKGROUNDS[scene.background])
+    width, height = scene.width, scene.height
+    image = Image.new("RGB", (width, height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     if scene.background == "night sky":
-        for x, y in rng.integers(0, SIZE, size=(30, 2)):
+        stars = round(30 * width * height / SIZE**2)
+        for x, y in rng.integers(0, (width, height), size=(stars, 2)):
             draw.point((int(x), int(y)), fill=(235, 235, 210))
+    unit = min(width, height) / SIZE
     for obj in scene.objects:
-        cx, cy = np.array(POSITIONS[obj.position]) + rng.integers(-4, 5, size=2)
-        d = SIZES[obj.size] * rng.uniform(0.92, 1.08)
+        cx, cy = np.array(scene.centre(obj)) + rng.integers(-4, 5, size=2) * unit
+        d = scene.diameter(obj) * rng.uniform(0.92, 1.08)
         fill = OBJECT_COLOURS[obj.colour]
         if obj.shape == "circle":
             draw.ellipse((cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2), fill=fill)
@@ -151,19 +184,30 @@ def caption(
     """The caption, with the attributes asked for; with a random generator one that sometimes
     leaves attributes out (the flags then come from it).
 
-    Leaving words out teaches the model that short prompts ("a red circle") are valid too.
+    Leaving words out teaches the model that short prompts ("a red circle") are valid too. A
+    caption names no positions only for a scene laid out as such a caption means (UNPLACED),
+    and then names the objects in that order.
     """
     order = list(scene.objects)
+    short_background = False
     if rng is not None:
-        size, position, background = (bool(rng.random() > p) for p in (0.15, 0.15, 0.1))
+        size, position, background = (bool(rng.random() > p) for p in (0.2, 0.0, 0.2))
+        if scene.unplaced():
+            position = bool(rng.random() > 0.6)
+        short_background = bool(rng.random() < 0.3)
         rng.shuffle(order)
+    if not position:
+        order = list(scene.objects)
     text = " and ".join(_object_phrase(o, size, position) for o in order)
     if background:
-        text += (
-            " in the night sky"
-            if scene.background == "night sky"
-            else f" on a {scene.background} background"
-        )
+        if scene.background == "night sky":
+            text += " in the night sky"
+        else:
+            text += (
+                f" on {scene.background}"
+                if short_background
+                else (f" on a {scene.background} background")
+            )
     return text
 
 

@@ -5,11 +5,15 @@
 Phase 1 trains a narrow AutoencoderKL (x8, 4 latent channels) on crops around objects, then
 its decoder alone on full scenes (--decoder-only does just that to an existing model); phase 2
 encodes a pool of scenes once (the encoder is the costliest forward pass, so it is not re-run
-per step) and trains the CLIP text encoder and the UNet jointly with v-prediction on a cosine
-noise schedule, 70% of each batch drawn from the noisiest fifth of the timesteps (where the
-layout is decided) and the rest from all of them, caption dropout for classifier-free
-guidance, a loss weight that is full at high noise and capped at low noise, extra weight on the
-latent cells that show an object, and EMA.
+per step), each at one of the sizes the engine generates at (BUCKETS: every aspect ratio from
+1:2 to 2:1 at about 128x128's area), and trains the CLIP text encoder and the UNet jointly with
+v-prediction on a cosine noise schedule, each batch from one bucket: 65% of it drawn from the
+noisiest fifth of the timesteps (where the layout is decided) and the rest from all of them,
+caption dropout for classifier-free guidance, another scene's caption at low noise (so that
+img2img at a low strength keeps its init image), a loss weight that is full at high noise and
+capped at low noise, extra weight on the latent cells that show an object, and EMA.
+Everything runs in fp32: bf16 autocast is faster only on CPUs with AVX512-BF16 and 10-20x
+slower on AVX2-only ones.
 Fixed step counts (the default) make a run reproducible; --minutes-budget instead trains each
 phase for a share of the wall time (VAE 18%, decoder 5%, encoding at most 6%, the rest
 diffusion).
@@ -36,15 +40,39 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sdbridge.daemon.resolution import SizeRange
 from sdbridge.tiny import MODEL_DIR, NAME
 
-from .scenes import BACKGROUNDS, CORNERS, POSITIONS, SIZE, Scene, caption, render, sample_scene
+from .scenes import BACKGROUNDS, CORNERS, SIZE, Scene, caption, render, sample_scene
 from .tokenizer import MAX_LENGTH, build_tokenizer
 
-LATENT = SIZE // 8
+# The generation sizes the engine picks for the embedded model (sdbridge.json "sizes"): the
+# canvas's aspect ratio, clamped to 1:2..2:1, at about the native area, in multiples of 8.
+SIZES = SizeRange(SIZE, SIZE, 8)
+ASPECT_LIMIT = 2.0
 OBJECT_WEIGHT = 4.0  # extra diffusion-loss weight of latent cells that show an object
 HIGH_NOISE_START = 800  # timesteps from here on decide the layout
-HIGH_NOISE_FRACTION = 0.7  # share of each diffusion batch drawn from those timesteps
+HIGH_NOISE_FRACTION = 0.65  # share of each diffusion batch drawn from those timesteps
+CAPTION_DROPOUT = 0.15  # empty captions: the unconditional branch of CFG
+# Below MISMATCH_FULL the caption is another scene's MISMATCH_SHARE of the time, fading to never
+# at MISMATCH_END: where the noisy latent already shows the picture, it and not the prompt
+# decides, so img2img at a low strength keeps its init image whatever the prompt says.
+MISMATCH_FULL, MISMATCH_END, MISMATCH_SHARE = 250, 500, 0.9
+
+
+def buckets() -> list[tuple[int, int]]:
+    """Every (width, height) the engine can pick for aspect ratios from 1:2 to 2:1."""
+    ratios = np.exp(np.linspace(-np.log(ASPECT_LIMIT), np.log(ASPECT_LIMIT), 401))
+    return sorted(
+        {SIZES.fit(round(1000 * math.sqrt(r)), round(1000 / math.sqrt(r))) for r in ratios}
+    )
+
+
+def bucket_scene(seed: int, sizes: list[tuple[int, int]], rng: np.random.Generator) -> Scene:
+    """A training scene at a random bucket; the square one, the commonest canvas, twice as often."""
+    weights = np.array([2.0 if w == h else 1.0 for w, h in sizes])
+    width, height = sizes[int(rng.choice(len(sizes), p=weights / weights.sum()))]
+    return sample_scene(seed, width=width, height=height)
 
 
 def build_vae() -> AutoencoderKL:
@@ -84,7 +112,7 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 def build_unet() -> UNet2DConditionModel:
     # Attention only at 8x8 and 4x4: at 16x16 it would dominate CPU inference time.
     return UNet2DConditionModel(
-        sample_size=LATENT,
+        sample_size=SIZE // 8,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64, 64),
@@ -150,10 +178,10 @@ def run_phase(
 
 def object_crop(scene: Scene, crop: int, rng: np.random.Generator) -> np.ndarray:
     """A crop around one of the scene's objects, on the latent grid (a multiple of 8 px)."""
-    cx, cy = POSITIONS[scene.objects[int(rng.integers(len(scene.objects)))].position]
+    cx, cy = scene.centre(scene.objects[int(rng.integers(len(scene.objects)))])
     x0, y0 = (
-        int(np.clip(c - crop // 2 + rng.integers(-12, 13), 0, SIZE - crop)) // 8 * 8
-        for c in (cx, cy)
+        int(np.clip(c - crop // 2 + rng.integers(-12, 13), 0, side - crop)) // 8 * 8
+        for c, side in ((cx, scene.width), (cy, scene.height))
     )
     return render(scene)[y0 : y0 + crop, x0 : x0 + crop]
 
@@ -161,8 +189,9 @@ def object_crop(scene: Scene, crop: int, rng: np.random.Generator) -> np.ndarray
 def train_vae(vae: AutoencoderKL, steps: int, seconds: float | None) -> tuple[int, float]:
     # Objects cover a few percent of a scene, so random crops or whole scenes teach mostly
     # background: 64 px crops around an object learn object colour and shape several times
-    # faster per second. bf16 autocast is ~1.45x faster on a CPU with AVX512-BF16.
+    # faster per second.
     rng = np.random.default_rng(1)
+    sizes = buckets()
     device = vae.device
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     batch, crop = 16, 64
@@ -174,11 +203,10 @@ def train_vae(vae: AutoencoderKL, steps: int, seconds: float | None) -> tuple[in
     def step_fn(step: int, progress: float) -> float:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, 2e-3)
-        scenes = (sample_scene(int(rng.integers(2**31))) for _ in range(batch))
+        scenes = (bucket_scene(int(rng.integers(2**31)), sizes, rng) for _ in range(batch))
         x = to_tensor(object_crop(scene, crop, rng) for scene in scenes).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample()).sample.float()
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
         loss = (recon - x).abs().mean() + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,13 +221,14 @@ def train_vae(vae: AutoencoderKL, steps: int, seconds: float | None) -> tuple[in
 
 
 def finetune_decoder(vae: AutoencoderKL, steps: int, seconds: float | None) -> tuple[int, float]:
-    """Train only the decoder on full 128 px scenes through the frozen encoder.
+    """Train only the decoder on full scenes (one bucket per batch) through the frozen encoder.
 
     The crop-trained decoder blurs objects and draws a line along the bottom edge of full
     images; a frozen encoder keeps the latents, and so any UNet trained on them, valid.
     """
     rng = np.random.default_rng(3)
     generator = torch.Generator().manual_seed(3)
+    sizes = buckets()
     trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     opt = torch.optim.AdamW(trained, lr=5e-4, weight_decay=0.0)
     batch = 4
@@ -207,7 +236,11 @@ def finetune_decoder(vae: AutoencoderKL, steps: int, seconds: float | None) -> t
     def step_fn(step: int, progress: float) -> float:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, 5e-4)
-        x = to_tensor(render(sample_scene(int(rng.integers(2**31)))) for _ in range(batch))
+        width, height = sizes[int(rng.integers(len(sizes)))]
+        x = to_tensor(
+            render(sample_scene(int(rng.integers(2**31)), width=width, height=height))
+            for _ in range(batch)
+        )
         x = x.to(vae.device)
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample(generator)
@@ -243,13 +276,13 @@ def object_mask(scene: Scene, image: np.ndarray) -> torch.Tensor:
     """Which latent cells show an object: at least 8 of their 64 pixels differ from the
     background (a lone night-sky star does not count)."""
     differs = np.any(image != np.array(BACKGROUNDS[scene.background], dtype=np.uint8), axis=-1)
-    cells = differs.reshape(LATENT, 8, LATENT, 8).sum(axis=(1, 3))
+    cells = differs.reshape(scene.height // 8, 8, scene.width // 8, 8).sum(axis=(1, 3))
     return torch.from_numpy(cells >= 8)[None]
 
 
 @dataclasses.dataclass
-class Pool:
-    """Scenes encoded once: posterior means and deviations, and where their objects are."""
+class Bucket:
+    """Scenes of one size encoded once: posterior means and deviations, where objects are."""
 
     scenes: list[Scene]
     means: torch.Tensor
@@ -257,23 +290,66 @@ class Pool:
     masks: torch.Tensor
 
 
+@dataclasses.dataclass
+class Pool:
+    buckets: list[Bucket]
+
+    @property
+    def scenes(self) -> list[Scene]:
+        return [s for b in self.buckets for s in b.scenes]
+
+    def latent_std(self, generator: torch.Generator) -> float:
+        """The standard deviation of latents sampled from every scene's posterior."""
+        samples = [
+            (b.means + b.stds * torch.randn(b.means.shape, generator=generator)).flatten()
+            for b in self.buckets
+        ]
+        return float(torch.cat(samples).std())
+
+
 @torch.no_grad()
 def encode_pool(vae: AutoencoderKL, count: int, seconds: float | None) -> Pool:
-    """Encode up to `count` scenes once (at least 2048), stopping early when `seconds` run out."""
+    """Encode up to `count` scenes once (at least 2048), stopping early when `seconds` run out;
+    the scenes are spread over the buckets and encoded a bucket's chunk at a time."""
     started = time.monotonic()
-    scenes = [sample_scene(100_000 + i) for i in range(count)]
-    means, stds, masks = [], [], []
-    for start in range(0, count, 64):
-        if seconds is not None and start >= 2048 and time.monotonic() - started > seconds:
+    rng = np.random.default_rng(4)
+    sizes = buckets()
+    scenes = [bucket_scene(100_000 + i, sizes, rng) for i in range(count)]
+    by_size: dict[tuple[int, int], list[Scene]] = {size: [] for size in sizes}
+    for scene in scenes:
+        by_size[scene.width, scene.height].append(scene)
+    # Chunks in the order of the scenes' seeds, so a budget cut leaves every bucket filled.
+    chunks = [
+        group[start : start + 32]
+        for group in by_size.values()
+        for start in range(0, len(group), 32)
+    ]
+    chunks.sort(key=lambda chunk: chunk[0].seed)
+    encoded: dict[tuple[int, int], list[tuple[Scene, torch.Tensor, torch.Tensor, torch.Tensor]]]
+    encoded = {size: [] for size in sizes}
+    done = 0
+    for chunk in chunks:
+        if seconds is not None and done >= 2048 and time.monotonic() - started > seconds:
             break
-        chunk = scenes[start : start + 64]
         images = [render(s) for s in chunk]
         dist = vae.encode(to_tensor(images).to(vae.device)).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
-        masks += [object_mask(s, im) for s, im in zip(chunk, images, strict=True)]
-    mean = torch.cat(means)
-    return Pool(scenes[: len(mean)], mean, torch.cat(stds), torch.stack(masks).to(vae.device))
+        for i, (scene, image) in enumerate(zip(chunk, images, strict=True)):
+            encoded[scene.width, scene.height].append(
+                (scene, dist.mean[i], dist.std[i], object_mask(scene, image))
+            )
+        done += len(chunk)
+    return Pool(
+        [
+            Bucket(
+                [e[0] for e in entries],
+                torch.stack([e[1] for e in entries]),
+                torch.stack([e[2] for e in entries]),
+                torch.stack([e[3] for e in entries]).to(vae.device),
+            )
+            for entries in encoded.values()
+            if entries
+        ]
+    )
 
 
 def train_diffusion(
@@ -285,8 +361,10 @@ def train_diffusion(
     steps: int,
     seconds: float | None,
 ) -> tuple[int, float]:
-    scenes, means, stds = pool.scenes, pool.means, pool.stds
     device = unet.device
+    every_scene = pool.scenes
+    shares = np.array([len(b.scenes) for b in pool.buckets], dtype=np.float64)
+    shares /= shares.sum()
     noise_scheduler = build_noise_scheduler()
     alphas = noise_scheduler.alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
@@ -298,25 +376,40 @@ def train_diffusion(
     opt = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.01)
     batch = 32  # more, smaller updates: the budget buys only a few thousand steps
 
+    def text_for(scene: Scene, t: int) -> str:
+        if rng.random() < CAPTION_DROPOUT:
+            return ""
+        mismatch = MISMATCH_SHARE * np.clip(
+            (MISMATCH_END - t) / (MISMATCH_END - MISMATCH_FULL), 0.0, 1.0
+        )
+        if rng.random() < mismatch:
+            scene = every_scene[int(rng.integers(len(every_scene)))]
+        return caption(scene, rng)
+
     def step_fn(step: int, progress: float) -> float:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, 1e-3)
-        index = torch.from_numpy(rng.integers(0, len(scenes), size=batch)).to(device)
+        bucket = pool.buckets[int(rng.choice(len(pool.buckets), p=shares))]
+        index = torch.from_numpy(rng.integers(0, len(bucket.scenes), size=batch)).to(device)
         flip = torch.from_numpy(rng.random(batch) < 0.5).to(device)
-        sample = torch.randn((batch, *means.shape[1:]), generator=generator).to(device)
-        latents = means[index] + stds[index] * sample
+        sample = torch.randn((batch, *bucket.means.shape[1:]), generator=generator).to(device)
+        latents = bucket.means[index] + bucket.stds[index] * sample
         latents[flip] = latents[flip].flip(-1)
         latents = latents * scale
-        masks = pool.masks[index]
+        masks = bucket.masks[index]
         masks[flip] = masks[flip].flip(-1)
-        # Objects are the hard part and a few cells of 256: weigh their error up.
+        # Objects are the hard part and a few percent of the cells: weigh their error up.
         cell_weight = 1 + OBJECT_WEIGHT * masks.float()
+        t = torch.randint(0, 1000, (batch,), generator=generator)
+        # Where each object goes is settled in the noisiest steps, and uniform sampling gave
+        # them too few updates to tell the corners apart: draw part of the batch from there.
+        high = torch.rand(batch, generator=generator) < HIGH_NOISE_FRACTION
+        t = torch.where(high, HIGH_NOISE_START + t % (1000 - HIGH_NOISE_START), t)
         texts = [
-            ""
-            if rng.random() < 0.1  # caption dropout: the unconditional branch of CFG
-            else caption(mirrored(scenes[i]) if f else scenes[i], rng)
-            for i, f in zip(index.tolist(), flip.tolist(), strict=True)
+            text_for(mirrored(bucket.scenes[i]) if f else bucket.scenes[i], int(step_t))
+            for i, f, step_t in zip(index.tolist(), flip.tolist(), t.tolist(), strict=True)
         ]
+        t = t.to(device)
         ids = tokenizer(
             texts,
             padding="max_length",
@@ -325,15 +418,9 @@ def train_diffusion(
             return_tensors="pt",
         ).input_ids.to(device)
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        t = torch.randint(0, 1000, (batch,), generator=generator)
-        # Where each object goes is settled in the noisiest steps, and uniform sampling gave
-        # them too few updates to tell the corners apart: draw part of the batch from there.
-        high = torch.rand(batch, generator=generator) < HIGH_NOISE_FRACTION
-        t = torch.where(high, HIGH_NOISE_START + t % (1000 - HIGH_NOISE_START), t).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = noise_scheduler.get_velocity(latents, noise, t)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            pred = unet(noisy, t, text_encoder(ids)[0]).sample.float()
+        pred = unet(noisy, t, text_encoder(ids)[0]).sample
         # Cap the weight of easy low-noise steps (min-SNR-5 in its v-prediction form, v-loss
         # weight 5 / (snr + 1)) but keep full weight where noise is high: those steps decide the
         # layout, and min(snr, 5) / (snr + 1) would give them none (snr reaches 0 here).
@@ -429,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         vae, args.decoder_steps, None if budget is None else 0.05 * budget
     )
     pool = encode_pool(vae, args.pool, None if budget is None else 0.06 * budget)
-    scale = 1.0 / float((pool.means + pool.stds * torch.randn_like(pool.means)).std())
+    scale = 1.0 / pool.latent_std(torch.Generator().manual_seed(5))
     vae.register_to_config(scaling_factor=scale)
     print(
         f"pool of {len(pool.scenes)} encoded, latent scaling factor {scale:.4f}, "
@@ -452,6 +539,8 @@ def main(argv: list[str] | None = None) -> None:
         "native_size": SIZE,
         "default_steps": 20,
         "default_guidance": 5.0,
+        # What the engine may generate at (daemon/resolution.py): what the buckets cover.
+        "sizes": {"low": SIZES.low, "high": SIZES.high, "multiple": SIZES.multiple},
         "training": {
             "vae_steps": vae_steps,
             "vae_seconds": round(vae_s),
