@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import Peer, pixels
 
+from sdbridge import tiny
 from sdbridge.daemon.resolution import refine_size, size_range
 
 # The library daemon serves several models: these tests are about the 64 px test model.
@@ -42,6 +43,17 @@ def test_a_small_selection_grows_to_native_and_a_huge_canvas_shrinks() -> None:
     assert sd15.fit(96, 96) == (512, 512)
     assert sd15.fit(4000, 3000) == (888, 664)
     assert sd15.fit(640, 512) == (640, 512)  # inside the range: as asked
+
+
+def test_the_embedded_model_paints_each_canvas_at_its_own_area_and_aspect() -> None:
+    """It was trained on aspect buckets at about 128x128's area and says so in its folder, so
+    an ordinary canvas is not painted at 1.5x that area, where it duplicated objects."""
+    sizes = size_range("sd1", 128, str(tiny.MODEL_DIR))
+    assert (sizes.low, sizes.high) == (128, 128)
+    assert sizes.fit(512, 384) == (144, 112)
+    assert sizes.fit(384, 512) == (112, 144)
+    assert sizes.fit(640, 360) == (168, 96)
+    assert sizes.fit(1024, 1024) == sizes.fit(64, 64) == (128, 128)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from tools.tiny.scenes import (
     SIZE,
     Obj,
     Scene,
+    allowed,
     caption,
     render,
     sample_scene,
@@ -143,7 +145,12 @@ def test_packaged_folder_is_small_and_describes_itself() -> None:
     assert 0 < weights <= 20 * 1024 * 1024
     info = json.loads((MODEL_DIR / "sdbridge.json").read_text())
     assert info["name"] == NAME and info["native_size"] == SIZE
+    # The engine generates at what training covered (daemon/resolution.py).
+    assert info["sizes"] == {"low": SIZE, "high": SIZE, "multiple": 8}
 
+
+# The backgrounds the committed (first-version) weights were trained on.
+TRAINED_BACKGROUNDS = ("black", "white", "gray", "blue", "night sky")
 
 # (colour, shape, position, background) asked for; a green circle was never seen in training.
 ASKED = [
@@ -185,6 +192,54 @@ def test_generates_the_object_where_asked(generated) -> None:
     assert [analyse(im).position for im in generated] == [where for _, _, where, _ in ASKED]
 
 
+def _paint(pipe, prompts: list[str], width: int, height: int) -> list:
+    import torch
+
+    images = pipe(
+        prompts,
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        height=height,
+        width=width,
+        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+    ).images
+    return [analyse(np.asarray(im.convert("RGB"))) for im in images]
+
+
+# Seen colour+shape pairs at every place, on backgrounds the committed model knows.
+AT_CANVAS = [
+    ("red", "circle", "top left", "white"),
+    ("blue", "square", "bottom right", "black"),
+    ("yellow", "triangle", "top right", "gray"),
+    ("green", "square", "center", "black"),
+    ("orange", "star", "bottom left", "blue"),
+    ("purple", "circle", "center", "white"),
+    ("white", "triangle", "bottom left", "night sky"),
+    ("red", "square", "top right", "gray"),
+    ("yellow", "circle", "bottom right", "night sky"),
+    ("blue", "star", "top left", "white"),
+]
+
+
+@trained
+def test_a_512x384_canvas_mostly_gets_one_object_where_asked(pipe) -> None:
+    """At the size the engine picks for an ordinary Krita canvas (144x112), not the native
+    square: exactly one object, in the asked-for place. The committed model does this for
+    about four prompts in five (docs/tiny-model.md); at 224x168, the SD 1.x range it had
+    before, one in three, and a star asked for in the center came out four times."""
+    from sdbridge.daemon.resolution import size_range
+
+    width, height = size_range("sd1", SIZE, str(MODEL_DIR)).fit(512, 384)
+    assert (width, height) == (144, 112)
+    prompts = [caption(Scene((Obj(c, s, "large", p),), bg, seed=0)) for c, s, p, bg in AT_CANVAS]
+    found = _paint(pipe, prompts, width, height)
+    placed = [
+        (a.count, a.position) == (1, p) for a, (_, _, p, _) in zip(found, AT_CANVAS, strict=True)
+    ]
+    assert sum(placed) >= 7, list(zip(prompts, found, strict=True))
+    assert sum(a.colour == c for a, (c, *_) in zip(found, AT_CANVAS, strict=True)) >= 8
+
+
 @trained
 def test_vae_round_trip_keeps_scenes_readable(pipe) -> None:
     from tools.tiny.evaluate import round_trip
@@ -202,7 +257,10 @@ def test_first_step_layout_puts_the_object_where_the_prompt_says(pipe) -> None:
     # corner or center, not one in every corner (what the previous weights did: docs/tiny-model.md).
     from tools.tiny.evaluate import eval_scenes, first_step_layout
 
-    scenes = eval_scenes(HELD_OUT, seed=1)[::3]
+    scenes = [
+        dataclasses.replace(s, background=next(b for b in TRAINED_BACKGROUNDS if allowed(c, b)))
+        for s, c in ((s, s.objects[0].colour) for s in eval_scenes(HELD_OUT, seed=1)[::3])
+    ]
     layouts = first_step_layout(pipe, scenes)
     assert [analyse(im).position for im in layouts] == [s.objects[0].position for s in scenes]
 

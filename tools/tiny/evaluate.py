@@ -275,12 +275,12 @@ def time_one(pipe: StableDiffusionPipeline, runs: int = 7) -> float:
 
 def print_rows(rows: dict[str, tuple[dict[str, float], int]], targets: dict[str, float]) -> None:
     """A table of scores (nan: not asked for, shown as -) and its targets."""
-    print(f"{'':28}" + "".join(f"{a:>12}" for a in ATTRIBUTES) + "       n")
+    print(f"{'':36}" + "".join(f"{a:>12}" for a in ATTRIBUTES) + "       n")
     for name, (acc, n) in rows.items():
         cells = (f"{'-':>11} " if np.isnan(acc[a]) else f"{acc[a]:>11.1%} " for a in ATTRIBUTES)
-        print(f"{name:28}" + "".join(cells) + f"{n:>8}")
+        print(f"{name:36}" + "".join(cells) + f"{n:>8}")
     print(
-        f"{'target':28}"
+        f"{'target':36}"
         + "".join(
             f"{'>= ' + format(targets[a], '.0%'):>12}" if a in targets else f"{'-':>12}"
             for a in ATTRIBUTES
