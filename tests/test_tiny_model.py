@@ -162,19 +162,24 @@ ASKED = [
 PROMPTS = [caption(Scene((Obj(c, s, "large", p),), bg, seed=0)) for c, s, p, bg in ASKED]
 
 
-@pytest.fixture(scope="module")
-def generated(pipe) -> list[np.ndarray]:
+def _paint(pipe, prompts: list[str], width: int = SIZE, height: int = SIZE) -> list[np.ndarray]:
+    """One image per prompt at 20 steps and guidance 5, prompt i with seed i."""
     import torch
 
     images = pipe(
-        PROMPTS,
+        prompts,
         num_inference_steps=20,
         guidance_scale=5.0,
-        height=SIZE,
-        width=SIZE,
-        generator=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))],
+        height=height,
+        width=width,
+        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
     ).images
     return [np.asarray(im.convert("RGB")) for im in images]
+
+
+@pytest.fixture(scope="module")
+def generated(pipe) -> list[np.ndarray]:
+    return _paint(pipe, PROMPTS)
 
 
 @trained
@@ -190,20 +195,6 @@ def test_generates_the_object_colour_asked_for(generated) -> None:
 @trained
 def test_generates_the_object_where_asked(generated) -> None:
     assert [analyse(im).position for im in generated] == [where for _, _, where, _ in ASKED]
-
-
-def _paint(pipe, prompts: list[str], width: int, height: int) -> list:
-    import torch
-
-    images = pipe(
-        prompts,
-        num_inference_steps=20,
-        guidance_scale=5.0,
-        height=height,
-        width=width,
-        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
-    ).images
-    return [analyse(np.asarray(im.convert("RGB"))) for im in images]
 
 
 # Seen colour+shape pairs at every place, on backgrounds the committed model knows.
@@ -232,7 +223,7 @@ def test_a_512x384_canvas_mostly_gets_one_object_where_asked(pipe) -> None:
     width, height = size_range("sd1", SIZE, str(MODEL_DIR)).fit(512, 384)
     assert (width, height) == (144, 112)
     prompts = [caption(Scene((Obj(c, s, "large", p),), bg, seed=0)) for c, s, p, bg in AT_CANVAS]
-    found = _paint(pipe, prompts, width, height)
+    found = [analyse(image) for image in _paint(pipe, prompts, width, height)]
     placed = [
         (a.count, a.position) == (1, p) for a, (_, _, p, _) in zip(found, AT_CANVAS, strict=True)
     ]
