@@ -5,7 +5,7 @@
 Phase 1 trains a narrow AutoencoderKL (x8, 4 latent channels) on crops around objects, then
 its decoder alone on full scenes (--decoder-only does just that to an existing model); phase 2
 encodes a pool of scenes once (the encoder is the costliest forward pass, so it is not re-run
-per step), each at one of the sizes the engine generates at (BUCKETS: every aspect ratio from
+per step), each at one of the sizes the engine generates at (buckets(): every aspect ratio from
 1:2 to 2:1 at about 128x128's area), and trains the CLIP text encoder and the UNet jointly with
 v-prediction on a cosine noise schedule, each batch from one bucket: 65% of it drawn from the
 noisiest fifth of the timesteps (where the layout is decided) and the rest from all of them,
@@ -47,7 +47,8 @@ from .scenes import BACKGROUNDS, CORNERS, SIZE, Scene, caption, render, sample_s
 from .tokenizer import MAX_LENGTH, build_tokenizer
 
 # The generation sizes the engine picks for the embedded model (sdbridge.json "sizes"): the
-# canvas's aspect ratio, clamped to 1:2..2:1, at about the native area, in multiples of 8.
+# canvas's aspect ratio at about the native area, in multiples of 8; training covers aspect
+# ratios up to ASPECT_LIMIT either way.
 SIZES = SizeRange(SIZE, SIZE, 8)
 ASPECT_LIMIT = 2.0
 OBJECT_WEIGHT = 4.0  # extra diffusion-loss weight of latent cells that show an object
