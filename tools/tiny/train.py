@@ -38,6 +38,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.attention_processor import AttnProcessor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdbridge.daemon.resolution import SizeRange
@@ -194,7 +195,7 @@ def train_vae(vae: AutoencoderKL, steps: int, seconds: float | None) -> tuple[in
     rng = np.random.default_rng(1)
     sizes = buckets()
     device = vae.device
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0, fused=True)
     batch, crop = 16, 64
     # Start with a tiny posterior variance: unit noise on the initial near-zero means would
     # drown what the encoder has to say until the KL-free means grew past it.
@@ -231,7 +232,7 @@ def finetune_decoder(vae: AutoencoderKL, steps: int, seconds: float | None) -> t
     generator = torch.Generator().manual_seed(3)
     sizes = buckets()
     trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    opt = torch.optim.AdamW(trained, lr=5e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(trained, lr=5e-4, weight_decay=0.0, fused=True)
     batch = 4
 
     def step_fn(step: int, progress: float) -> float:
@@ -374,7 +375,10 @@ def train_diffusion(
     generator = torch.Generator().manual_seed(2)
     trained = [*unet.parameters(), *text_encoder.parameters()]
     ema = [p.detach().clone() for p in trained]
-    opt = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.01, fused=True)
+    # With 8-channel heads the plain matmul attention trains a quarter faster on a CPU than
+    # torch's fused kernel (0.33 s against 0.44 s a step); only training uses it.
+    unet.set_attn_processor(AttnProcessor())
     batch = 32  # more, smaller updates: the budget buys only a few thousand steps
 
     def text_for(scene: Scene, t: int) -> str:
