@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -180,3 +181,23 @@ def build_lora(pipe: StableDiffusionPipeline, path: Path, seed: int = 0, rank: i
     path.parent.mkdir(parents=True, exist_ok=True)
     type(pipe).save_lora_weights(path.parent, unet_lora_layers=layers, weight_name=path.name)
     return path
+
+
+def build_controlnet(unet: UNet2DConditionModel, folder: Path, seed: int = 0) -> ControlNetModel:
+    """A ControlNet copying `unet`, saved as a diffusers folder.
+
+    `from_unet` zeroes the convolutions that read the control image and those that feed the
+    UNet (a ControlNet that changes nothing until trained); random ones make a ControlNet whose
+    effect, and its control image's, a test can see.
+    """
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet)
+    with torch.no_grad():
+        # He initialisation keeps the control image's signal through the embedding's convs.
+        for conv in net.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(conv.weight)
+        for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block):
+            conv.weight.normal_(0, 0.3)
+    net.save_pretrained(folder)
+    return net

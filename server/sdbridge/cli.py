@@ -91,11 +91,13 @@ def serve(args: argparse.Namespace) -> int:
         f" on each of {parallel_jobs} cluster workers" if settings.cluster else "",
     )
     logging.info(
-        "%d models (folder %s), %d LoRAs (folder %s)",
+        "%d models (folder %s), %d LoRAs (folder %s), %d ControlNets (folder %s)",
         len(engine.models.registry.names()),
         settings.models_dir,
         len(engine.loras.entries()),
         settings.loras_dir,
+        len(engine.controlnets.entries()),
+        settings.controlnets_dir,
     )
     try:
         daemon = Daemon(
@@ -332,6 +334,9 @@ def models(args: argparse.Namespace) -> int:
         print(f"{entry['name']:<40} {entry['family']:<8} {size:>10}  {loaded}")
     for entry in listing["loras"]:
         print(f"{entry['name']:<40} {'lora':<8} {entry['size_bytes'] / 2**20:>6.1f} MiB")
+    for entry in listing.get("controlnets", []):  # a daemon before control lists none
+        kind = f"control/{entry['family']}"
+        print(f"{entry['name']:<40} {kind:<8} {entry['size_bytes'] / 2**20:>6.1f} MiB")
     return 0
 
 

@@ -38,6 +38,7 @@ from ray.exceptions import RayError
 
 from ..wire.protocol import ErrorCode, GenerateRequest, ProtocolError
 from .cache import model_name
+from .controlnets import ControlNetRegistry
 from .engine import Engine, GeneratedImage, JobCancelled, PreviewCallback, ProgressCallback
 from .images import job_memory_bytes
 from .loras import LoraRegistry
@@ -151,8 +152,11 @@ class Worker:
     ) -> None:
         try:
             # The front daemon's folders were rescanned for this name; this worker's not yet.
-            if (request.model and self.engine.models.registry.get(request.model) is None) or any(
-                self.engine.loras.get(lora.name) is None for lora in request.loras
+            engine = self.engine
+            if (
+                (request.model and engine.models.registry.get(request.model) is None)
+                or any(engine.loras.get(lora.name) is None for lora in request.loras)
+                or any(engine.controlnets.get(c.model) is None for c in request.control)
             ):
                 self.engine.rescan()
             images = self.engine.run(
@@ -439,8 +443,14 @@ class ClusterEngine(Engine):
     """The engine the daemon sees: checks and listings as the local one (from `ClusterModels`),
     jobs run on the pool's workers."""
 
-    def __init__(self, pool: WorkerPool, models: ClusterModels, loras: LoraRegistry) -> None:
-        super().__init__(models, loras)  # type: ignore[arg-type]  # answers as a ModelCache
+    def __init__(
+        self,
+        pool: WorkerPool,
+        models: ClusterModels,
+        loras: LoraRegistry,
+        controlnets: ControlNetRegistry,
+    ) -> None:
+        super().__init__(models, loras, controlnets)  # type: ignore[arg-type]  # as a ModelCache
         self.pool = pool
         self.cluster_models = models  # `self.models`, with what only the cluster has
 
@@ -553,7 +563,12 @@ def start_cluster(settings: Any, model: str) -> ClusterEngine:
     pool = WorkerPool(settings, model, size, gpus > 0)
     pool.start()
     models = ClusterModels(registry, settings.models, pool, name)
-    return ClusterEngine(pool, models, LoraRegistry(settings.loras_dir))
+    return ClusterEngine(
+        pool,
+        models,
+        LoraRegistry(settings.loras_dir),
+        ControlNetRegistry(settings.controlnets_dir),
+    )
 
 
 def _connect(address: str) -> None:

@@ -3,10 +3,10 @@
 Threads: the main thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe) and does
 all routing; one worker thread runs jobs on the engine, one at a time, connections served round
 robin (jobqueue.py); an engine that runs jobs on a cluster's workers (cluster.py) gets one worker
-thread per cluster worker. One scanner thread rescans the model and LoRA folders when a request
-needs it, and one reader thread answers `results` (reading saved PNGs), so that a slow disk never
-stalls the socket. They hand their work back over inproc PUSH/PULL pairs, which the main thread
-polls together with the ROUTER.
+thread per cluster worker. One scanner thread rescans the model, LoRA and ControlNet folders
+when a request needs it, and one reader thread answers `results` (reading saved PNGs), so that a
+slow disk never stalls the socket. They hand their work back over inproc PUSH/PULL pairs, which
+the main thread polls together with the ROUTER.
 
 Jobs belong to connections, not to ZeroMQ routing ids: a peer may choose its routing id, and a
 later connection claiming a departed one's id must not receive that one's results. libzmq's
@@ -78,6 +78,7 @@ CAPABILITIES = [
     "loras",
     "results",
     "live",
+    "control",
 ]
 # libzmq asks the socket bound here (in the same context) to admit each new connection (RFC 27).
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -451,7 +452,11 @@ class Daemon:
             try:
                 self.engine.check(request, self.limits.max_pixels)
             except ProtocolError as error:
-                unknown = error.code in (ErrorCode.UNKNOWN_MODEL, ErrorCode.UNKNOWN_LORA)
+                unknown = error.code in (
+                    ErrorCode.UNKNOWN_MODEL,
+                    ErrorCode.UNKNOWN_LORA,
+                    ErrorCode.UNKNOWN_CONTROLNET,
+                )
                 if rescanned or not unknown:
                     raise
                 self.rescans.put((connection, message))  # perhaps downloaded since the last scan
@@ -484,12 +489,14 @@ class Daemon:
             native_size=[engine.native_size, engine.native_size],
             schedulers=list(SAMPLERS),
             loras=[entry.name for entry in engine.loras.entries()],
+            controlnets=[entry.name for entry in engine.controlnets.entries()],
+            preprocessors=list(protocol.PREPROCESSORS),
             capabilities=CAPABILITIES,
             limits=self.limits.to_dict(),
         )
 
     def _models(self, rid: str) -> dict[str, Any]:
-        """Every listed model and LoRA, from the scan made for this request."""
+        """Every listed model, LoRA and ControlNet, from the scan made for this request."""
         engine = self.engine
         loaded = set(engine.models.loaded_names())
         models = [
@@ -499,8 +506,14 @@ class Daemon:
             }
             for entry in engine.models.registry.entries()
         ]
-        loras = [entry.to_dict() for entry in engine.loras.entries()]
-        return protocol.event("models", rid, model=engine.model, models=models, loras=loras)
+        return protocol.event(
+            "models",
+            rid,
+            model=engine.model,
+            models=models,
+            loras=[entry.to_dict() for entry in engine.loras.entries()],
+            controlnets=[entry.to_dict() for entry in engine.controlnets.entries()],
+        )
 
     def _status(self, connection: Connection, rid: str) -> dict[str, Any]:
         with self.lock:

@@ -21,16 +21,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    ControlNetModel,
+    DiffusionPipeline,
+)
 from PIL import Image, ImageFilter
 
 from ..wire import protocol
 from ..wire.protocol import ErrorCode, GenerateRequest, ProtocolError
 from . import loras as lora_loading
 from .cache import LoadedModel, ModelCache
+from .controlnets import ControlNetCache, ControlNetRegistry
 from .images import decode_image
 from .loras import LoraEntry, LoraRegistry
 from .parameters import GenerationInfo
+from .preprocessors import PREPROCESSORS
 from .presets import PRESETS, lora_preset
 from .previews import LatentPreviewer
 from .resolution import refine_size
@@ -42,6 +50,12 @@ from .schedulers import (
     sampler_name,
 )
 
+# The auto pipeline whose `from_pipe` gives a mode's pipeline its ControlNet variant.
+AUTO_PIPELINES = {
+    "txt2img": AutoPipelineForText2Image,
+    "img2img": AutoPipelineForImage2Image,
+    "inpaint": AutoPipelineForInpainting,
+}
 SEEDS = protocol.MAX_SEED + 1  # seeds are 0 .. MAX_SEED
 # Inward feather of the inpainting mask, as a fraction of the mask's shorter side.
 FEATHER_FRACTION = 0.02
@@ -144,6 +158,26 @@ def feathered_mask(mask: Image.Image) -> Image.Image:
     return Image.fromarray((blurred * hard // 255).astype(np.uint8))
 
 
+def control_arguments(request: GenerateRequest, size: Size, image_argument: str) -> dict[str, Any]:
+    """The ControlNet pipeline's arguments for the request's `control` entries at the pass's
+    size: one ControlNet takes numbers, several take lists."""
+    images = [
+        PREPROCESSORS[c.preprocessor](
+            decode_image(c.image, "RGBA", "control").resize(size, Image.BILINEAR)
+        )
+        for c in request.control
+    ]
+    values = {
+        image_argument: images,
+        "controlnet_conditioning_scale": [c.strength for c in request.control],
+        "control_guidance_start": [c.start for c in request.control],
+        "control_guidance_end": [c.end for c in request.control],
+    }
+    if len(images) == 1:
+        return {key: value[0] for key, value in values.items()}
+    return values
+
+
 class StepCallback:
     """`callback_on_step_end` for both passes: progress counts on across them, previews every
     `preview_every` steps, and a cancelled job stops at the next step."""
@@ -182,11 +216,18 @@ class StepCallback:
 class Engine:
     """Runs jobs, one at a time (on the daemon's worker), on the models of its `ModelCache`."""
 
-    def __init__(self, models: ModelCache, loras: LoraRegistry | None = None) -> None:
+    def __init__(
+        self,
+        models: ModelCache,
+        loras: LoraRegistry | None = None,
+        controlnets: ControlNetRegistry | None = None,
+    ) -> None:
         self.models = models
         self.loras = loras or LoraRegistry(None)
+        self.controlnets = controlnets or ControlNetRegistry(None)
         self.device = models.device
         self.dtype = models.dtype
+        self.loaded_controlnets = ControlNetCache(self.device, self.dtype)
 
     @property
     def model(self) -> str:
@@ -202,13 +243,15 @@ class Engine:
         return self.models.activate(name, on_loading)
 
     def rescan(self) -> None:
-        """Rescan the models and LoRA folders: new downloads become listed, removed files not.
-        Safe on any thread while jobs run and others read the listings."""
+        """Rescan the models, LoRA and ControlNet folders: new downloads become listed, removed
+        files not. Safe on any thread while jobs run and others read the listings."""
         self.models.registry.refresh()
         self.loras.refresh()
+        self.controlnets.refresh()
 
     def check(self, request: GenerateRequest, max_pixels: int | None = None) -> None:
-        """Refuse names that no listed model, scheduler or LoRA has, before the job is queued,
+        """Refuse names that no listed model, scheduler, LoRA or ControlNet has, before the job
+        is queued,
         and a result over `max_pixels` at a resident model's native size (`run` checks it for
         the model it gets). A lookup in the current listings only: it never rescans (`rescan`
         does)."""
@@ -231,6 +274,13 @@ class Engine:
                 f"unknown lora {missing[0]!r}; the models op lists them",
                 "loras",
             )
+        missing = [c.model for c in request.control if self.controlnets.get(c.model) is None]
+        if missing:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_CONTROLNET,
+                f"unknown ControlNet {missing[0]!r}; the models op lists them",
+                "control",
+            )
         if max_pixels is not None:
             resident = self.models.resident(request.model or self.model)
             if resident is not None:
@@ -244,6 +294,17 @@ class Engine:
                 raise ProtocolError(ErrorCode.UNKNOWN_LORA, f"lora {lora.name!r} is gone", "loras")
             entries.append((entry, lora.weight))
         return entries
+
+    def _controlnets(self, request: GenerateRequest, model: LoadedModel) -> list[ControlNetModel]:
+        nets = []
+        for control in request.control:
+            entry = self.controlnets.get(control.model)
+            if entry is None:  # removed from the folder while the job was queued
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_CONTROLNET, f"ControlNet {control.model!r} is gone", "control"
+                )
+            nets.append(self.loaded_controlnets.get(entry, model.txt2img.unet, model.entry.name))
+        return nets
 
     def run(
         self,
@@ -261,7 +322,13 @@ class Engine:
             request.check_size(max_pixels, model.native_size)
         plan = plan_job(request, model)
         loras = self._lora_entries(request)
+        nets = self._controlnets(request, model)
         pipe = job_pipeline(model.pipeline(request.mode), plan)
+        if nets:  # the mode's ControlNet pipeline over the same components and scheduler
+            pipe = AUTO_PIPELINES[request.mode].from_pipe(
+                pipe, controlnet=nets[0] if len(nets) == 1 else nets
+            )
+            pipe.set_progress_bar_config(disable=True)
         # Every schedule is bounded by what the scheduler can hold, whatever the request says.
         limit = max_inference_steps(pipe.scheduler)
         steps, strength, _ = denoising_steps(plan.steps, request.strength, limit)
@@ -304,6 +371,10 @@ class Engine:
             first_pass.update(mask_image=mask.resize(plan.first, Image.BILINEAR))
         if request.mode != "img2img":
             first_pass.update(width=plan.first[0], height=plan.first[1])
+        if nets:
+            first_pass.update(
+                control_arguments(request, plan.first, "image" if init is None else "control_image")
+            )
         try:
             with lora_loading.applied(pipe, loras):
                 images = pipe(**first_pass).images
@@ -354,6 +425,9 @@ class Engine:
                 ),
                 loras=tuple((lora.name, lora.weight) for lora in request.loras),
                 hires_upscale=plan.second[0] / plan.first[0] if plan.second else None,
+                controls=tuple(
+                    (c.preprocessor, c.model, c.strength, c.start, c.end) for c in request.control
+                ),
             )
             results.append(GeneratedImage(image, image_seed, info))
         return results

@@ -20,7 +20,8 @@ from ..wire.protocol import ErrorCode, GenerateRequest, ProtocolError
 
 
 def decode_image(image: protocol.Image, mode: str, field: str | None = None) -> Image.Image:
-    """`image` as RGB (transparency painted over white) or, for a mask, L (its first channel).
+    """`image` as RGB (transparency painted over white), as RGBA (a control layer, whose
+    transparency is meaningful) or, for a mask, L (its first channel).
 
     Bytes that do not decode are a BAD_IMAGE error naming `field`.
     """
@@ -33,6 +34,8 @@ def decode_image(image: protocol.Image, mode: str, field: str | None = None) -> 
         return (
             decoded.getchannel(0) if decoded.mode in ("RGB", "RGBA", "LA") else decoded.convert("L")
         )
+    if mode == "RGBA":
+        return decoded.convert("RGBA")
     if decoded.mode in ("RGBA", "LA", "P"):
         # Transparent canvas areas are painted as white paper, not as their hidden colour.
         decoded = decoded.convert("RGBA")

@@ -27,6 +27,9 @@ class GenerationInfo:
     # pasting the parameters into A1111 applies them again.
     loras: tuple[tuple[str, float], ...] = ()
     hires_upscale: float | None = None  # the second pass's scale over the first image
+    # (preprocessor, ControlNet name, strength, start, end) of each ControlNet, written last as
+    # A1111's ControlNet extension writes them ("Module" is its name for the preprocessor).
+    controls: tuple[tuple[str, str, float, float, float], ...] = ()
 
     def to_parameters(self) -> str:
         fields = [
@@ -41,6 +44,13 @@ class GenerationInfo:
             fields.append(f"Denoising strength: {self.denoising_strength:g}")
         if self.hires_upscale is not None:
             fields.append(f"Hires upscale: {self.hires_upscale:.3g}")
+        for i, (module, model, weight, start, end) in enumerate(self.controls):
+            # Quoted as one value; a quote in a file name would end it early.
+            name = _one_line(model).replace('"', "'")
+            fields.append(
+                f'ControlNet {i}: "Module: {module}, Model: {name}, Weight: {weight:g}, '
+                f'Guidance Start: {start:g}, Guidance End: {end:g}"'
+            )
         # Readers split the text into lines: a line break in a prompt would let it forge a
         # "Negative prompt:" or parameters line, so each prompt becomes one line.
         prompt = _one_line(self.prompt)

@@ -80,6 +80,12 @@ def options() -> list[Option]:
         Option("model_config", str, None, "diffusers folder with the configs for --model's file"),
         Option("models_dir", Path, data / "models", "folder of models listed to clients"),
         Option("loras_dir", Path, data / "loras", "folder of LoRA .safetensors files"),
+        Option(
+            "controlnets_dir",
+            Path,
+            data / "controlnets",
+            "folder of ControlNets: diffusers folders and .safetensors files",
+        ),
         Option("output_dir", Path, default_output_dir(), "where finished images are saved"),
         Option("device", str, "auto", "auto: CUDA, then MPS, then CPU", DEVICES),
         Option("dtype", str, "auto", "auto: fp16 on CUDA, fp32 elsewhere", DTYPES),

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .. import tiny
 from .cache import MemoryOptions, ModelCache
+from .controlnets import ControlNetRegistry
 from .engine import Engine
 from .loras import LoraRegistry
 from .models import ModelRegistry, describe
@@ -57,7 +58,9 @@ def build_engine(settings: Settings, model: str) -> Engine:
         model_settings=settings.models,
         allow_pickle=settings.allow_pickle,
     )
-    return Engine(models, LoraRegistry(settings.loras_dir))
+    return Engine(
+        models, LoraRegistry(settings.loras_dir), ControlNetRegistry(settings.controlnets_dir)
+    )
 
 
 def ray_environment(address: str) -> None:

@@ -31,6 +31,11 @@ MAX_ID_CHARS = 128
 MAX_NAME_CHARS = 256  # model, LoRA and scheduler names
 MAX_LORAS = 8
 MAX_LORA_WEIGHT = 10.0
+MAX_CONTROLS = 4
+MAX_CONTROL_STRENGTH = 2.0
+# What the daemon can make of a control layer's pixels before its ControlNet sees them
+# (docs/protocol.md, `control`): `none` takes the image as the ControlNet's input.
+PREPROCESSORS = ("none", "scribble", "canny")
 # A `hello` session key ties a client's results together across its connections: a secret the
 # client draws at random, long enough that nobody guesses another client's.
 MIN_SESSION_CHARS = 16
@@ -54,6 +59,8 @@ class ErrorCode:
     UNKNOWN_SCHEDULER = "unknown_scheduler"
     UNKNOWN_LORA = "unknown_lora"
     LORA_LOAD_FAILED = "lora_load_failed"
+    UNKNOWN_CONTROLNET = "unknown_controlnet"
+    CONTROLNET_LOAD_FAILED = "controlnet_load_failed"
     MODEL_LOAD_FAILED = "model_load_failed"
     UNKNOWN_JOB = "unknown_job"
     BUSY = "busy"
@@ -325,6 +332,19 @@ class LoraWeight:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class ControlInput:
+    """One ControlNet of a job: its input image, how strongly and over which part of the steps
+    it steers (diffusers' `controlnet_conditioning_scale`, `control_guidance_start`/`_end`)."""
+
+    image: Image
+    model: str
+    preprocessor: str = "none"
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
 @dataclass
 class GenerateRequest:
     """A validated `generate` request; field names follow diffusers. None: the model's default."""
@@ -348,6 +368,7 @@ class GenerateRequest:
     exact_size: bool = False
     refine_strength: float = 0.0
     live: bool = False
+    control: tuple[ControlInput, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -409,6 +430,7 @@ OP_FIELDS: dict[str, frozenset[str]] = {
             "exact_size",
             "refine_strength",
             "live",
+            "control",
         }
     ),
 }
@@ -509,6 +531,7 @@ def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateReques
     model = _name(message, "model")
     scheduler = _name(message, "scheduler")
     loras = _loras(message)
+    control = _control(message, limits)
     exact_size = _flag(message, "exact_size")
     live = _flag(message, "live")
     refine_strength = float(_get(message, "refine_strength", (int, float), 0.0))
@@ -551,6 +574,7 @@ def validate_generate(message: dict[str, Any], limits: Limits) -> GenerateReques
         exact_size=exact_size,
         refine_strength=refine_strength,
         live=live,
+        control=control,
     )
     request.check_size(limits.max_pixels)  # the model's native size is the engine's to check
     return request
@@ -609,6 +633,76 @@ def _loras(message: dict[str, Any]) -> tuple[LoraWeight, ...]:
             )
         loras.append(LoraWeight(name, float(weight)))
     return tuple(loras)
+
+
+CONTROL_FIELDS = ("image", "model", "preprocessor", "strength", "start", "end")
+
+
+def _control(message: dict[str, Any], limits: Limits) -> tuple[ControlInput, ...]:
+    """The `control` list; every fault inside an entry is named as the field `control`."""
+    items = _get(message, "control", list, [])
+    if len(items) > MAX_CONTROLS:
+        raise ProtocolError(
+            ErrorCode.OUT_OF_RANGE, f"at most {MAX_CONTROLS} control entries", "control"
+        )
+    controls = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError(ErrorCode.BAD_TYPE, "each control entry must be a map", "control")
+        unknown = sorted(repr(key) for key in item if key not in CONTROL_FIELDS)
+        if unknown:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_FIELD,
+                f"a control entry has an unknown field {unknown[0]}",
+                "control",
+            )
+        for key in ("image", "model"):
+            if item.get(key) is None:
+                raise ProtocolError(
+                    ErrorCode.MISSING_FIELD, f"each control entry needs {key!r}", "control"
+                )
+        model, preprocessor = item["model"], item.get("preprocessor", "none")
+        numbers = [
+            item.get(key, default)
+            for key, default in (("strength", 1.0), ("start", 0.0), ("end", 1.0))
+        ]
+        if (
+            not isinstance(model, str)
+            or not isinstance(preprocessor, str)
+            or any(isinstance(n, bool) or not isinstance(n, (int, float)) for n in numbers)
+        ):
+            raise ProtocolError(
+                ErrorCode.BAD_TYPE,
+                "a control entry's model and preprocessor are str; strength, start and end "
+                "int or float",
+                "control",
+            )
+        strength, start, end = (float(n) for n in numbers)
+        if not 0 < len(model) <= MAX_NAME_CHARS:
+            raise ProtocolError(
+                ErrorCode.OUT_OF_RANGE,
+                f"a control entry's model is 1..{MAX_NAME_CHARS} chars",
+                "control",
+            )
+        if preprocessor not in PREPROCESSORS:
+            raise ProtocolError(
+                ErrorCode.OUT_OF_RANGE,
+                f"unknown preprocessor {preprocessor[:MAX_NAME_CHARS]!r}; choose one of "
+                f"{', '.join(PREPROCESSORS)}",
+                "control",
+            )
+        if not (
+            0.0 <= strength <= MAX_CONTROL_STRENGTH and 0.0 <= start < end <= 1.0
+        ):  # NaN fails every comparison
+            raise ProtocolError(
+                ErrorCode.OUT_OF_RANGE,
+                f"a control entry's strength is in 0..{MAX_CONTROL_STRENGTH:g}, and "
+                "0 <= start < end <= 1",
+                "control",
+            )
+        image = Image.from_dict(item["image"], "control", limits)
+        controls.append(ControlInput(image, model, preprocessor, strength, start, end))
+    return tuple(controls)
 
 
 def validate_cancel(message: dict[str, Any]) -> str:
