@@ -17,6 +17,7 @@ from helpers import (
     pixels,
     raw_image,
     result_image,
+    sdbridge,
     solid_image,
     wait_until,
 )
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 
 from sdbridge.daemon.controlnets import ControlNetCache, ControlNetRegistry
 from sdbridge.daemon.preprocessors import PREPROCESSORS
+from sdbridge.editor.control import ControlChoice, parse_control
 from sdbridge.editor.history import saved_settings
 from sdbridge.editor.results import SavedResult
 from sdbridge.wire import protocol
@@ -68,14 +70,21 @@ def controlnets(pipeline_dir: Path, library: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def peer(pipeline_dir: Path, library: Path, controlnets: Path, tmp_path_factory) -> Peer:
+def control_daemon(
+    pipeline_dir: Path, library: Path, controlnets: Path, tmp_path_factory
+) -> DaemonProcess:
     workdir = tmp_path_factory.mktemp("control-daemon")
     folders = ("--controlnets-dir", str(controlnets), "--models-dir", str(library / "models"))
     process = DaemonProcess(pipeline_dir, workdir, *folders).start()
-    connection = Peer(process.address)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def peer(control_daemon: DaemonProcess) -> Peer:
+    connection = Peer(control_daemon.address)
     yield connection
     connection.close()
-    process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +246,15 @@ BAD_CONTROL = [
 ]
 
 
+def test_a_control_png_that_does_not_decode_is_refused_before_accepted(peer: Peer) -> None:
+    png = protocol.encode_png(SIZE, SIZE, pixels(LEFT).tobytes())
+    broken = {"width": SIZE, "height": SIZE, "format": "png", "data": png[:-40]}
+    events = peer.generate(**JOB, control=[control(image=broken)])
+    assert [(e["event"], e.get("code"), e.get("field")) for e in events] == [
+        ("error", "bad_image", "control")
+    ]
+
+
 @pytest.mark.parametrize(("fields", "code"), BAD_CONTROL)
 def test_malformed_control_entries_are_refused_naming_the_field(fields: dict, code: str) -> None:
     with pytest.raises(ProtocolError) as raised:
@@ -298,3 +316,34 @@ def test_a_loaded_controlnet_is_kept_until_its_file_changes(
     path = folder / "edges.safetensors"
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert cache.get(entry, unet, "tiny-sd") is not first
+
+
+def test_the_cli_sends_control_layers_as_the_protocol_does(
+    control_daemon: DaemonProcess, peer: Peer, tmp_path: Path
+) -> None:
+    layer = tmp_path / "scribble.png"
+    Image.fromarray(pixels(LEFT)).save(layer)
+    out = tmp_path / "out.png"
+    job = ("generate", JOB["prompt"], "--model", "tiny-sd", "--steps", "4", "--seed", "7")
+    done = sdbridge(
+        *job, "--address", control_daemon.address, "-o", str(out), "--control", f"edges,{layer}"
+    )
+    assert done.returncode == 0, done.stderr
+    drawn = np.asarray(Image.open(out).convert("RGBA"), np.int32)
+    assert np.array_equal(drawn, image(peer, control()))
+    bad = sdbridge(*job, "--address", control_daemon.address, "--control", f"edges,{layer},depth")
+    assert bad.returncode == 2 and "scribble" in bad.stderr
+
+
+def test_a_control_spec_reads_as_the_cli_documents_it() -> None:
+    assert parse_control("edges, a.png") == (ControlChoice("edges"), "a.png")
+    assert parse_control("styles/blobs,b.png,scribble,0.6,0.1,0.7") == (
+        ControlChoice("styles/blobs", "scribble", 0.6, 0.1, 0.7),
+        "b.png",
+    )
+    for spec in ("edges", "edges,a.png,canny,x", "edges,a.png,none,1,0.5", ",a.png"):
+        with pytest.raises(ValueError, match="--control"):
+            parse_control(spec)
+    assert ControlChoice("edges", strength=0.5).entry(LEFT) == control(
+        preprocessor="none", strength=0.5, start=0.0, end=1.0
+    )

@@ -177,6 +177,7 @@ def generate(args: argparse.Namespace) -> int:
 
     from .daemon.outputs import encode_png, write_atomically
     from .editor.config import session_key
+    from .editor.control import parse_control
     from .editor.session import Phase, Session, Settings, request_fields
 
     # What is not given stays unset: the daemon fills in the model's defaults (few-step models...).
@@ -207,12 +208,20 @@ def generate(args: argparse.Namespace) -> int:
             return 2
         settings = styles[args.style].apply(settings)
     try:
+        controls = [parse_control(spec) for spec in args.control]
+    except ValueError as exc:
+        print(f"sdbridge: {exc}", file=sys.stderr)
+        return 2
+    try:
         init = _load_image(args.init_image).to_dict() if args.init_image else None
         mask = _load_image(args.mask).to_dict() if args.mask else None
+        control = [choice.entry(_load_image(path).to_dict()) for choice, path in controls]
     except OSError as exc:
         print(f"sdbridge: cannot read image: {exc}", file=sys.stderr)
         return 2
-    fields = request_fields(settings, args.width, args.height, init, mask, args.exact_size)
+    fields = request_fields(
+        settings, args.width, args.height, init, mask, args.exact_size, control=control
+    )
 
     # The artist's session key: `sdbridge results` finds the images of a run cut short.
     with Session(args.address, client_name=CLI_NAME, session_key=session_key()) as session:
@@ -440,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="a sampler by its A1111 name, e.g. 'DPM++ 2M Karras'")
     p.add_argument(
         "--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="repeatable"
+    )
+    p.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="MODEL,IMAGE[,PREPROCESSOR[,STRENGTH[,START,END]]]",
+        help="a ControlNet from `sdbridge models` steering by IMAGE (repeatable); "
+        "preprocessor none, scribble or canny",
     )
     p.add_argument(
         "--exact-size", action="store_true", help="generate at --width x --height, not native"

@@ -296,6 +296,13 @@ class Engine:
         return entries
 
     def _controlnets(self, request: GenerateRequest, model: LoadedModel) -> list[ControlNetModel]:
+        unet = getattr(model.txt2img, "unet", None)
+        if request.control and unet is None:  # a transformer model (SD 3, Flux)
+            raise ProtocolError(
+                ErrorCode.CONTROLNET_LOAD_FAILED,
+                f"model {model.entry.name!r} ({model.family}) has no UNet for a ControlNet here",
+                "control",
+            )
         nets = []
         for control in request.control:
             entry = self.controlnets.get(control.model)
@@ -303,7 +310,7 @@ class Engine:
                 raise ProtocolError(
                     ErrorCode.UNKNOWN_CONTROLNET, f"ControlNet {control.model!r} is gone", "control"
                 )
-            nets.append(self.loaded_controlnets.get(entry, model.txt2img.unet, model.entry.name))
+            nets.append(self.loaded_controlnets.get(entry, unet, model.entry.name))
         return nets
 
     def run(
@@ -325,9 +332,17 @@ class Engine:
         nets = self._controlnets(request, model)
         pipe = job_pipeline(model.pipeline(request.mode), plan)
         if nets:  # the mode's ControlNet pipeline over the same components and scheduler
-            pipe = AUTO_PIPELINES[request.mode].from_pipe(
-                pipe, controlnet=nets[0] if len(nets) == 1 else nets
-            )
+            try:
+                pipe = AUTO_PIPELINES[request.mode].from_pipe(
+                    pipe, controlnet=nets[0] if len(nets) == 1 else nets
+                )
+            except ValueError as exc:  # diffusers has no ControlNet variant of this pipeline
+                raise ProtocolError(
+                    ErrorCode.CONTROLNET_LOAD_FAILED,
+                    f"model {model.entry.name!r} ({model.family}) has no ControlNet pipeline "
+                    f"for {request.mode}",
+                    "control",
+                ) from exc
             pipe.set_progress_bar_config(disable=True)
         # Every schedule is bounded by what the scheduler can hold, whatever the request says.
         limit = max_inference_steps(pipe.scheduler)

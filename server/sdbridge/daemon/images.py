@@ -75,6 +75,7 @@ def check_images(request: GenerateRequest) -> None:
     for field, image, mode in (
         ("init_image", request.init_image, "RGB"),
         ("mask_image", request.mask_image, "L"),
+        *(("control", control.image, "RGBA") for control in request.control),
     ):
         if image is not None and image.format == "png":
             decode_image(image, mode, field)

@@ -21,7 +21,7 @@ import enum
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias
 
@@ -110,9 +110,11 @@ def request_fields(
     mask_image: Mapping[str, Any] | None = None,
     exact_size: bool = False,
     live: bool = False,
+    control: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The fields of a `generate` request (without v/op/id): exactly what was set. `live`: the
-    connection's live job, superseding its previous one; neither saved nor listed."""
+    connection's live job, superseding its previous one; neither saved nor listed. `control`:
+    the `control` entries (`ControlChoice.entry`)."""
     fields: dict[str, Any] = {"prompt": settings.prompt}
     optional: dict[str, Any] = {
         "negative_prompt": settings.negative_prompt or None,
@@ -137,6 +139,8 @@ def request_fields(
         fields["exact_size"] = True
     if live:
         fields["live"] = True
+    if control:
+        fields["control"] = [dict(entry) for entry in control]
     return fields
 
 
