@@ -16,7 +16,6 @@ import inspect
 import json
 import logging
 import tempfile
-import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
 from ..wire.protocol import ErrorCode, ProtocolError
+from .listing import FolderListing
 from .models import SD1, SD2, SD2_CROSS_ATTENTION_DIM, SDXL, _HeaderShapes, _size
 
 log = logging.getLogger(__name__)
@@ -83,25 +83,11 @@ def describe_file(path: Path, name: str) -> ControlNetEntry | None:
     return ControlNetEntry(name, path, family_of(cross, text_time), cross, path.stat().st_size)
 
 
-class ControlNetRegistry:
-    """The ControlNets of a folder by name, rescanned on request; names are keys, never paths.
-    As `LoraRegistry`: a rescan builds the new listing aside and swaps it in at once."""
+class ControlNetRegistry(FolderListing[ControlNetEntry]):
+    """The ControlNets of a folder by name: a folder's relative path, a file's without
+    `.safetensors`."""
 
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
-        self._refreshing = threading.Lock()
-        self._entries: dict[str, ControlNetEntry] = {}  # replaced whole, never changed in place
-        self.refresh()
-
-    def refresh(self) -> None:
-        with self._refreshing:
-            entries: dict[str, ControlNetEntry] = {}
-            if self.folder and self.folder.is_dir():
-                for entry in self._scan(self.folder):
-                    entries[entry.name] = entry
-            self._entries = entries
-
-    def _scan(self, folder: Path) -> list[ControlNetEntry]:
+    def scan(self, folder: Path) -> list[ControlNetEntry]:
         found = []
         pending = [folder]
         while pending:
@@ -125,12 +111,6 @@ class ControlNetRegistry:
                 if entry is not None:
                     found.append(entry)
         return found
-
-    def get(self, name: str) -> ControlNetEntry | None:
-        return self._entries.get(name)
-
-    def entries(self) -> list[ControlNetEntry]:
-        return list(self._entries.values())
 
 
 class ControlNetCache:

@@ -267,20 +267,22 @@ class Engine:
                 f"unknown scheduler {request.scheduler!r}; choose one of {', '.join(SAMPLERS)}",
                 "scheduler",
             )
-        missing = [lora.name for lora in request.loras if self.loras.get(lora.name) is None]
-        if missing:
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_LORA,
-                f"unknown lora {missing[0]!r}; the models op lists them",
-                "loras",
-            )
-        missing = [c.model for c in request.control if self.controlnets.get(c.model) is None]
-        if missing:
-            raise ProtocolError(
+        named = (
+            (ErrorCode.UNKNOWN_LORA, "lora", "loras", self.loras, [x.name for x in request.loras]),
+            (
                 ErrorCode.UNKNOWN_CONTROLNET,
-                f"unknown ControlNet {missing[0]!r}; the models op lists them",
+                "ControlNet",
                 "control",
-            )
+                self.controlnets,
+                [x.model for x in request.control],
+            ),
+        )
+        for code, kind, field, listing, names in named:
+            missing = [name for name in names if listing.get(name) is None]
+            if missing:
+                raise ProtocolError(
+                    code, f"unknown {kind} {missing[0]!r}; the models op lists them", field
+                )
         if max_pixels is not None:
             resident = self.models.resident(request.model or self.model)
             if resident is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from ..wire.protocol import ErrorCode, ProtocolError
+from .listing import FolderListing
 
 log = logging.getLogger(__name__)
 
@@ -33,38 +33,23 @@ class LoraEntry:
         return {"name": self.name, "size_bytes": self.size_bytes}
 
 
-class LoraRegistry:
-    """The LoRAs of a folder by name (relative path without `.safetensors`), rescanned on
-    request; names are keys, never paths. A rescan may run on any thread while others read: the
-    new listing is built aside and swapped in with one assignment."""
+class LoraRegistry(FolderListing[LoraEntry]):
+    """The LoRAs of a folder by name: relative path without `.safetensors`."""
 
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
-        self._refreshing = threading.Lock()  # one rescan at a time: the newest scan publishes last
-        self._entries: dict[str, LoraEntry] = {}  # replaced whole, never changed in place
-        self.refresh()
-
-    def refresh(self) -> None:
-        with self._refreshing:
-            entries: dict[str, LoraEntry] = {}
-            if self.folder and self.folder.is_dir():
-                for path in sorted(self.folder.rglob("*.safetensors")):
-                    if any(part.startswith(".") for part in path.relative_to(self.folder).parts):
-                        continue
-                    name = path.relative_to(self.folder).with_suffix("").as_posix()
-                    try:
-                        size = path.stat().st_size
-                    except OSError as exc:  # a dangling link, or removed while scanning
-                        log.warning("skipping LoRA %s: %s", path, exc)
-                        continue
-                    entries[name] = LoraEntry(name, path, size)
-            self._entries = entries
-
-    def get(self, name: str) -> LoraEntry | None:
-        return self._entries.get(name)
-
-    def entries(self) -> list[LoraEntry]:
-        return list(self._entries.values())
+    def scan(self, folder: Path) -> list[LoraEntry]:
+        entries = []
+        for path in sorted(folder.rglob("*.safetensors")):
+            if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                continue
+            try:
+                size = path.stat().st_size
+            except OSError as exc:  # a dangling link, or removed while scanning
+                log.warning("skipping LoRA %s: %s", path, exc)
+                continue
+            entries.append(
+                LoraEntry(path.relative_to(folder).with_suffix("").as_posix(), path, size)
+            )
+        return entries
 
 
 @contextlib.contextmanager
