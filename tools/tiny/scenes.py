@@ -9,7 +9,7 @@ the same part of a 184x88 image as of a 128x128 one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -68,6 +68,9 @@ class Obj:
     shape: str
     size: str
     position: str
+    # A centre anywhere (fractions of the width and height) in place of the named position's:
+    # where a control image, not the caption, decides.
+    at: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class Scene:
 
     def centre(self, obj: Obj) -> tuple[float, float]:
         """The object's nominal centre in pixels."""
-        fx, fy = POSITIONS[obj.position]
+        fx, fy = obj.at or POSITIONS[obj.position]
         return fx * self.width, fy * self.height
 
     def diameter(self, obj: Obj) -> float:
@@ -127,6 +130,17 @@ def sample_scene(
                 break
         objects.append(Obj(colour, shape, str(rng.choice(list(SIZES))), position))
     return Scene(tuple(objects), background, seed, width, height)
+
+
+def sample_free_scene(seed: int, width: int = SIZE, height: int = SIZE) -> Scene:
+    """One object of a training colour and shape centred anywhere (not only at the named places),
+    its named position the nearest one: a scene whose layout a control image gives."""
+    rng = np.random.default_rng(seed)
+    scene = sample_scene(seed, two_objects=0, width=width, height=height)
+    at = (float(rng.uniform(0.15, 0.85)), float(rng.uniform(0.15, 0.85)))
+    nearest = min(POSITIONS, key=lambda p: np.hypot(*np.subtract(POSITIONS[p], at)))
+    (obj,) = scene.objects
+    return replace(scene, objects=(replace(obj, position=nearest, at=at),))
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, d: float) -> list[tuple[float, float]]:

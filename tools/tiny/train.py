@@ -70,11 +70,17 @@ def buckets() -> list[tuple[int, int]]:
     )
 
 
-def bucket_scene(seed: int, sizes: list[tuple[int, int]], rng: np.random.Generator) -> Scene:
-    """A training scene at a random bucket; the square one, the commonest canvas, twice as often."""
+def bucket_scene(
+    seed: int,
+    sizes: list[tuple[int, int]],
+    rng: np.random.Generator,
+    sample: Callable[..., Scene] = sample_scene,
+) -> Scene:
+    """A training scene from `sample` at a random bucket; the square one, the commonest canvas,
+    twice as often."""
     weights = np.array([2.0 if w == h else 1.0 for w, h in sizes])
     width, height = sizes[int(rng.choice(len(sizes), p=weights / weights.sum()))]
-    return sample_scene(seed, width=width, height=height)
+    return sample(seed, width=width, height=height)
 
 
 def build_vae() -> AutoencoderKL:
@@ -310,13 +316,19 @@ class Pool:
 
 
 @torch.no_grad()
-def encode_pool(vae: AutoencoderKL, count: int, seconds: float | None) -> Pool:
-    """Encode up to `count` scenes once (at least 2048), stopping early when `seconds` run out;
-    the scenes are spread over the buckets and encoded a bucket's chunk at a time."""
+def encode_pool(
+    vae: AutoencoderKL,
+    count: int,
+    seconds: float | None,
+    sample: Callable[..., Scene] = sample_scene,
+) -> Pool:
+    """Encode up to `count` scenes from `sample` once (at least 2048), stopping early when
+    `seconds` run out; the scenes are spread over the buckets and encoded a bucket's chunk at a
+    time."""
     started = time.monotonic()
     rng = np.random.default_rng(4)
     sizes = buckets()
-    scenes = [bucket_scene(100_000 + i, sizes, rng) for i in range(count)]
+    scenes = [bucket_scene(100_000 + i, sizes, rng, sample) for i in range(count)]
     by_size: dict[tuple[int, int], list[Scene]] = {size: [] for size in sizes}
     for scene in scenes:
         by_size[scene.width, scene.height].append(scene)

@@ -1,0 +1,49 @@
+"""The embedded model's ControlNet recipe: scribbles where the object is, and a training run
+that saves a ControlNet the daemon lists and loads for the embedded model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from tools.tiny.scenes import POSITIONS, render, sample_free_scene
+from tools.tiny.scribbles import KINDS, scribble, silhouette
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_scribble_marks_where_the_object_is(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    for seed, (width, height) in enumerate([(128, 128), (168, 96), (112, 144)] * 5):
+        scene = sample_free_scene(seed, width, height)
+        mask = silhouette(scene, render(scene))
+        marks = scribble(mask, rng, kind) > 0
+        # Near the object: within a hand's slip (10 px) of its silhouette.
+        near = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))
+        near = np.asarray(near.filter(ImageFilter.MaxFilter(21))) > 0
+        assert marks.any(), (kind, seed)
+        assert (marks & near).sum() >= 0.95 * marks.sum(), (kind, seed)
+
+
+def test_free_scenes_put_the_object_anywhere_not_only_at_the_named_places() -> None:
+    centres = [sample_free_scene(seed).objects[0].at for seed in range(200)]
+    named = set(POSITIONS.values())
+    assert all(c is not None and c not in named for c in centres)
+    xs, ys = zip(*centres, strict=True)
+    assert min(xs) < 0.25 < 0.75 < max(xs) and min(ys) < 0.25 < 0.75 < max(ys)
+
+
+def test_training_saves_a_controlnet_the_daemon_loads_for_the_embedded_model(tmp_path) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdbridge.daemon.controlnets import ControlNetCache, ControlNetRegistry
+    from sdbridge.tiny import MODEL_DIR
+    from tools.tiny.train_controlnet import main
+
+    main(["--out", str(tmp_path / "scribble"), "--steps", "2", "--pool", "32"])
+    (entry,) = ControlNetRegistry(tmp_path).entries()
+    assert (entry.name, entry.family) == ("scribble", "sd1")
+    unet = StableDiffusionPipeline.from_pretrained(MODEL_DIR).unet
+    net = ControlNetCache(torch.device("cpu"), torch.float32).get(entry, unet, "sdbridge-tiny")
+    assert net.config.conditioning_embedding_out_channels == [16, 32, 64, 64]
