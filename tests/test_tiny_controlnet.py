@@ -47,3 +47,17 @@ def test_training_saves_a_controlnet_the_daemon_loads_for_the_embedded_model(tmp
     unet = StableDiffusionPipeline.from_pretrained(MODEL_DIR).unet
     net = ControlNetCache(torch.device("cpu"), torch.float32).get(entry, unet, "sdbridge-tiny")
     assert net.config.conditioning_embedding_out_channels == [16, 32, 64, 64]
+
+
+def test_the_evaluation_scores_an_object_that_covers_its_scribble_as_a_hit() -> None:
+    from tools.tiny.analyse import objects_mask
+    from tools.tiny.evaluate import CONTROL_IOU, control_cases, iou
+
+    cases = control_cases(3)
+    assert [kind for kind, *_ in cases[:4]] == [*KINDS, "diagonal bar"]
+    for kind, scene, region, marks in cases:
+        # The ground-truth picture of a scene covers the region it was scribbled from.
+        if kind != "diagonal bar":
+            assert iou(objects_mask(render(scene)), region) >= 0.9
+        assert iou(marks > 0, region) > (0.5 if kind in ("blob", "diagonal bar") else 0.0)
+    assert iou(region, ~region) == 0.0 < CONTROL_IOU

@@ -125,9 +125,16 @@ def classify_shape(mask: np.ndarray) -> str:
     return "circle" if fill > 0.64 else "triangle"
 
 
-def analyse(image: np.ndarray) -> Analysis:
-    """Read the attributes of the (largest) object in an RGB uint8 image, and count them."""
+def objects_mask(image: np.ndarray) -> np.ndarray:
+    """Where an RGB uint8 image shows objects: pixels far from its background, stars removed."""
     pixels = image.astype(np.float32)
+    _, bg_colour = _background(pixels)
+    far = np.linalg.norm(pixels - bg_colour, axis=-1) > OBJECT_DISTANCE
+    return _shift_all(_shift_all(far, "all"), "any")
+
+
+def _background(pixels: np.ndarray) -> tuple[str, np.ndarray]:
+    """The palette background most border pixels are nearest to, and their median colour."""
     border = np.concatenate(
         [
             pixels[:2].reshape(-1, 3),
@@ -138,11 +145,14 @@ def analyse(image: np.ndarray) -> Analysis:
     )
     labels = _nearest(border, BACKGROUNDS)
     winner = int(np.bincount(labels, minlength=len(BACKGROUNDS)).argmax())
-    background = list(BACKGROUNDS)[winner]
-    bg_colour = np.median(border[labels == winner], axis=0)
+    return list(BACKGROUNDS)[winner], np.median(border[labels == winner], axis=0)
 
-    far = np.linalg.norm(pixels - bg_colour, axis=-1) > OBJECT_DISTANCE
-    blobs = _blobs(_shift_all(_shift_all(far, "all"), "any"))
+
+def analyse(image: np.ndarray) -> Analysis:
+    """Read the attributes of the (largest) object in an RGB uint8 image, and count them."""
+    pixels = image.astype(np.float32)
+    background, _ = _background(pixels)
+    blobs = _blobs(objects_mask(image))
     if not blobs or len(blobs[0]) < MIN_BLOB:
         return Analysis(background)
     least = max(MIN_BLOB, COUNT_SHARE * len(blobs[0]))

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from sdbridge.daemon.models import SD1
 from sdbridge.daemon.resolution import size_range
 from sdbridge.tiny import MODEL_DIR
 
-from .analyse import ATTRIBUTES, analyse, score
+from .analyse import ATTRIBUTES, analyse, objects_mask, score
 from .scenes import (
     BACKGROUNDS,
     HELD_OUT,
@@ -45,8 +45,10 @@ from .scenes import (
     allowed,
     caption,
     render,
+    sample_free_scene,
     sample_scene,
 )
+from .scribbles import KINDS, scribble, silhouette
 from .train import to_tensor
 
 TARGETS = {"colour": 0.9, "background": 0.9, "position": 0.8, "shape": 0.8}
@@ -216,6 +218,87 @@ def img2img_change(pipe: StableDiffusionPipeline, count: int = 20) -> dict[float
     return change
 
 
+# Held-out control images (issue #17): objects where training put none, and a thin diagonal
+# bar, a shape no scene has; the object's region must overlap them with IoU >= 0.6.
+CONTROL_IOU = 0.6
+
+
+def diagonal_bar(width: int, height: int) -> np.ndarray:
+    """A bar 10% of the shorter side thick from the bottom left to the top right quarter."""
+    canvas = Image.new("L", (width, height), 0)
+    thick = max(2, round(0.1 * min(width, height)))
+    ImageDraw.Draw(canvas).line(
+        (0.2 * width, 0.75 * height, 0.75 * width, 0.2 * height), fill=255, width=thick
+    )
+    return np.asarray(canvas) > 0
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
+
+
+def control_cases(count: int) -> list[tuple[str, Scene, np.ndarray, np.ndarray]]:
+    """(kind, scene, region, control image): each scribble kind on held-out free scenes at
+    three buckets, and the diagonal bar as a blob; region is what the object should cover."""
+    rng = np.random.default_rng(7)
+    sizes = [(128, 128), (144, 112), (112, 144)]
+    cases = []
+    for i in range(count):
+        scene = sample_free_scene(700_000 + i, *sizes[i % len(sizes)])
+        region = silhouette(scene)
+        for kind in KINDS:
+            cases.append((kind, scene, region, scribble(region, rng, kind)))
+        bar = diagonal_bar(scene.width, scene.height)
+        cases.append(("diagonal bar", scene, bar, np.where(bar, 255, 0).astype(np.uint8)))
+    return cases
+
+
+def control_report(pipe: StableDiffusionPipeline, controlnet: Path, count: int = 12) -> None:
+    """How well a ControlNet puts the object where its control image is, per kind, against the
+    same prompts without control; and whether colour and background stay right."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    steered = StableDiffusionControlNetPipeline.from_pipe(
+        pipe, controlnet=ControlNetModel.from_pretrained(controlnet)
+    )
+    steered.set_progress_bar_config(disable=True)
+    cases = control_cases(count)
+    print(f"\ncontrol ({controlnet}): object region IoU with the marked region, {STEPS} steps")
+    print(f"{'':36}{'IoU>=0.6':>12}{'mean IoU':>12}{'colour':>12}{'background':>12}{'n':>8}")
+    for kind in (*KINDS, "diagonal bar"):
+        chosen = [c for c in cases if c[0] == kind]
+        for label, control in (("with control", True), ("without (baseline)", False)):
+            images = []
+            for _, scene, _, marks in chosen:
+                prompt = caption(scene, position=False)
+                seed = torch.Generator().manual_seed(scene.seed)
+                common = dict(
+                    num_inference_steps=STEPS,
+                    guidance_scale=GUIDANCE,
+                    width=scene.width,
+                    height=scene.height,
+                    generator=seed,
+                )
+                out = (
+                    steered(prompt, image=Image.fromarray(marks).convert("RGB"), **common)
+                    if control
+                    else pipe(prompt, **common)
+                )
+                images.append(np.asarray(out.images[0].convert("RGB")))
+            pairs = list(zip(images, chosen, strict=True))
+            overlaps = [iou(objects_mask(im), region) for im, (_, _, region, _) in pairs]
+            found = [(analyse(im), scene) for im, (_, scene, _, _) in pairs]
+            colour = np.mean([a.colour == scene.objects[0].colour for a, scene in found])
+            ground = np.mean([a.background == scene.background for a, scene in found])
+            hits = np.mean([o >= CONTROL_IOU for o in overlaps])
+            print(
+                f"{kind + ', ' + label:36}{hits:>11.1%} {np.mean(overlaps):>11.2f} "
+                f"{colour:>11.1%} {ground:>11.1%} {len(chosen):>7}"
+            )
+    print(f"{'target':36}{'>= 80%':>12}{'-':>12}{'>= 95%':>12}{'>= 95%':>12}")
+
+
 def chance(scenes: list[Scene]) -> dict[str, float]:
     """Accuracy of always answering the most frequent value (the best blind guess)."""
     values = {
@@ -298,9 +381,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--editor-only", action="store_true", help="only the editor sizes, short prompts, img2img"
     )
+    parser.add_argument(
+        "--controlnet", type=Path, help="only how well this ControlNet of the model steers"
+    )
     args = parser.parse_args(argv)
 
     pipe = load(args.model)
+    if args.controlnet:
+        control_report(pipe, args.controlnet)
+        return
     held_out = eval_scenes(HELD_OUT, seed=1)
     if not args.editor_only:
         base(pipe, held_out, args.sheet)
