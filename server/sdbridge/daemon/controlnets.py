@@ -33,8 +33,10 @@ from .models import SD1, SD2, SD2_CROSS_ATTENTION_DIM, SDXL, _HeaderShapes, _siz
 log = logging.getLogger(__name__)
 
 SDXL_CROSS_ATTENTION_DIM = 2048
-# How many ControlNets stay loaded: enough for a few control layers used in turn.
-CACHED = 4
+# How many ControlNets stay loaded after their job: an SDXL one holds 2.5 GB in fp16, and the
+# model itself needs the device's memory more. A job's own ControlNets are all loaded while it
+# runs, however many it names.
+CACHED = 2
 # `infer_diffusers_model_type` names of the ControlNets whose keys it recognises.
 CONTROLNET_TYPES = ("controlnet", "controlnet_xl_large", "controlnet_xl_mid", "controlnet_xl_small")
 

@@ -251,10 +251,9 @@ class Engine:
 
     def check(self, request: GenerateRequest, max_pixels: int | None = None) -> None:
         """Refuse names that no listed model, scheduler, LoRA or ControlNet has, before the job
-        is queued,
-        and a result over `max_pixels` at a resident model's native size (`run` checks it for
-        the model it gets). A lookup in the current listings only: it never rescans (`rescan`
-        does)."""
+        is queued, and a result over `max_pixels` at a resident model's native size (`run`
+        checks it for the model it gets). A lookup in the current listings only: it never
+        rescans (`rescan` does)."""
         if request.model is not None and self.models.registry.get(request.model) is None:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_MODEL,
