@@ -99,7 +99,8 @@ class ScriptedDaemon:
             self._send(
                 peer, "hello", rid, server="scripted", protocol=[1], device="cpu",
                 dtype="float32", model="scripted", models=["scripted"], native_size=[64, 64],
-                schedulers=["Euler"], loras=[], capabilities=["txt2img", "cancel"], limits=limits,
+                schedulers=["Euler"], loras=[], controlnets=[], preprocessors=["none"],
+                capabilities=["txt2img", "cancel"], limits=limits,
             )  # fmt: skip
         elif op == "status":
             queue = [
