@@ -128,7 +128,10 @@ def classify_shape(mask: np.ndarray) -> str:
 def objects_mask(image: np.ndarray) -> np.ndarray:
     """Where an RGB uint8 image shows objects: pixels far from its background, stars removed."""
     pixels = image.astype(np.float32)
-    _, bg_colour = _background(pixels)
+    return _far_from(pixels, _background(pixels)[1])
+
+
+def _far_from(pixels: np.ndarray, bg_colour: np.ndarray) -> np.ndarray:
     far = np.linalg.norm(pixels - bg_colour, axis=-1) > OBJECT_DISTANCE
     return _shift_all(_shift_all(far, "all"), "any")
 
@@ -151,8 +154,8 @@ def _background(pixels: np.ndarray) -> tuple[str, np.ndarray]:
 def analyse(image: np.ndarray) -> Analysis:
     """Read the attributes of the (largest) object in an RGB uint8 image, and count them."""
     pixels = image.astype(np.float32)
-    background, _ = _background(pixels)
-    blobs = _blobs(objects_mask(image))
+    background, bg_colour = _background(pixels)
+    blobs = _blobs(_far_from(pixels, bg_colour))
     if not blobs or len(blobs[0]) < MIN_BLOB:
         return Analysis(background)
     least = max(MIN_BLOB, COUNT_SHARE * len(blobs[0]))
