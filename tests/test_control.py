@@ -3,6 +3,8 @@ every mode; what does not fit the model or the protocol is refused with a clear 
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import os
 import shutil
 from pathlib import Path
@@ -25,11 +27,14 @@ from PIL import Image
 from pipelines import NATIVE_SIZE, build_controlnet
 from safetensors.torch import save_file
 
+from sdbridge import tiny
 from sdbridge.daemon.controlnets import ControlNetCache, ControlNetRegistry
 from sdbridge.daemon.preprocessors import PREPROCESSORS
-from sdbridge.editor.control import ControlChoice, parse_control
+from sdbridge.editor.canvas import Bounds, Extent, copy_region, plan_job
+from sdbridge.editor.control import ControlChoice, check_controls, control_entries, parse_control
 from sdbridge.editor.history import saved_settings
 from sdbridge.editor.results import SavedResult
+from sdbridge.editor.session import Session, Settings, editor_fields
 from sdbridge.wire import protocol
 from sdbridge.wire.protocol import Limits, ProtocolError, validate_generate
 
@@ -100,7 +105,10 @@ def test_hello_and_models_list_the_controlnets_with_their_family(peer: Peer) -> 
     hello = peer.answer("hello")
     assert "control" in hello["capabilities"]
     assert hello["preprocessors"] == ["none", "scribble", "canny"]
-    assert sorted(hello["controlnets"]) == [
+    # The embedded model's own comes first, where the package has its weights.
+    embedded = [tiny.CONTROLNET_NAME] if tiny.controlnet_is_present() else []
+    assert hello["controlnets"][: len(embedded)] == embedded
+    assert sorted(hello["controlnets"][len(embedded) :]) == [
         "edges",
         "edges-file",
         "styles/blobs",
@@ -109,6 +117,7 @@ def test_hello_and_models_list_the_controlnets_with_their_family(peer: Peer) -> 
     ]
     listed = {e["name"]: e for e in peer.answer("models")["controlnets"]}
     assert {name: e["family"] for name, e in listed.items()} == {
+        **{name: "sd1" for name in embedded},
         "edges": "sd1",
         "edges-file": "sd1",
         "styles/blobs": "sd1",
@@ -232,7 +241,7 @@ BAD_CONTROL = [
     ({"control": ["edges"]}, "bad_type"),
     ({"control": [control(weight=1.0)]}, "unknown_field"),
     ({"control": [{"model": "edges"}]}, "missing_field"),
-    ({"control": [{"image": LEFT}]}, "missing_field"),
+    ({"control": [{"model": None, "preprocessor": "none"}]}, "missing_field"),
     ({"control": [control(model=3)]}, "bad_type"),
     ({"control": [control(strength="1")]}, "bad_type"),
     ({"control": [control(strength=True)]}, "bad_type"),
@@ -272,6 +281,12 @@ def test_a_valid_control_entry_gets_its_defaults() -> None:
         0.0,
         1.0,
     )
+    # Without a model (or nil), the daemon picks the first listed ControlNet that fits.
+    for entry in ({"image": LEFT}, {"image": LEFT, "model": None}):
+        assert (
+            validate_generate({"prompt": "x", "control": [entry]}, Limits()).control[0].model
+            is None
+        )
 
 
 def test_the_daemon_has_a_preprocessor_for_every_name_the_protocol_lists() -> None:
@@ -347,3 +362,72 @@ def test_a_control_spec_reads_as_the_cli_documents_it() -> None:
     assert ControlChoice("edges", strength=0.5).entry(LEFT) == control(
         preprocessor="none", strength=0.5, start=0.0, end=1.0
     )
+
+
+def test_an_entry_without_a_model_gets_the_first_listed_controlnet_that_fits(
+    peer: Peer, daemon: DaemonProcess
+) -> None:
+    events = peer.generate(**JOB, control=[{"image": LEFT}])
+    assert "Model: edges, Weight: 1," in events[-1]["parameters"]
+    assert np.array_equal(result_image(events), image(peer, control()))
+    xl = peer.generate(**{**JOB, "model": "xl/tiny-xl"}, control=[{"image": LEFT}])
+    assert "Model: xl-edges, Weight: 1," in xl[-1]["parameters"]
+    # A daemon whose ControlNets (at most the embedded model's) fit another model says so.
+    other = Peer(daemon.address)
+    try:
+        error = other.generate(**JOB, control=[{"image": LEFT}])[-1]
+    finally:
+        other.close()
+    assert (error["code"], error["field"]) == ("unknown_controlnet", "control")
+    assert "no listed ControlNet fits model 'tiny-sd' (sd1, context width 32)" in error["message"]
+
+
+def test_an_editor_sends_its_control_layer_cut_to_the_jobs_region(
+    control_daemon: DaemonProcess,
+) -> None:
+    """A selection's job (Repaint) covers the selection and some context: the control layer is
+    cut to that region, as the canvas is, and travels as PNG."""
+    extent = Extent(96, 80)
+    layer = np.zeros((extent.height, extent.width, 4), np.uint8)
+    layer[30:50, 20:44] = (255, 255, 255, 255)  # a blob on a transparent layer
+    plan = plan_job(extent, Bounds(24, 24, 40, 32))
+    rgba = copy_region(layer.tobytes(), Bounds.of(extent), plan.bounds, 4)
+    choice = ControlChoice(preprocessor="scribble", strength=0.7)
+    (entry,) = control_entries([(choice, rgba)], plan)
+    assert "model" not in entry  # the daemon picks the ControlNet that fits
+    assert entry["image"]["format"] == "png"
+    cut = layer[plan.bounds.y : plan.bounds.bottom, plan.bounds.x : plan.bounds.right]
+    sent = Image.open(io.BytesIO(entry["image"]["data"]))
+    assert sent.size == (plan.bounds.width, plan.bounds.height)
+    assert np.array_equal(np.asarray(sent.convert("RGBA")), cut)
+    settings = Settings("a red circle", model="tiny-sd", num_inference_steps=2, seed=1)
+    canvas = bytes([40, 90, 200, 255]) * plan.bounds.extent.pixel_count  # what is there
+    with Session(control_daemon.address) as session:
+        fields = editor_fields(settings, plan, canvas, control=[entry])
+        done = list(session.submit(fields).views(timeout=120))[-1]
+    assert done.result is not None, done.message
+    assert done.result.images[0].parameters.endswith(
+        'ControlNet 0: "Module: scribble, Model: edges, Weight: 0.7, '
+        'Guidance Start: 0, Guidance End: 1"'
+    )
+
+
+def test_an_editor_explains_control_layers_the_daemon_would_refuse(
+    control_daemon: DaemonProcess,
+) -> None:
+    with Session(control_daemon.address) as session:
+        info = session.info()
+    assert "edges" in info.controlnets and info.preprocessors == ("none", "scribble", "canny")
+    fine = [ControlChoice(), ControlChoice("styles/blobs", "canny", 0.5)]
+    assert check_controls(fine, info) is None
+    assert check_controls([], dataclasses.replace(info, capabilities=frozenset())) is None
+    problems = {
+        "update sdbridge": check_controls(
+            fine, dataclasses.replace(info, capabilities=frozenset({"txt2img"}))
+        ),
+        "At most 4": check_controls([ControlChoice()] * 5, info),
+        "no ControlNet “depth”": check_controls([ControlChoice("depth")], info),
+        "No control kind “pose”": check_controls([ControlChoice(preprocessor="pose")], info),
+    }
+    for expected, problem in problems.items():
+        assert problem is not None and expected in problem, (expected, problem)

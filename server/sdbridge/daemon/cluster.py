@@ -38,7 +38,7 @@ from ray.exceptions import RayError
 
 from ..wire.protocol import ErrorCode, GenerateRequest, ProtocolError
 from .cache import model_name
-from .controlnets import ControlNetRegistry
+from .controlnets import ControlNetRegistry, embedded_controlnets
 from .engine import Engine, GeneratedImage, JobCancelled, PreviewCallback, ProgressCallback
 from .images import job_memory_bytes
 from .loras import LoraRegistry
@@ -156,7 +156,10 @@ class Worker:
             if (
                 (request.model and engine.models.registry.get(request.model) is None)
                 or any(engine.loras.get(lora.name) is None for lora in request.loras)
-                or any(engine.controlnets.get(c.model) is None for c in request.control)
+                or any(
+                    c.model is not None and engine.controlnets.get(c.model) is None
+                    for c in request.control
+                )
             ):
                 self.engine.rescan()
             images = self.engine.run(
@@ -567,7 +570,7 @@ def start_cluster(settings: Any, model: str) -> ClusterEngine:
         pool,
         models,
         LoraRegistry(settings.loras_dir),
-        ControlNetRegistry(settings.controlnets_dir),
+        ControlNetRegistry(settings.controlnets_dir, embedded_controlnets()),
     )
 
 

@@ -26,6 +26,7 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
+from .. import tiny
 from ..wire.protocol import ErrorCode, ProtocolError
 from .listing import FolderListing
 from .models import SD1, SD2, SD2_CROSS_ATTENTION_DIM, SDXL, _HeaderShapes, _size
@@ -48,9 +49,25 @@ class ControlNetEntry:
     family: str
     cross_attention_dim: int
     size_bytes: int
+    # A folder's, from its config; a single file gets its model's UNet's when it loads.
+    block_out_channels: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "family": self.family, "size_bytes": self.size_bytes}
+
+    def fits(self, unet: UNet2DConditionModel) -> bool:
+        """Whether it can steer this UNet: made for its family, at its context width (and,
+        where known, for its channels: the embedded model's shares SD 1.x's family)."""
+        channels = tuple(unet.config.block_out_channels)
+        return (self.family, self.cross_attention_dim) == steered_by(unet) and (
+            self.block_out_channels in (None, channels)
+        )
+
+
+def steered_by(unet: UNet2DConditionModel) -> tuple[str, int]:
+    """What a ControlNet for this UNet is made for: its family and context width."""
+    cross = int(unet.config.cross_attention_dim)
+    return family_of(cross, unet.config.addition_embed_type == "text_time"), cross
 
 
 def family_of(cross_attention_dim: int, text_time: bool) -> str:
@@ -70,7 +87,8 @@ def describe_folder(path: Path, name: str) -> ControlNetEntry | None:
         return None
     cross = int(config.get("cross_attention_dim", 768))
     family = family_of(cross, config.get("addition_embed_type") == "text_time")
-    return ControlNetEntry(name, path, family, cross, _size(path))
+    channels = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
+    return ControlNetEntry(name, path, family, cross, _size(path), channels)
 
 
 def describe_file(path: Path, name: str) -> ControlNetEntry | None:
@@ -85,9 +103,22 @@ def describe_file(path: Path, name: str) -> ControlNetEntry | None:
     return ControlNetEntry(name, path, family_of(cross, text_time), cross, path.stat().st_size)
 
 
+def embedded_controlnets() -> list[ControlNetEntry]:
+    """The embedded model's ControlNet, when the package has its weights."""
+    if not tiny.controlnet_is_present():
+        return []
+    entry = describe_folder(tiny.CONTROLNET_DIR, tiny.CONTROLNET_NAME)
+    return [entry] if entry is not None else []
+
+
 class ControlNetRegistry(FolderListing[ControlNetEntry]):
     """The ControlNets of a folder by name: a folder's relative path, a file's without
-    `.safetensors`."""
+    `.safetensors`; the daemon lists `embedded_controlnets` before them."""
+
+    def fitting(self, unet: UNet2DConditionModel) -> ControlNetEntry | None:
+        """The first listed ControlNet that can steer `unet` (the embedded model's own for
+        it): what a control entry without a model gets."""
+        return next((entry for entry in self.entries() if entry.fits(unet)), None)
 
     def scan(self, folder: Path) -> list[ControlNetEntry]:
         found = []
@@ -128,14 +159,14 @@ class ControlNetCache:
     ) -> ControlNetModel:
         """The entry's ControlNet, loaded if need be; `controlnet_load_failed` if it is made
         for another family than `unet` (of the model `model`) or does not load."""
-        unet_cross = int(unet.config.cross_attention_dim)
-        unet_family = family_of(unet_cross, unet.config.addition_embed_type == "text_time")
-        if (entry.family, entry.cross_attention_dim) != (unet_family, unet_cross):
+        unet_family, unet_cross = steered_by(unet)
+        if not entry.fits(unet):
             raise ProtocolError(
                 ErrorCode.CONTROLNET_LOAD_FAILED,
                 f"ControlNet {entry.name!r} is made for {entry.family} models (context width "
-                f"{entry.cross_attention_dim}); model {model!r} is {unet_family} (width "
-                f"{unet_cross})",
+                f"{entry.cross_attention_dim}, channels {entry.block_out_channels}); model "
+                f"{model!r} is {unet_family} (width {unet_cross}, channels "
+                f"{tuple(unet.config.block_out_channels)})",
                 "control",
             )
         try:

@@ -34,7 +34,7 @@ from ..wire import protocol
 from ..wire.protocol import ErrorCode, GenerateRequest, ProtocolError
 from . import loras as lora_loading
 from .cache import LoadedModel, ModelCache
-from .controlnets import ControlNetCache, ControlNetRegistry
+from .controlnets import ControlNetCache, ControlNetRegistry, steered_by
 from .images import decode_image
 from .loras import LoraEntry, LoraRegistry
 from .parameters import GenerationInfo
@@ -273,7 +273,7 @@ class Engine:
                 "ControlNet",
                 "control",
                 self.controlnets,
-                [x.model for x in request.control],
+                [x.model for x in request.control if x.model is not None],
             ),
         )
         for code, kind, field, listing, names in named:
@@ -296,7 +296,11 @@ class Engine:
             entries.append((entry, lora.weight))
         return entries
 
-    def _controlnets(self, request: GenerateRequest, model: LoadedModel) -> list[ControlNetModel]:
+    def _controlnets(
+        self, request: GenerateRequest, model: LoadedModel
+    ) -> list[tuple[str, ControlNetModel]]:
+        """Each control entry's ControlNet, by name: the one it names, else the first listed
+        that fits the model."""
         unet = getattr(model.txt2img, "unet", None)
         if request.control and unet is None:  # a transformer model (SD 3, Flux)
             raise ProtocolError(
@@ -306,12 +310,23 @@ class Engine:
             )
         nets = []
         for control in request.control:
-            entry = self.controlnets.get(control.model)
+            if control.model is None:
+                entry = self.controlnets.fitting(unet)
+                if entry is None:
+                    family, width = steered_by(unet)
+                    raise ProtocolError(
+                        ErrorCode.UNKNOWN_CONTROLNET,
+                        f"no listed ControlNet fits model {model.entry.name!r} ({family}, "
+                        f"context width {width}): put one in the controlnets folder",
+                        "control",
+                    )
+            else:
+                entry = self.controlnets.get(control.model)
             if entry is None:  # removed from the folder while the job was queued
                 raise ProtocolError(
                     ErrorCode.UNKNOWN_CONTROLNET, f"ControlNet {control.model!r} is gone", "control"
                 )
-            nets.append(self.loaded_controlnets.get(entry, unet, model.entry.name))
+            nets.append((entry.name, self.loaded_controlnets.get(entry, unet, model.entry.name)))
         return nets
 
     def run(
@@ -330,7 +345,8 @@ class Engine:
             request.check_size(max_pixels, model.native_size)
         plan = plan_job(request, model)
         loras = self._lora_entries(request)
-        nets = self._controlnets(request, model)
+        named = self._controlnets(request, model)
+        nets = [net for _, net in named]
         pipe = job_pipeline(model.pipeline(request.mode), plan)
         if nets:  # the mode's ControlNet pipeline over the same components and scheduler
             try:
@@ -442,7 +458,8 @@ class Engine:
                 loras=tuple((lora.name, lora.weight) for lora in request.loras),
                 hires_upscale=plan.second[0] / plan.first[0] if plan.second else None,
                 controls=tuple(
-                    (c.preprocessor, c.model, c.strength, c.start, c.end) for c in request.control
+                    (c.preprocessor, name, c.strength, c.start, c.end)
+                    for c, (name, _) in zip(request.control, named, strict=True)
                 ),
             )
             results.append(GeneratedImage(image, image_seed, info))

@@ -7,7 +7,7 @@ is built aside and swapped in with one assignment.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
@@ -21,10 +21,13 @@ E = TypeVar("E", bound=Named)
 
 
 class FolderListing(Generic[E]):
-    """Entries of `folder` (None or missing: none) by name; subclasses say what `scan` finds."""
+    """Entries of `folder` (None or missing: none) by name; subclasses say what `scan` finds.
+    `fixed` entries (those shipped in the package) come first; a folder's of the same name
+    replaces one."""
 
-    def __init__(self, folder: Path | None) -> None:
+    def __init__(self, folder: Path | None, fixed: Sequence[E] = ()) -> None:
         self.folder = folder
+        self._fixed = tuple(fixed)
         self._refreshing = threading.Lock()  # one rescan at a time: the newest scan publishes last
         self._entries: dict[str, E] = {}  # replaced whole, never changed in place
         self.refresh()
@@ -35,7 +38,7 @@ class FolderListing(Generic[E]):
     def refresh(self) -> None:
         with self._refreshing:
             found = self.scan(self.folder) if self.folder and self.folder.is_dir() else ()
-            self._entries = {entry.name: entry for entry in found}
+            self._entries = {entry.name: entry for entry in (*self._fixed, *found)}
 
     def get(self, name: str) -> E | None:
         return self._entries.get(name)

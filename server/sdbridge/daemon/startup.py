@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .. import tiny
 from .cache import MemoryOptions, ModelCache
-from .controlnets import ControlNetRegistry
+from .controlnets import ControlNetRegistry, embedded_controlnets
 from .engine import Engine
 from .loras import LoraRegistry
 from .models import ModelRegistry, describe
@@ -59,7 +59,9 @@ def build_engine(settings: Settings, model: str) -> Engine:
         allow_pickle=settings.allow_pickle,
     )
     return Engine(
-        models, LoraRegistry(settings.loras_dir), ControlNetRegistry(settings.controlnets_dir)
+        models,
+        LoraRegistry(settings.loras_dir),
+        ControlNetRegistry(settings.controlnets_dir, embedded_controlnets()),
     )
 
 

@@ -338,7 +338,7 @@ class ControlInput:
     it steers (diffusers' `controlnet_conditioning_scale`, `control_guidance_start`/`_end`)."""
 
     image: Image
-    model: str
+    model: str | None  # None: the first listed ControlNet that fits the job's model
     preprocessor: str = "none"
     strength: float = 1.0
     start: float = 0.0
@@ -656,29 +656,28 @@ def _control(message: dict[str, Any], limits: Limits) -> tuple[ControlInput, ...
                 f"a control entry has an unknown field {unknown[0]}",
                 "control",
             )
-        for key in ("image", "model"):
-            if item.get(key) is None:
-                raise ProtocolError(
-                    ErrorCode.MISSING_FIELD, f"each control entry needs {key!r}", "control"
-                )
-        model, preprocessor = item["model"], item.get("preprocessor", "none")
+        if item.get("image") is None:
+            raise ProtocolError(
+                ErrorCode.MISSING_FIELD, "each control entry needs 'image'", "control"
+            )
+        model, preprocessor = item.get("model"), item.get("preprocessor", "none")
         numbers = [
             item.get(key, default)
             for key, default in (("strength", 1.0), ("start", 0.0), ("end", 1.0))
         ]
         if (
-            not isinstance(model, str)
+            not isinstance(model, (str, type(None)))
             or not isinstance(preprocessor, str)
             or any(isinstance(n, bool) or not isinstance(n, (int, float)) for n in numbers)
         ):
             raise ProtocolError(
                 ErrorCode.BAD_TYPE,
-                "a control entry's model and preprocessor are str; strength, start and end "
-                "int or float",
+                "a control entry's model (or nil) and preprocessor are str; strength, start "
+                "and end int or float",
                 "control",
             )
         strength, start, end = (float(n) for n in numbers)
-        if not 0 < len(model) <= MAX_NAME_CHARS:
+        if model is not None and not 0 < len(model) <= MAX_NAME_CHARS:
             raise ProtocolError(
                 ErrorCode.OUT_OF_RANGE,
                 f"a control entry's model is 1..{MAX_NAME_CHARS} chars",
