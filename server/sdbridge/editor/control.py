@@ -1,21 +1,32 @@
 """Control layers as a front-end keeps them: which ControlNet reads a layer, and how strongly.
 
-The artist goes on painting the layer, so a choice holds no pixels: `entry` pairs it with the
-layer's pixels when a job is made (the protocol's `control` entry, docs/protocol.md).
+The artist goes on painting the layer, so a choice holds no pixels: `control_entries` pairs
+each with its layer's pixels over the job's region when a job is made (the protocol's
+`control` entries, docs/protocol.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..wire.protocol import PREPROCESSORS
+from ..wire.protocol import MAX_CONTROLS, PREPROCESSORS, encode_png
+from .canvas import JobPlan, image_map
+from .session import DaemonInfo
+
+# What the editors call each preprocessor: the kind of layer it reads.
+KINDS = {
+    "scribble": "Scribble",  # strokes or blobs on a transparent layer (or dark on light)
+    "canny": "Edges (Canny)",  # the outlines of a picture
+    "none": "Control image as is",  # a layer that already is one (e.g. white lines on black)
+}
+DEFAULT_PREPROCESSOR = "scribble"  # a new control layer is one the artist draws on
 
 
 @dataclass(frozen=True)
 class ControlChoice:
-    model: str  # a name from the daemon's `controlnets`
+    model: str = ""  # a name from the daemon's `controlnets`; "": its first that fits the model
     preprocessor: str = "none"
     strength: float = 1.0
     start: float = 0.0
@@ -23,14 +34,49 @@ class ControlChoice:
 
     def entry(self, image: Mapping[str, Any]) -> dict[str, Any]:
         """The `control` entry of this choice over `image`, a wire image map."""
+        model = {"model": self.model} if self.model else {}
         return {
             "image": dict(image),
-            "model": self.model,
+            **model,
             "preprocessor": self.preprocessor,
             "strength": self.strength,
             "start": self.start,
             "end": self.end,
         }
+
+
+def check_controls(choices: Sequence[ControlChoice], info: DaemonInfo) -> str | None:
+    """What stops these control layers from steering a job, in a sentence for the artist, or
+    None. As `session.check_settings`: the daemon checks everything again (and says when none
+    of its ControlNets fits the model)."""
+    if not choices:
+        return None
+    if "control" not in info.capabilities:
+        return "This daemon cannot use control layers: update sdbridge where it runs."
+    if len(choices) > MAX_CONTROLS:
+        return f"At most {MAX_CONTROLS} control layers steer a job: remove some."
+    for choice in choices:
+        if choice.model and choice.model not in info.controlnets:
+            listed = ", ".join(info.controlnets) or "none"
+            return f"The daemon has no ControlNet “{choice.model}”; its ControlNets: {listed}."
+        if choice.preprocessor not in PREPROCESSORS:
+            return f"No control kind “{choice.preprocessor}”: use {', '.join(KINDS)}."
+    return None
+
+
+def control_entries(
+    controls: Sequence[tuple[ControlChoice, bytes | bytearray]], plan: JobPlan
+) -> list[dict[str, Any]]:
+    """The `control` entries of a job over `plan`'s region: each choice with its layer's RGBA
+    over `plan.bounds`. PNG, not raw: a drawn layer compresses to little, and raw images would
+    count against `limits.max_message_bytes` beside the init image and mask."""
+    extent = plan.bounds.extent
+    entries = []
+    for choice, rgba in controls:
+        raw = image_map(extent, rgba)  # checks the size
+        png = encode_png(extent.width, extent.height, raw["data"])
+        entries.append(choice.entry({**raw, "format": "png", "data": png}))
+    return entries
 
 
 def parse_control(spec: str) -> tuple[ControlChoice, str]:

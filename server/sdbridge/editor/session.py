@@ -155,9 +155,14 @@ def sends_canvas(settings: Settings, plan: JobPlan) -> bool:
 
 
 def editor_fields(
-    settings: Settings, plan: JobPlan, rgba: bytes | bytearray | None, live: bool = False
+    settings: Settings,
+    plan: JobPlan,
+    rgba: bytes | bytearray | None,
+    live: bool = False,
+    control: Sequence[Mapping[str, Any]] = (),
 ) -> dict:
-    """A `generate` request for a region of an editor's canvas (`live`: see `request_fields`).
+    """A `generate` request for a region of an editor's canvas (`live` and `control`: see
+    `request_fields`; `control.control_entries` makes the entries over the plan's region).
 
     `rgba` is the canvas's merged image over `plan.bounds`. It travels as the init image when
     strength < 1 (repaint what is there) and whenever the plan inpaints a selection: inpainting
@@ -173,7 +178,9 @@ def editor_fields(
         mask = image_map(plan.bounds.extent, mask_to_rgba(plan.mask))
     # Without an init image the job paints from scratch: strength means nothing then.
     settings = replace(settings, strength=strength if init is not None else None)
-    return request_fields(settings, plan.bounds.width, plan.bounds.height, init, mask, live=live)
+    return request_fields(
+        settings, plan.bounds.width, plan.bounds.height, init, mask, live=live, control=control
+    )
 
 
 # --- what the daemon offers ------------------------------------------------------------------
@@ -204,6 +211,8 @@ class DaemonInfo:
     capabilities: frozenset[str]
     limits: Limits
     defaults: Mapping[str, ModelDefaults] = field(default_factory=dict)  # by model name
+    controlnets: tuple[str, ...] = ()
+    preprocessors: tuple[str, ...] = ()
 
     @staticmethod
     def from_events(
@@ -232,6 +241,8 @@ class DaemonInfo:
             capabilities=frozenset(str(c) for c in hello.get("capabilities") or []),
             limits=limits,
             defaults=defaults,
+            controlnets=tuple(str(name) for name in hello.get("controlnets") or []),
+            preprocessors=tuple(str(name) for name in hello.get("preprocessors") or []),
         )
 
     def defaults_for(self, model: str | None) -> ModelDefaults | None:
