@@ -32,10 +32,11 @@ from PyQt5.QtWidgets import (
     QWidget,
 )
 
+from sdbridge.editor.control import KINDS
 from sdbridge.editor.session import DaemonInfo
-from sdbridge.wire.protocol import MAX_LORA_WEIGHT
+from sdbridge.wire.protocol import MAX_CONTROL_STRENGTH, MAX_LORA_WEIGHT
 
-from .model import Model, qimage
+from .model import ControlLayer, Model, qimage
 
 DOCKER_ID = "sdbridge_docker"
 PREVIEW_SIZE = 128
@@ -43,6 +44,7 @@ MODEL_DEFAULT = "model default"
 NO_STYLE = "none"
 HISTORY_ICON = 56
 COMPACT_BUTTON = 28  # px: a one-character button
+AUTOMATIC = "automatic"  # the daemon's first ControlNet for the chosen model
 # Guidance 0 is a real value (few-step models run at 0): "model default" sits one step below.
 GUIDANCE_DEFAULT = -0.5
 
@@ -55,6 +57,58 @@ def plus_button(name: str, tooltip: str, action: Callable[[], None]) -> QPushBut
     button.setToolTip(tooltip)
     button.clicked.connect(action)
     return button
+
+
+class ControlRow(QWidget):
+    """One control layer: its name, what kind of layer it is, the ControlNet that reads it and
+    how strongly it steers; × stops it steering (the layer stays)."""
+
+    def __init__(self, model: Model, index: int, control: ControlLayer, name: str | None) -> None:
+        super().__init__()
+        self.setObjectName(f"sdbridge_control_{index}")
+        choice = control.choice
+        label = QLabel(name if name is not None else "(not in this image)")
+        label.setToolTip("Steers every job while the layer is shown; hide it to switch it off")
+        self.kind = QComboBox()
+        self.kind.setObjectName("sdbridge_control_kind")
+        info = model.info
+        for preprocessor, text in KINDS.items():
+            if info is None or preprocessor in info.preprocessors:
+                self.kind.addItem(text, preprocessor)
+        self.kind.setCurrentIndex(max(0, self.kind.findData(choice.preprocessor)))
+        self.controlnet = QComboBox()
+        self.controlnet.setObjectName("sdbridge_control_model")
+        self.controlnet.addItems([AUTOMATIC, *(info.controlnets if info else ())])
+        self.controlnet.setCurrentText(choice.model or AUTOMATIC)
+        self.controlnet.setToolTip("The ControlNet that reads the layer")
+        self.strength = QDoubleSpinBox()
+        self.strength.setObjectName("sdbridge_control_strength")
+        self.strength.setRange(0.0, MAX_CONTROL_STRENGTH)
+        self.strength.setSingleStep(0.1)
+        self.strength.setValue(choice.strength)
+        self.strength.setToolTip("How strongly it steers")
+        remove = QPushButton("×")
+        remove.setObjectName("sdbridge_control_remove")
+        remove.setMaximumWidth(COMPACT_BUTTON)
+        remove.setToolTip("Stop steering with this layer (the layer stays)")
+        for box in (self.kind, self.controlnet):
+            box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            box.setMinimumContentsLength(6)
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(label, 1)
+        row.addWidget(self.kind, 1)
+        row.addWidget(self.controlnet, 1)
+        row.addWidget(self.strength)
+        row.addWidget(remove)
+        self.kind.currentIndexChanged.connect(
+            lambda i: model.set_control(index, preprocessor=self.kind.itemData(i))
+        )
+        self.controlnet.currentIndexChanged.connect(
+            lambda i: model.set_control(index, model=self.controlnet.itemText(i) if i else "")
+        )
+        self.strength.valueChanged.connect(lambda v: model.set_control(index, strength=v))
+        remove.clicked.connect(lambda: model.remove_control(index))
 
 
 class SdbridgeDocker(DockWidget):
@@ -219,6 +273,21 @@ class SdbridgeDocker(DockWidget):
         self.loras.hide()  # until the artist adds one
         self.loras.setToolTip("The job's LoRAs; double-click one to remove it")
         self.loras.itemDoubleClicked.connect(self._on_remove_lora)
+        new_control = QPushButton("New control layer")
+        new_control.setObjectName("sdbridge_new_control")
+        new_control.setToolTip("A layer on top to scribble on: the picture goes where you draw")
+        use_layer = QPushButton("Use layer")
+        use_layer.setObjectName("sdbridge_use_layer")
+        use_layer.setToolTip("The active layer (a sketch, line art, a photo) steers the jobs")
+        new_control.clicked.connect(self.model.add_control_layer)
+        use_layer.clicked.connect(self.model.use_active_layer)
+        control_row = QHBoxLayout()
+        control_row.addWidget(new_control)
+        control_row.addWidget(use_layer)
+        self.controls = QWidget()
+        self.controls.setObjectName("sdbridge_controls")
+        QVBoxLayout(self.controls).setContentsMargins(0, 0, 0, 0)
+        self.controls.hide()  # until the artist adds one
         self.images = QSpinBox()
         self.images.setObjectName("sdbridge_images")
         self.images.setRange(1, 8)
@@ -238,6 +307,8 @@ class SdbridgeDocker(DockWidget):
         form.addRow("Model", self.models)
         form.addRow("LoRA", lora_row)
         form.addRow("", self.loras)
+        form.addRow("Control", control_row)
+        form.addRow(self.controls)
         form.addRow("Steps", self.steps)
         form.addRow("Guidance", self.guidance)
         form.addRow("Sampler", self.scheduler)
@@ -334,13 +405,25 @@ class SdbridgeDocker(DockWidget):
         m.history_changed.connect(self._on_history)
         m.settings_loaded.connect(self._on_settings_loaded)
         m.live_changed.connect(self._on_live)
+        m.controls_changed.connect(self._show_controls)
         self.history.itemClicked.connect(lambda item: m.show_item(item.data(Qt.UserRole)))
         self.apply.clicked.connect(lambda: self._with_picked(m.apply_item))
         self.use_settings.clicked.connect(lambda: self._with_picked(m.use_item_settings))
         m.load_styles()
 
     def canvasChanged(self, canvas) -> None:  # noqa: N802 (Krita's name)
-        """Required by DockWidget; jobs read the active document when Generate is pressed."""
+        """Jobs read the active document when Generate is pressed; the control rows name its
+        layers."""
+        self._show_controls()
+
+    def _show_controls(self) -> None:
+        layout = self.controls.layout()
+        while layout.count():
+            layout.takeAt(0).widget().deleteLater()
+        names = self.model.control_layer_names()
+        for index, control in enumerate(self.model.controls):
+            layout.addWidget(ControlRow(self.model, index, control, names.get(control.layer)))
+        self.controls.setVisible(bool(self.model.controls))
 
     def _on_fixed_seed(self, fixed: bool) -> None:
         self.model.fixed_seed = fixed
@@ -446,6 +529,7 @@ class SdbridgeDocker(DockWidget):
         self.lora_choice.addItems(info.loras)
         self.live.setEnabled("live" in info.capabilities)
         self._show_loras()
+        self._show_controls()
         self._show_defaults()
 
     def _chosen_scheduler(self) -> str | None:

@@ -3,7 +3,7 @@ Krita `Document` lives here, so the rest of the plugin deals in Bounds and RGBA 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -59,26 +59,27 @@ class KritaDocument:
                 "Image > Convert Image Color Space (RGB/Alpha, 8-bit integer)."
             )
 
-    def capture(self, strength: float) -> Capture:
+    def capture(self, strength: float, controls: Collection[str] = ()) -> Capture:
         """Reads what a job needs: its region, the mask and, when the job needs them, the
         merged pixels of that region. The mask is the selection; without one, the canvas's
-        transparent parts (expand), if it has any."""
+        transparent parts (expand), if it has any. The `controls` layers (by id) steer the job:
+        they are no part of the picture it starts from."""
         self.check_rgba8()
         selection = self._doc.selection()
         if selection is None or selection.width() <= 0 or selection.height() <= 0:
-            return self._capture_canvas(strength)
+            return self._capture_canvas(strength, controls)
         bounds = Bounds(selection.x(), selection.y(), selection.width(), selection.height())
         mask = bytes(selection.pixelData(bounds.x, bounds.y, bounds.width, bounds.height))
         try:
             plan = canvas.plan_job(self.extent, bounds, mask)
         except canvas.SelectionOutsideCanvas as exc:
             raise DocumentError("The selection is outside the image.") from exc
-        rgba = self._pixels(plan.bounds) if plan.needs_canvas(strength) else None
+        rgba = self._pixels(plan.bounds, controls) if plan.needs_canvas(strength) else None
         return Capture(plan, rgba)
 
-    def _capture_canvas(self, strength: float) -> Capture:
+    def _capture_canvas(self, strength: float, controls: Collection[str]) -> Capture:
         whole = Bounds.of(self.extent)
-        rgba = self._pixels(whole)
+        rgba = self._pixels(whole, controls)
         expand = canvas.plan_expand(self.extent, rgba[3::4])
         if expand is None:
             plan = canvas.plan_job(self.extent, None)
@@ -86,18 +87,19 @@ class KritaDocument:
         region = canvas.copy_region(rgba, whole, expand.bounds, 4)
         return Capture(expand, bytes(canvas.fill_transparent(region, expand.bounds.extent)))
 
-    def _pixels(self, b: Bounds) -> bytes:
-        """The artist's merged image (what they see, without sdbridge's layers) over `b`, as
-        RGBA."""
-        with self._own_layers_hidden():
+    def _pixels(self, b: Bounds, controls: Collection[str] = ()) -> bytes:
+        """The artist's merged image (what they see, without sdbridge's layers and the control
+        layers) over `b`, as RGBA."""
+        hidden = self._own_nodes() + [n for n in self._nodes() if self._id(n) in controls]
+        with self._hidden(hidden):
             bgra = self._doc.pixelData(b.x, b.y, b.width, b.height)
         return bytes(canvas.bgra_to_rgba(bgra))
 
     @contextmanager
-    def _own_layers_hidden(self) -> Iterator[None]:
-        """The projection without sdbridge's layers, made again at once (Krita updates it in
-        the background otherwise): hiding a layer is no undo step."""
-        shown = [node for node in self._own_nodes() if node.visible()]
+    def _hidden(self, nodes: list) -> Iterator[None]:
+        """The projection without these layers, made again at once (Krita updates it in the
+        background otherwise): hiding a layer is no undo step."""
+        shown = [node for node in nodes if node.visible()]
         for node in shown:
             node.setVisible(False)
         if shown:
@@ -116,6 +118,49 @@ class KritaDocument:
 
     def _own_nodes(self) -> list:
         return [n for n in self._doc.rootNode().childNodes() if n.name() in OWN_LAYERS]
+
+    def _nodes(self) -> Iterator:
+        """Every layer, groups' contents too, top-level ones first."""
+        pending = list(self._doc.rootNode().childNodes())
+        while pending:
+            node = pending.pop(0)
+            yield node
+            pending.extend(node.childNodes())
+
+    @staticmethod
+    def _id(node) -> str:
+        return node.uniqueId().toString()
+
+    def paint_layers(self) -> dict[str, str]:
+        """The artist's paint layers (groups' too) by id: their names, for the control list."""
+        return {
+            self._id(n): n.name()
+            for n in self._nodes()
+            if n.type() == "paintlayer" and n.name() not in OWN_LAYERS
+        }
+
+    def active_layer(self) -> str | None:
+        """The id of the layer the artist works on, if it is one of theirs."""
+        node = self._doc.activeNode()
+        if node is None or node.name() in OWN_LAYERS or node.type() == "selectionmask":
+            return None
+        return self._id(node)
+
+    def add_control_layer(self, name: str) -> str:
+        """A transparent paint layer on top (below the live image) to draw a control on; the
+        artist's brush goes on it at once. Returns its id."""
+        node = self._doc.createNode(name, "paintlayer")
+        self._add(node)
+        self._doc.setActiveNode(node)
+        return self._id(node)
+
+    def control_pixels(self, layer: str, b: Bounds) -> bytes | None:
+        """A control layer's own pixels over `b`, as RGBA; None when the image has no such
+        layer (deleted, or another image's) or it is hidden (switched off)."""
+        node = next((n for n in self._nodes() if self._id(n) == layer), None)
+        if node is None or not node.visible():
+            return None
+        return bytes(canvas.bgra_to_rgba(node.pixelData(b.x, b.y, b.width, b.height)))
 
     def _own(self, name: str):
         return next((n for n in self._doc.rootNode().childNodes() if n.name() == name), None)

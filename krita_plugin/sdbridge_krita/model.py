@@ -10,7 +10,7 @@ import itertools
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from krita import Krita
@@ -19,6 +19,12 @@ from PyQt5.QtGui import QImage
 
 from sdbridge.editor import canvas
 from sdbridge.editor.canvas import JobPlan, Placement
+from sdbridge.editor.control import (
+    DEFAULT_PREPROCESSOR,
+    ControlChoice,
+    check_controls,
+    control_entries,
+)
 from sdbridge.editor.history import History, HistoryItem, LostJob, LostJobs, result_of
 from sdbridge.editor.live import LIVE_STRENGTH, LiveScheduler, Snapshot, live_settings, next_poll_s
 from sdbridge.editor.results import ResultsPage, SavedResult
@@ -38,7 +44,7 @@ from sdbridge.editor.styles import Style, StyleError, load_styles, save_style
 from sdbridge.wire.protocol import DEFAULT_ADDRESS, MAX_SEED, ErrorCode
 
 from .connection import Connection
-from .document import DocumentError, KritaDocument
+from .document import Capture, DocumentError, KritaDocument
 
 SETTINGS_GROUP = "sdbridge"
 PREVIEWS_PER_JOB = 10  # each costs the daemon well under a millisecond
@@ -51,6 +57,14 @@ class RunningJob:
     plan: JobPlan
     settings: Settings
     generation: Generation | None = None
+
+
+@dataclass(frozen=True)
+class ControlLayer:
+    """A layer that steers the jobs (a ControlNet reads it), by its Krita node's id."""
+
+    layer: str
+    choice: ControlChoice
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,7 @@ class Model(QObject):
     history_changed = pyqtSignal()
     settings_loaded = pyqtSignal()  # the artist's choices changed here: widgets re-read them
     live_changed = pyqtSignal(bool)
+    controls_changed = pyqtSignal()
     # A job's new view, from the client's threads to the GUI thread (queued by Qt).
     _view_received = pyqtSignal(str, object)
     _live_view_received = pyqtSignal(object, int, object)  # run, ticket, view
@@ -112,6 +127,7 @@ class Model(QObject):
         self.strength = 1.0
         self.refine_strength: float | None = None  # None: no second pass
         self.loras: list[LoraChoice] = []
+        self.controls: list[ControlLayer] = []
         self.style = ""  # a name from the styles file; "": none
         self.styles: dict[str, Style] = {}
         self.fixed_seed = False
@@ -213,6 +229,76 @@ class Model(QObject):
     def remove_lora(self, name: str) -> None:
         self.loras = [lora for lora in self.loras if lora.name != name]
 
+    # --- control layers --------------------------------------------------------------------------
+
+    def add_control_layer(self) -> None:
+        """A new transparent layer on top to scribble on, steering the jobs where it is drawn."""
+        try:
+            document = KritaDocument.active()
+        except DocumentError as exc:
+            self.message_changed.emit(str(exc), True)
+            return
+        taken = set(document.paint_layers().values())
+        name = next(f"Control {n}" for n in itertools.count(1) if f"Control {n}" not in taken)
+        self._add_control(document.add_control_layer(name))
+        self.message_changed.emit(
+            f"Draw on “{name}” where the picture should go; it steers every job while shown.",
+            False,
+        )
+
+    def use_active_layer(self) -> None:
+        """The layer the artist works on (a sketch, line art, a photo) steers the jobs."""
+        try:
+            layer = KritaDocument.active().active_layer()
+        except DocumentError as exc:
+            self.message_changed.emit(str(exc), True)
+            return
+        if layer is None:
+            self.message_changed.emit("Pick the layer to use as a control first.", True)
+        elif all(control.layer != layer for control in self.controls):
+            self._add_control(layer)
+
+    def _add_control(self, layer: str) -> None:
+        self.controls.append(ControlLayer(layer, ControlChoice(preprocessor=DEFAULT_PREPROCESSOR)))
+        self.controls_changed.emit()
+
+    def control_layer_names(self) -> dict[str, str]:
+        """The active image's paint layers by id (none without an image)."""
+        try:
+            return KritaDocument.active().paint_layers()
+        except DocumentError:
+            return {}
+
+    def set_control(self, index: int, **changes: Any) -> None:
+        """Changes a control's ControlChoice fields (`model`, `preprocessor`, `strength`)."""
+        control = self.controls[index]
+        self.controls[index] = replace(control, choice=replace(control.choice, **changes))
+
+    def remove_control(self, index: int) -> None:
+        del self.controls[index]
+        self.controls_changed.emit()
+
+    def _control_fields(self, document: KritaDocument, plan: JobPlan) -> list[dict[str, Any]]:
+        """The `control` entries of a job over `plan` on `document`: its shown control layers
+        (another image's, or a deleted one, steer nothing). DocumentError: what stops them."""
+        pairs = []
+        for control in self.controls:
+            rgba = document.control_pixels(control.layer, plan.bounds)
+            if rgba is not None:
+                pairs.append((control.choice, rgba))
+        if not pairs:
+            return []
+        assert self.info is not None  # connected: the daemon said hello
+        problem = check_controls([choice for choice, _ in pairs], self.info)
+        if problem:
+            raise DocumentError(problem)
+        return control_entries(pairs, plan)
+
+    def _capture(self, document: KritaDocument) -> tuple[Capture, list[dict[str, Any]]]:
+        """What a job reads of the document: its canvas and its controls."""
+        capture = document.capture(self.strength, [control.layer for control in self.controls])
+        return capture, self._control_fields(document, capture.plan)
+
     def expected_steps(self) -> int:
         """The steps the job will run: the artist's, else the model's default."""
         defaults = self.info.defaults_for(self.model_name) if self.info else None
@@ -235,11 +321,11 @@ class Model(QObject):
             return
         try:
             document = KritaDocument.active()
-            capture = document.capture(self.strength)
+            capture, control = self._capture(document)
         except DocumentError as exc:
             self.message_changed.emit(str(exc), True)
             return
-        fields = editor_fields(settings, capture.plan, capture.rgba)
+        fields = editor_fields(settings, capture.plan, capture.rgba, control=control)
         job = RunningJob(next(self._keys), document, capture.plan, settings)
         generation = self._connection.submit(
             fields, lambda view, key=job.key: self._view_received.emit(key, view)
@@ -340,11 +426,11 @@ class Model(QObject):
             self.message_changed.emit(problem, True)
             return
         try:
-            capture = run.document.capture(self.strength)
+            capture, control = self._capture(run.document)
         except DocumentError as exc:
             self.message_changed.emit(str(exc), True)
             return
-        fields = editor_fields(settings, capture.plan, capture.rgba, live=True)
+        fields = editor_fields(settings, capture.plan, capture.rgba, live=True, control=control)
         generation = self._connection.submit(
             fields, lambda view: self._live_view_received.emit(run, ticket, view)
         )

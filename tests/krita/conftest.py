@@ -232,7 +232,7 @@ def krita(krita_profile: Path, daemon) -> Iterator[Krita]:
 # Runs once inside Krita: names the tests use to reach the docker and documents.
 DOCKER_HELPERS = """
 from PyQt5.QtCore import QEventLoop, QPoint, Qt, QTimer
-from PyQt5.QtWidgets import QDockWidget, QPushButton, QScrollArea
+from PyQt5.QtWidgets import QDockWidget, QLabel, QPushButton, QScrollArea, QWidget
 from krita import Selection
 
 def dock():
@@ -274,6 +274,6 @@ def record(model):
     model.message_changed.connect(lambda text, error: seen["messages"].append([text, error]))
 
 state.update(dock=dock, new_document=new_document, close_documents=close_documents,
-             layers=layers, record=record, Selection=Selection, QPushButton=QPushButton,
-             QPoint=QPoint, Qt=Qt, QScrollArea=QScrollArea)
+             layers=layers, record=record, settle=settle, Selection=Selection, QPushButton=QPushButton,
+             QPoint=QPoint, Qt=Qt, QScrollArea=QScrollArea, QLabel=QLabel, QWidget=QWidget)
 """

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import SilentDaemon, TcpProxy, wait_until
 from PIL import Image
@@ -474,13 +476,93 @@ def stroke(krita, index: int, bgra: tuple[int, int, int, int] = (0, 0, 255, 255)
 def sent_fields(krita, index: int) -> dict:
     """The fields of the `index`th recorded job, its images' bytes as the daemon gets them."""
     fields = krita.eval(
-        f"{{k: ({{**v, 'data': v['data'].hex()}} if k.endswith('_image') else v)"
-        f" for k, v in state['sent'][{index}][0].items()}}"
+        "{k: ({**v, 'data': v['data'].hex()} if k.endswith('_image') else "
+        "[{**c, 'image': {**c['image'], 'data': c['image']['data'].hex()}} for c in v] "
+        f"if k == 'control' else v) for k, v in state['sent'][{index}][0].items()}}"
     )
-    for name in ("init_image", "mask_image"):
-        if name in fields:
-            fields[name]["data"] = bytes.fromhex(fields[name]["data"])
+    images = [fields[name] for name in ("init_image", "mask_image") if name in fields]
+    for image in images + [entry["image"] for entry in fields.get("control", [])]:
+        image["data"] = bytes.fromhex(image["data"])
     return fields
+
+
+def control_row(index: int) -> str:
+    """The docker's row of the `index`th control layer."""
+    return f"dock().findChild(QWidget, 'sdbridge_control_{index}')"
+
+
+def node(name: str) -> str:
+    return f"[n for n in state['doc'].rootNode().childNodes() if n.name() == {name!r}][0]"
+
+
+def png_rgba(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGBA")
+
+
+def test_control_layers_are_made_and_picked_in_the_docker_and_steer_no_picture(doc, daemon):
+    """New control layer gives a layer to scribble on; Use layer makes the active one a control.
+    Each row's kind and strength go with the job, the layers' pixels over the job's region, and
+    the picture the job starts from is drawn without them. A hidden control layer is switched
+    off; × forgets a row, never the layer."""
+    width, height = 64, 48
+    before = new_document(doc, width, height)
+    doc.run("dock().findChild(QPushButton, 'sdbridge_new_control').click()")
+    layers = doc.eval("layers()")
+    assert layers == [*before, ["Control 1", "paintlayer", [0, 0, 0, 0]]]
+    assert doc.eval("state['doc'].activeNode().name()") == "Control 1", "drawn on at once"
+    # A white blob on the control layer; a grey square on a sketch layer of the artist's.
+    doc.run(
+        f"{node('Control 1')}.setPixelData(bytes([255, 255, 255, 255]) * 100, 8, 8, 10, 10)\n"
+        "sketch = state['doc'].createNode('Sketch', 'paintlayer')\n"
+        "state['doc'].rootNode().addChildNode(sketch, None)\n"
+        "sketch.setPixelData(bytes([90, 90, 90, 255]) * 144, 40, 20, 12, 12)\n"
+        "state['doc'].refreshProjection(); state['doc'].waitForDone(); settle()\n"
+        "state['doc'].setActiveNode(sketch)"
+    )
+    doc.wait_for("state['doc'].activeNode().name() == 'Sketch'", timeout=10)
+    doc.run("dock().findChild(QPushButton, 'sdbridge_use_layer').click()")
+    assert doc.eval("len(dock().model.controls)") == 2
+    doc.run(
+        f"row = {control_row(1)}; row.kind.setCurrentIndex(row.kind.findData('canny'))\n"
+        "row.strength.setValue(0.6)"
+    )
+    assert doc.eval(f"{control_row(0)}.findChild(QLabel).text()") == "Control 1"
+    doc.run(RECORD_JOBS)
+    try:
+        generate(doc, "a house", strength=50)
+        fields = sent_fields(doc, 0)
+        message = doc.eval("dock().message.text()")
+        doc.run(f"{node('Control 1')}.setVisible(False)")
+        generate(doc, "a house", strength=50)
+        hidden = sent_fields(doc, 1)
+    finally:
+        doc.run(f"dock().strength.setValue(100); {STOP_RECORDING}")
+    first, second = fields["control"]
+    assert {k: first[k] for k in ("preprocessor", "strength")} == {
+        "preprocessor": "scribble",
+        "strength": 1.0,
+    }
+    assert {k: second[k] for k in ("preprocessor", "strength")} == {
+        "preprocessor": "canny",
+        "strength": 0.6,
+    }
+    assert "model" not in first, "automatic: the daemon's ControlNet for the model"
+    blob = np.asarray(png_rgba(first["image"]["data"]))
+    assert blob.shape == (height, width, 4)
+    assert (blob[..., 3] == 255).sum() == 100 and blob[8:18, 8:18, 3].min() == 255
+    square = np.asarray(png_rgba(second["image"]["data"]))
+    assert (square[..., 3] == 255).sum() == 144 and tuple(square[25, 45]) == (90, 90, 90, 255)
+    # The picture the job starts from: the background, without either control layer.
+    assert rgba_to_bgra(fields["init_image"]["data"]) == bytes(FILL) * width * height
+    # This daemon has no ControlNet for its model: it says so, in words the artist can act on.
+    assert "no listed ControlNet fits model" in message
+    assert [entry["preprocessor"] for entry in hidden["control"]] == ["canny"]
+    doc.run(f"{control_row(0)}.findChild(QPushButton, 'sdbridge_control_remove').click()")
+    assert doc.eval("[c.choice.preprocessor for c in dock().model.controls]") == ["canny"]
+    assert doc.eval(f"{control_row(0)}.findChild(QLabel).text()") == "Sketch"
+    assert [layer[0] for layer in doc.eval("layers()")][-2:] == ["Control 1", "Sketch"]
+    doc.run(f"{control_row(0)}.findChild(QPushButton, 'sdbridge_control_remove').click()")
+    assert doc.eval("[len(dock().model.controls), dock().controls.isVisible()]") == [0, False]
 
 
 def rgba_to_bgra(data: bytes) -> bytes:
