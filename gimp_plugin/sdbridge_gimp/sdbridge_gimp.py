@@ -39,6 +39,12 @@ try:
     from sdbridge import __version__
     from sdbridge.editor import canvas
     from sdbridge.editor.config import session_key
+    from sdbridge.editor.control import (
+        KINDS,
+        ControlChoice,
+        check_controls,
+        control_entries,
+    )
     from sdbridge.editor.recent import (
         NoSuchResult,
         RecentError,
@@ -62,7 +68,13 @@ try:
     )
     from sdbridge.editor.styles import Style, StyleError, load_styles, styles_path
     from sdbridge.wire.client import ClientError
-    from sdbridge.wire.protocol import ADDRESS_ENV, DEFAULT_ADDRESS, MAX_GUIDANCE, MAX_SEED
+    from sdbridge.wire.protocol import (
+        ADDRESS_ENV,
+        DEFAULT_ADDRESS,
+        MAX_CONTROL_STRENGTH,
+        MAX_GUIDANCE,
+        MAX_SEED,
+    )
 
     IMPORT_ERROR = ""
 except ImportError as exc:  # still register, so the menu entry can say what is wrong
@@ -71,7 +83,9 @@ except ImportError as exc:  # still register, so the menu entry can say what is 
         "reinstall the plug-in with `sdbridge install gimp`"
     )
     __version__ = "?"
-    MAX_GUIDANCE, MAX_SEED = 30.0, 2**32 - 1  # the wire's ranges, to register all the same
+    # The wire's ranges and control kinds, to register all the same
+    MAX_GUIDANCE, MAX_SEED, MAX_CONTROL_STRENGTH = 30.0, 2**32 - 1, 2.0
+    KINDS = {"scribble": "Scribble"}
 
 PLUG_IN_BINARY = "sdbridge_gimp"
 CLIENT_NAME = f"sdbridge-gimp/{__version__}"
@@ -160,13 +174,33 @@ def read_buffer(drawable: Gimp.Drawable, bounds: canvas.Bounds, pixel_format: st
     return bytes(drawable.get_buffer().get(rect, 1.0, pixel_format, Gegl.AbyssPolicy.NONE))
 
 
-def visible_pixels(image: Gimp.Image, bounds: canvas.Bounds) -> bytes:
-    """What the user sees (all visible layers merged) over `bounds`, as RGBA."""
-    merged = Gimp.Layer.new_from_visible(image, image, "sdbridge source")
+def visible_pixels(
+    image: Gimp.Image, bounds: canvas.Bounds, hidden: Gimp.Drawable | None = None
+) -> bytes:
+    """What the user sees (all visible layers merged) over `bounds`, as RGBA; without `hidden`
+    (the control layer: it steers the job, it is no part of the picture)."""
+    shown = hidden is not None and hidden.get_visible()
+    if shown:
+        image.undo_freeze()  # hiding it for a moment is no step for the user to undo
+        hidden.set_visible(False)
+    try:
+        merged = Gimp.Layer.new_from_visible(image, image, "sdbridge source")
+    finally:
+        if shown:
+            hidden.set_visible(True)
+            image.undo_thaw()
     try:
         return read_buffer(merged, bounds, RGBA)
     finally:
         merged.delete()
+
+
+def drawable_pixels(drawable: Gimp.Drawable, bounds: canvas.Bounds) -> bytes:
+    """A drawable's own pixels over `bounds` (image coordinates; transparent past its edges),
+    as RGBA."""
+    _, x, y = drawable.get_offsets()
+    own = canvas.Bounds(bounds.x - x, bounds.y - y, bounds.width, bounds.height)
+    return read_buffer(drawable, own, RGBA)
 
 
 def add_result_layer(
@@ -353,6 +387,8 @@ class Params:
     address: str
     timeout: float
     margins: tuple[int, int, int, int] = (0, 0, 0, 0)  # Expand: left, top, right, bottom
+    control_layer: Gimp.Drawable | None = None  # Generate and Repaint: it steers the job
+    control: ControlChoice | None = None
 
     @staticmethod
     def from_config(config: Gimp.ProcedureConfig, mode: Mode) -> Params:
@@ -374,6 +410,7 @@ class Params:
             refine_strength=config.get_property("refine-strength") or None,
         )
         style = text_property(config, "style")
+        control_layer = config.get_property("control") if mode is not Mode.EXPAND else None
         return Params(
             settings=chosen_style(style).apply(settings) if style else settings,
             address=text_property(config, "address") or saved_address(),
@@ -382,6 +419,14 @@ class Params:
                 tuple(config.get_property(side) for side in MARGINS)
                 if mode is Mode.EXPAND
                 else (0, 0, 0, 0)
+            ),
+            control_layer=control_layer,
+            control=None
+            if control_layer is None
+            else ControlChoice(
+                model=text_property(config, "control-model"),
+                preprocessor=config.get_property("control-kind"),
+                strength=config.get_property("control-strength"),
             ),
         )
 
@@ -397,6 +442,11 @@ def chosen_style(name: str) -> Style:
     return styles[name]
 
 
+def has_property(config: Gimp.ProcedureConfig, name: str) -> bool:
+    """Whether the procedure has this argument (Expand has no control)."""
+    return any(spec.name == name for spec in config.list_properties())
+
+
 def text_property(config: Gimp.ProcedureConfig, name: str) -> str:
     # The PDB hands an empty string argument over as None.
     return (config.get_property(name) or "").strip()
@@ -408,11 +458,14 @@ class Mode(enum.Enum):
     EXPAND = "expand"  # enlarge the canvas and paint the new margins
 
 
-def plan(image: Gimp.Image, mode: Mode, settings: Settings) -> tuple[canvas.JobPlan, bytes | None]:
-    """The job's region and mask, and the visible pixels when the job sends them. Repaint
-    inpaints the selection; Generate paints its bounds afresh and keeps only its shape (both
-    read the selection's mask, so ellipses and feathered edges stay as drawn); Expand paints
-    what is transparent, with the picture's edge stretched into it in the init image."""
+def plan(
+    image: Gimp.Image, mode: Mode, settings: Settings, control: Gimp.Drawable | None = None
+) -> tuple[canvas.JobPlan, bytes | None]:
+    """The job's region and mask, and the visible pixels (without the `control` layer) when
+    the job sends them. Repaint inpaints the selection; Generate paints its bounds afresh and
+    keeps only its shape (both read the selection's mask, so ellipses and feathered edges stay
+    as drawn); Expand paints what is transparent, with the picture's edge stretched into it in
+    the init image."""
     extent = canvas.Extent(image.get_width(), image.get_height())
     if mode is Mode.EXPAND:
         whole = canvas.Bounds.of(extent)
@@ -430,7 +483,7 @@ def plan(image: Gimp.Image, mode: Mode, settings: Settings) -> tuple[canvas.JobP
     except canvas.SelectionOutsideCanvas as exc:
         raise calling_error(str(exc)) from exc
     needed = sends_canvas(settings, job_plan)
-    return job_plan, visible_pixels(image, job_plan.bounds) if needed else None
+    return job_plan, visible_pixels(image, job_plan.bounds, control) if needed else None
 
 
 def enlarge(image: Gimp.Image, margins: tuple[int, int, int, int]) -> None:
@@ -486,16 +539,22 @@ def paint_layer(
     if dialog is not None:  # someone is watching: ask for a preview at every step
         settings = dataclasses.replace(settings, preview_every=1)
     Gimp.progress_init(f"sdbridge: {settings.prompt[:60]}")
+    control = params.control_layer
+    if control is not None and control.get_image() != image:
+        raise calling_error("the control layer must be one of the image's own")
     with connect(params.address) as session:
         try:
             info = off_thread(functools.partial(session.info, with_models=False), dialog)
         except ClientError as exc:  # its message names the address and what to do
             raise execution_error(exc.message) from exc
-        problem = check_settings(settings, info)
+        controls = [] if params.control is None else [params.control]
+        problem = check_settings(settings, info) or check_controls(controls, info)
         if problem:
             raise calling_error(problem)
-        job_plan, rgba = plan(image, mode, settings)
-        generation = session.submit(editor_fields(settings, job_plan, rgba))
+        job_plan, rgba = plan(image, mode, settings, control)
+        layers = [(choice, drawable_pixels(control, job_plan.bounds)) for choice in controls]
+        entries = control_entries(layers, job_plan)
+        generation = session.submit(editor_fields(settings, job_plan, rgba, control=entries))
         view = follow(generation, session.address, params.timeout, dialog)
     assert view.result is not None  # a FINISHED view holds its result
     # Several images: one layer each, the first on top and the others hidden, to pick from by
@@ -532,6 +591,7 @@ DIALOG_FIELDS = [
     "address",
     "timeout",
 ]
+CONTROL_FIELDS = ["control", "control-kind", "control-model", "control-strength"]
 MODEL_DEFAULT = "model default"
 
 
@@ -598,6 +658,11 @@ def apply_offer(
     loras = "name:weight, separated by commas. The daemon's LoRAs"
     offer_names(dialog.get_widget("loras", GimpUi.LabelEntry), info.loras, loras)
     dialog.get_widget("images", GimpUi.LabelSpin).set_property("upper", info.limits.max_images)
+    if config.find_property("control-model") is not None:  # Generate and Repaint
+        controlnets = "Empty: the daemon's first for the model. The daemon's ControlNets"
+        offer_names(
+            dialog.get_widget("control-model", GimpUi.LabelEntry), info.controlnets, controlnets
+        )
 
 
 def add_seed_widget(dialog: GimpUi.ProcedureDialog, config: Gimp.ProcedureConfig) -> None:
@@ -622,8 +687,9 @@ def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> Gim
     # GIMP restores each procedure's own last values; the address is the one both share.
     config.set_property("address", saved_address())
     # An empty string argument comes back as None, which a text entry refuses.
-    for name in ("model", "loras", "style", "scheduler"):
-        config.set_property(name, text_property(config, name))
+    for name in ("model", "loras", "style", "scheduler", "control-model"):
+        if has_property(config, name):
+            config.set_property(name, text_property(config, name))
     dialog = GimpUi.ProcedureDialog.new(procedure, config, dialog_title(procedure))
     # A slider: the default spin box cannot step through a range narrower than 1.
     dialog.get_spin_scale("strength", 1.0)
@@ -636,8 +702,11 @@ def build_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> Gim
         dialog.fill_frame(f"{name}-frame", f"{name}-title", False, name)
     show_model_default(dialog.get_widget("steps", GimpUi.LabelSpin), lambda v: v < 1)
     show_model_default(dialog.get_widget("guidance", GimpUi.LabelSpin), lambda v: v < 0)
-    margins = list(MARGINS) if PROCEDURES[procedure.get_name()][0] is Mode.EXPAND else []
-    dialog.fill([*DIALOG_FIELDS[:2], *margins, *DIALOG_FIELDS[2:]])
+    expands = PROCEDURES[procedure.get_name()][0] is Mode.EXPAND
+    margins, controls = (list(MARGINS), []) if expands else ([], CONTROL_FIELDS)
+    dialog.fill(
+        [*DIALOG_FIELDS[:2], *margins, *DIALOG_FIELDS[2:-2], *controls, *DIALOG_FIELDS[-2:]]
+    )
     add_seed_widget(dialog, config)
     info = probe(config.get_property("address"))
     if info is not None:
@@ -910,6 +979,46 @@ def create_recent(plug_in: Gimp.PlugIn) -> Gimp.Procedure:
     return procedure
 
 
+def add_control_arguments(procedure: Gimp.Procedure) -> None:
+    """A layer that steers Generate and Repaint: where it is drawn, the picture goes."""
+    procedure.add_drawable_argument(
+        "control",
+        "_Control layer",
+        "A layer that steers the picture (a scribble where it should go, a sketch, line art); "
+        "none: no control. It is no part of the picture the job starts from",
+        True,
+        RW,
+    )
+    kinds = Gimp.Choice.new()
+    for number, (name, label) in enumerate(KINDS.items()):
+        kinds.add(name, number, label, "")
+    procedure.add_choice_argument(
+        "control-kind",
+        "Control _kind",
+        "What the control layer is: scribble (strokes or blobs on a transparent layer), "
+        "canny (a picture whose edges steer), none (already a control image)",
+        kinds,
+        "scribble",
+        RW,
+    )
+    procedure.add_string_argument(
+        "control-model",
+        "Control_Net",
+        "A ControlNet the daemon has; empty: its first one for the model",
+        "",
+        RW,
+    )
+    procedure.add_double_argument(
+        "control-strength",
+        "Control stren_gth",
+        "How strongly the control layer steers",
+        0.0,
+        MAX_CONTROL_STRENGTH,
+        1.0,
+        RW,
+    )
+
+
 class SdbridgePlugIn(Gimp.PlugIn):
     def do_set_i18n(self, _name: str) -> tuple[bool, str | None, str | None]:
         return False, None, None  # English only: no catalog to look for
@@ -1016,6 +1125,8 @@ class SdbridgePlugIn(Gimp.PlugIn):
             1,
             RW,
         )
+        if mode is not Mode.EXPAND:
+            add_control_arguments(procedure)
         procedure.add_string_argument(
             "style",
             "St_yle",

@@ -65,7 +65,8 @@ def test_both_procedures_are_registered_under_filters_sdbridge(gimp: Gimp) -> No
             config = procedure.create_config()
             found[name]["defaults"] = {
                 key: config.get_property(key)
-                for key in ("steps", "guidance", "scheduler", "random-seed", "seed")
+                for key in ("steps", "guidance", "scheduler", "random-seed", "seed", "control",
+                            "control-kind", "control-model", "control-strength")
             }
             seed = next(s for s in procedure.get_arguments() if s.name == "seed")
             found[name]["seeds"] = [seed.minimum, seed.maximum]
@@ -74,7 +75,8 @@ def test_both_procedures_are_registered_under_filters_sdbridge(gimp: Gimp) -> No
     ).checked()
     arguments = ["run-mode", "image", "drawables", "prompt", "negative-prompt", "steps"]
     arguments += ["guidance", "scheduler", "random-seed", "seed", "strength", "model", "loras"]
-    arguments += ["refine-strength", "images", "style", "address", "timeout"]
+    arguments += ["refine-strength", "images", "control", "control-kind", "control-model"]
+    arguments += ["control-strength", "style", "address", "timeout"]
     for name, label in ((GENERATE, "_Generate..."), (REPAINT, "_Repaint selection...")):
         info = markers["found"][name]
         assert info is not None, f"{name} is not registered"
@@ -84,12 +86,18 @@ def test_both_procedures_are_registered_under_filters_sdbridge(gimp: Gimp) -> No
         assert info["returns"] == ["layer"]
         # Left as they are, steps, guidance and sampler are the model's; the daemon picks the
         # seed, and any seed it reports fits the argument.
+        # No control layer unless one is given; then it is a scribble at full strength, read
+        # by the daemon's ControlNet for the model.
         assert info["defaults"] == {
             "steps": 0,
             "guidance": -1.0,
             "scheduler": "",
             "random-seed": True,
             "seed": 0,
+            "control": None,
+            "control-kind": "scribble",
+            "control-model": "",
+            "control-strength": 1.0,
         }
         assert info["seeds"] == [0, protocol.MAX_SEED]
 
@@ -410,7 +418,7 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
     markers = gimp.run(
         f"""
         plugin = dialog_plugin()
-        from gi.repository import GLib, Gtk
+        from gi.repository import GLib, GObject, Gtk
 
         dialogs = {{}}
         for name in (plugin.GENERATE, plugin.REPAINT):
@@ -422,7 +430,11 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
             dialog = plugin.build_dialog(procedure, config)
             show(dialog)
             prompt = dialog.get_widget("prompt", Gtk.TextView)
+            control = dialog.get_widget("control", GObject.TYPE_NONE)
+            kind = dialog.get_widget("control-kind", GObject.TYPE_NONE)
             dialogs[name] = {{
+                "control": [type(control).__name__, control.get_mapped()],
+                "kind": [type(kind).__name__, kind.get_mapped()],
                 "title": dialog.get_title(),
                 "prompt": type(prompt).__name__,
                 "prompt_shown": prompt.get_mapped(),
@@ -466,6 +478,9 @@ def test_dialogs_build_under_xvfb_and_cancel_stops_the_job_on_the_daemon(
     )
     for info in (generate, repaint):
         assert info["prompt"] == "TextView" and info["prompt_shown"]
+        # The control layer is picked from the image's layers, its kind from a list.
+        assert info["control"] == ["DrawableChooser", True]
+        assert info["kind"][1] is True, info["kind"]
     assert generate["address"] == protocol.DEFAULT_ADDRESS  # nothing saved yet
     assert repaint["address"] == "tcp://127.0.0.1:9"
     assert (generate["strength"], repaint["strength"]) == (1.0, 0.75)
@@ -973,3 +988,50 @@ def test_the_recent_results_dialog_pages_back_and_places_the_picked_result(
     assert markers["c"][0] == "cancel"
     assert markers["o"] == ["success", layer_name("the newest one", 3)]
     assert markers["layers"] == [layer_name("the newest one", 3), "background"]
+
+
+def test_the_control_layer_steers_and_is_no_part_of_the_picture_repaint_starts_from(
+    gimp: Gimp, daemon
+) -> None:
+    """Repaint sends the visible pixels around the selection: without the control layer, which
+    goes along on its own, cut to the same region. A layer of another image is refused."""
+    markers = gimp.run(
+        f"""
+        plugin = load_plugin_module()
+        image, background = new_image({W}, {H}, bytes([200, 30, 30]) * ({W} * {H}))
+        control = Gimp.Layer.new(image, "scribble", 20, 10, Gimp.ImageType.RGBA_IMAGE, 100.0,
+                                 Gimp.LayerMode.NORMAL)
+        image.insert_layer(control, None, 0)
+        control.set_offsets(30, 20)
+        buffer = control.get_buffer()
+        buffer.set(Gegl.Rectangle.new(0, 0, 20, 10), "R'G'B'A u8", bytes([255] * 4 * 200))
+        buffer.flush()
+        image.select_rectangle(Gimp.ChannelOps.REPLACE, 24, 16, 40, 24)
+        settings = plugin.Settings("a blob", strength=0.5)
+        job_plan, rgba = plugin.plan(image, plugin.Mode.REPAINT, settings, control)
+        layer = plugin.drawable_pixels(control, job_plan.bounds)
+        b = job_plan.bounds
+        mark(bounds=[b.x, b.y, b.width, b.height], colours=sorted(set(rgba[i:i + 4] for i in
+             range(0, len(rgba), 4))) == [bytes([200, 30, 30, 255])],
+             opaque=sum(1 for a in layer[3::4] if a == 255), visible=control.get_visible(),
+             undo=image.undo_is_enabled())
+        other, other_background = new_image(8, 8, bytes(8 * 8 * 3))
+        status, value, seconds = call({REPAINT!r}, image, [background], prompt="a blob",
+                                      control=other_background, address={daemon.address!r})
+        mark(other=[status, value])
+        status, value, seconds = call({REPAINT!r}, image, [background], prompt="a blob",
+                                      control=control, control_kind="canny", steps=2,
+                                      address={daemon.address!r}, timeout=60.0)
+        mark(unfitting=[status, value])
+        """
+    ).checked()
+    x, y, width, height = markers["bounds"]
+    assert x <= 24 and y <= 16 and width >= 40 and height >= 24  # the selection and context
+    assert markers["colours"] is True, "the control layer's white is no part of the picture"
+    assert markers["opaque"] == 200, "the whole scribble, cut to the job's region"
+    assert markers["visible"] is True and markers["undo"] is True
+    assert markers["other"][0] == "calling-error"
+    assert "the control layer must be one of the image's own" in markers["other"][1]
+    # The session's daemon has no ControlNet for its model, and says so.
+    status, error = markers["unfitting"]
+    assert status == "execution-error" and "no listed ControlNet fits model" in error
