@@ -329,3 +329,26 @@ class TcpProxy:
     def __exit__(self, *_exc: object) -> None:
         self._server.close()
         self.cut()
+
+
+def scribble_overlap(image: np.ndarray, region: np.ndarray, size: tuple[int, int]) -> float:
+    """How well the embedded model's objects in `image` (H x W x 3 or 4, uint8) cover `region`
+    (H x W bool, where a control layer was drawn): IoU at the generation `size` (w, h), as
+    `tools.tiny.evaluate` measures it."""
+    from PIL import Image
+
+    from tools.tiny.analyse import objects_mask
+    from tools.tiny.evaluate import iou
+
+    small = Image.fromarray(image[..., :3]).resize(size, Image.BILINEAR)
+    marked = Image.fromarray(region.astype(np.uint8) * 255).resize(size, Image.NEAREST)
+    return iou(objects_mask(np.asarray(small)), np.asarray(marked) > 0)
+
+
+def ellipse(width: int, height: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """A filled ellipse inside `box` (left, top, right, bottom) on a width x height canvas: a
+    blob as an artist scribbles it."""
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5
+    left, top, right, bottom = box
+    cx, cy, rx, ry = (left + right) / 2, (top + bottom) / 2, (right - left) / 2, (bottom - top) / 2
+    return ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1

@@ -8,10 +8,11 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zmq
 from gimp_runner import Gimp, chroot_missing
-from helpers import OldDaemon, SilentDaemon, free_port, wait_until
+from helpers import OldDaemon, SilentDaemon, ellipse, free_port, scribble_overlap, wait_until
 from PIL import Image
 
 from sdbridge import tiny
@@ -1035,3 +1036,52 @@ def test_the_control_layer_steers_and_is_no_part_of_the_picture_repaint_starts_f
     # The session's daemon has no ControlNet for its model, and says so.
     status, error = markers["unfitting"]
     assert status == "execution-error" and "no listed ControlNet fits model" in error
+
+
+def test_a_scribble_on_the_control_layer_puts_the_embedded_models_object_there(
+    gimp: Gimp, daemon_factory: Callable
+) -> None:
+    """The embedded model and its ControlNet through the PDB, as the dialog runs it: a blob on
+    a transparent layer at the bottom left of a 512x320 image is where the red circle is
+    painted; without the control the same seed paints it elsewhere."""
+    tiny_daemon = daemon_factory(model=tiny.MODEL_DIR)
+    width, height, box = 512, 320, (60, 150, 200, 290)
+    region = ellipse(width, height, box)
+    left, top, right, bottom = box
+    blob = np.zeros((bottom - top, right - left, 4), np.uint8)
+    blob[region[top:bottom, left:right]] = 255
+    markers = gimp.run(
+        f"""
+        image, background = new_image({width}, {height}, bytes({width} * {height} * 3))
+        control = Gimp.Layer.new(image, "scribble", {right - left}, {bottom - top},
+                                 Gimp.ImageType.RGBA_IMAGE, 100.0, Gimp.LayerMode.NORMAL)
+        image.insert_layer(control, None, 0)
+        control.set_offsets({left}, {top})
+        buffer = control.get_buffer()
+        buffer.set(Gegl.Rectangle.new(0, 0, {right - left}, {bottom - top}), "R'G'B'A u8",
+                   bytes.fromhex({blob.tobytes().hex()!r}))
+        buffer.flush()
+        common = dict(prompt="a red circle on a blue background", random_seed=False, seed=11,
+                      address={tiny_daemon.address!r}, timeout=120.0)
+        for label, steering in (("steered", control), ("plain", None)):
+            status, value, seconds = call({GENERATE!r}, image, [background], control=steering,
+                                          **common)
+            mark(**{{label: [status, value]}})
+            control.set_visible(False)  # the picture alone, as the new layer shows it
+            export(image, label + ".png")
+            image.remove_layer(image.get_layers()[0])
+            control.set_visible(True)
+        """,
+        timeout=300,
+    ).checked()
+    overlaps = {}
+    for label in ("steered", "plain"):
+        assert markers[label][0] == "success", markers[label]
+        with Image.open(gimp.host(f"{label}.png")) as image:
+            overlaps[label] = scribble_overlap(np.asarray(image.convert("RGB")), region, (160, 104))
+    saved = sorted(tiny_daemon.output_dir.rglob("*.png"), key=lambda path: path.stat().st_mtime_ns)
+    steered, plain = (Image.open(path).text["parameters"] for path in saved[-2:])
+    print(f"GIMP scribble overlap: {overlaps}")
+    assert "Module: scribble, Model: sdbridge-tiny-scribble, Weight: 1" in steered
+    assert "ControlNet" not in plain
+    assert overlaps["steered"] >= 0.5 and overlaps["plain"] <= overlaps["steered"] - 0.25

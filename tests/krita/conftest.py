@@ -274,6 +274,7 @@ def record(model):
     model.message_changed.connect(lambda text, error: seen["messages"].append([text, error]))
 
 state.update(dock=dock, new_document=new_document, close_documents=close_documents,
-             layers=layers, record=record, settle=settle, Selection=Selection, QPushButton=QPushButton,
-             QPoint=QPoint, Qt=Qt, QScrollArea=QScrollArea, QLabel=QLabel, QWidget=QWidget)
+             layers=layers, record=record, settle=settle, Selection=Selection,
+             QPushButton=QPushButton, QPoint=QPoint, Qt=Qt, QScrollArea=QScrollArea,
+             QLabel=QLabel, QWidget=QWidget)
 """

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SilentDaemon, TcpProxy, wait_until
+from helpers import SilentDaemon, TcpProxy, ellipse, scribble_overlap, wait_until
 from PIL import Image
 
 from sdbridge import tiny
@@ -846,3 +846,44 @@ def _daemon_hello(daemon) -> dict:
     with Client(daemon.address, timeout=10) as client:
         client.wait_connected(10)
         return client.hello()
+
+
+def test_a_scribble_on_a_control_layer_puts_the_embedded_models_object_there(
+    doc, daemon, daemon_factory
+):
+    """The embedded model and its ControlNet, as a new user has them: a blob scribbled on a new
+    control layer at the top right of a 512x384 canvas is where the red circle is painted; with
+    the layer hidden (switched off) the same seed paints it elsewhere."""
+    tiny_daemon = daemon_factory(model=tiny.MODEL_DIR)
+    width, height, box = 512, 384, (300, 50, 440, 190)
+    region = ellipse(width, height, box)
+    left, top, right, bottom = box
+    blob = np.zeros((bottom - top, right - left, 4), np.uint8)
+    blob[region[top:bottom, left:right]] = 255  # white, opaque: BGRA as RGBA
+    new_document(doc, width, height)
+    overlaps, parameters = {}, {}
+    try:
+        doc.connect(tiny_daemon.address)
+        doc.run("dock().fixed_seed.setChecked(True); dock().seed.setText('11')")
+        doc.run("dock().findChild(QPushButton, 'sdbridge_new_control').click()")
+        doc.run(
+            f"{node('Control 1')}.setPixelData(bytes.fromhex({blob.tobytes().hex()!r}), "
+            f"{left}, {top}, {right - left}, {bottom - top})"
+        )
+        for label, shown in (("steered", True), ("plain", False)):
+            doc.run(f"{node('Control 1')}.setVisible({shown})")
+            generate(doc, "a red circle on a blue background", steps=None)
+            bgra = pixels(doc, "state['doc'].rootNode().childNodes()[-1]", [0, 0, width, height])
+            picture = np.frombuffer(bgra, np.uint8).reshape(height, width, 4)[..., [2, 1, 0, 3]]
+            overlaps[label] = scribble_overlap(picture, region, (144, 112))
+            parameters[label] = newest_output(tiny_daemon).text["parameters"]
+    finally:
+        doc.run(
+            "dock().fixed_seed.setChecked(False); dock().model.controls.clear(); "
+            "dock().model.controls_changed.emit()"
+        )
+        doc.connect(daemon.address)
+    print(f"Krita scribble overlap: {overlaps}")
+    assert "Module: scribble, Model: sdbridge-tiny-scribble, Weight: 1" in parameters["steered"]
+    assert "ControlNet" not in parameters["plain"]
+    assert overlaps["steered"] >= 0.5 and overlaps["plain"] <= overlaps["steered"] - 0.25
