@@ -3,6 +3,9 @@ being drawn sends nothing, only the newest job's image shows, and a live job ask
 
 from __future__ import annotations
 
+import dataclasses
+
+from sdbridge.editor.control import ControlChoice
 from sdbridge.editor.live import (
     DEBOUNCE_S,
     LIVE_STEPS,
@@ -72,6 +75,20 @@ def test_a_stroke_being_drawn_sends_nothing_until_it_stops():
         now += POLL_S
     last = snapshot(layer(bytes([19])))
     assert scheduler.observe(last, now + DEBOUNCE_S)
+
+
+def test_a_control_layer_switched_on_or_its_kind_or_strength_changed_is_a_change():
+    scheduler = LiveScheduler(debounce_s=0.0)
+    canvas = snapshot(layer(b"a"))
+    scheduler.sent(canvas)
+    scribble = dataclasses.replace(canvas, controls=(("layer-1", ControlChoice()),))
+    assert scheduler.observe(scribble, 0.0)
+    scheduler.sent(scribble)
+    for changed in (ControlChoice(strength=0.5), ControlChoice(preprocessor="canny")):
+        steered = dataclasses.replace(canvas, controls=(("layer-1", changed),))
+        assert scheduler.observe(steered, 0.0)
+    back = dataclasses.replace(canvas, controls=(("layer-1", ControlChoice()),))
+    assert not scheduler.observe(back, 0.0), "as it was sent"
 
 
 def test_a_new_prompt_or_selection_is_a_change_too_and_going_back_is_one_again():

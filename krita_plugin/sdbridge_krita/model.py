@@ -412,6 +412,7 @@ class Model(QObject):
             run.document.layer_states(),
             run.document.selection_state(),
             live_settings(self.settings(), defaults, run.seed),
+            tuple((control.layer, control.choice) for control in self.controls),
         )
         cost = time.perf_counter() - started
         if self.connected and run.scheduler.observe(snapshot, time.monotonic()):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, replace
 
+from .control import ControlChoice
 from .session import ModelDefaults, Settings
 
 # How often the editor looks for a change, at least. Reading the layers' pixels is the cost
@@ -57,6 +58,8 @@ class Snapshot:
     layers: tuple[LayerState, ...]  # bottom to top, sdbridge's own layers left out
     selection: int | None  # crc32 of the selection's bounds and mask; None: no selection
     settings: Settings
+    # The control layers by layer id, with how each steers (their pixels are in `layers`).
+    controls: tuple[tuple[str, ControlChoice], ...] = ()
 
 
 def selection_state(x: int, y: int, width: int, height: int, mask: bytes) -> int:
