@@ -131,12 +131,12 @@ class KritaDocument:
     def _id(node) -> str:
         return node.uniqueId().toString()
 
-    def paint_layers(self) -> dict[str, str]:
-        """The artist's paint layers (groups' too) by id: their names, for the control list."""
+    def layer_names(self) -> dict[str, str]:
+        """The artist's layers (groups' too) by id: their names, for the control list."""
         return {
             self._id(n): n.name()
             for n in self._nodes()
-            if n.type() == "paintlayer" and n.name() not in OWN_LAYERS
+            if n.type() != "selectionmask" and n.name() not in OWN_LAYERS
         }
 
     def active_layer(self) -> str | None:

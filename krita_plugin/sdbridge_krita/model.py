@@ -238,7 +238,7 @@ class Model(QObject):
         except DocumentError as exc:
             self.message_changed.emit(str(exc), True)
             return
-        taken = set(document.paint_layers().values())
+        taken = set(document.layer_names().values())
         name = next(f"Control {n}" for n in itertools.count(1) if f"Control {n}" not in taken)
         self._add_control(document.add_control_layer(name))
         self.message_changed.emit(
@@ -263,9 +263,9 @@ class Model(QObject):
         self.controls_changed.emit()
 
     def control_layer_names(self) -> dict[str, str]:
-        """The active image's paint layers by id (none without an image)."""
+        """The active image's layers by id (none without an image)."""
         try:
-            return KritaDocument.active().paint_layers()
+            return KritaDocument.active().layer_names()
         except DocumentError:
             return {}
 
