@@ -3,19 +3,22 @@ that saves a ControlNet the daemon lists and loads for the embedded model."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from tools.tiny.scenes import POSITIONS, render, sample_free_scene
+from tools.tiny.scenes import BACKGROUNDS, OBJECT_COLOURS, POSITIONS, render, sample_free_scene
 from tools.tiny.scribbles import KINDS, scribble, silhouette
+from tools.tiny.scribbles import STAR_DOT as STAR
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_scribble_marks_where_the_object_is(kind: str) -> None:
     rng = np.random.default_rng(0)
     for seed, (width, height) in enumerate([(128, 128), (168, 96), (112, 144)] * 5):
-        scene = sample_free_scene(seed, width, height)
+        scene = sample_free_scene(seed, width, height, free_form=0.5)  # the four shapes and others
         mask = silhouette(scene, render(scene))
         marks = scribble(mask, rng, kind) > 0
         # Near the object: within a hand's slip (10 px) of its silhouette.
@@ -23,6 +26,20 @@ def test_a_scribble_marks_where_the_object_is(kind: str) -> None:
         near = np.asarray(near.filter(ImageFilter.MaxFilter(21))) > 0
         assert marks.any(), (kind, seed)
         assert (marks & near).sum() >= 0.95 * marks.sum(), (kind, seed)
+
+
+def test_a_free_form_is_one_object_of_its_colour_unlike_any_shape() -> None:
+    for seed in range(40):
+        scene = sample_free_scene(seed, 144, 112, free_form=1.0)
+        (obj,) = scene.objects
+        drawn = render(scene)
+        plain = render(
+            dataclasses.replace(scene, objects=(dataclasses.replace(obj, free_form=False),))
+        )
+        assert obj.free_form and not np.array_equal(drawn, plain)
+        colours = {tuple(c) for c in drawn.reshape(-1, 3)} - {BACKGROUNDS[scene.background], STAR}
+        assert colours == {OBJECT_COLOURS[obj.colour]}, seed  # flat, as the shapes are
+    assert not any(sample_free_scene(seed).objects[0].free_form for seed in range(100))
 
 
 def test_free_scenes_put_the_object_anywhere_not_only_at_the_named_places() -> None:

@@ -1069,7 +1069,7 @@ def test_a_scribble_on_the_control_layer_puts_the_embedded_models_object_there(
             mark(**{{label: [status, value]}})
             control.set_visible(False)  # the picture alone, as the new layer shows it
             export(image, label + ".png")
-            image.remove_layer(image.get_layers()[0])
+            image.remove_layer(next(x for x in image.get_layers() if x.get_name() == value))
             control.set_visible(True)
         """,
         timeout=300,

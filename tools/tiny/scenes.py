@@ -71,6 +71,9 @@ class Obj:
     # A centre anywhere (fractions of the width and height) in place of the named position's:
     # where a control image, not the caption, decides.
     at: tuple[float, float] | None = None
+    # Drawn as a free form (a bar, an ellipse, a lumpy blob) in place of its shape: what a
+    # control image outlines, not the shape the caption names, decides.
+    free_form: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,15 +135,19 @@ def sample_scene(
     return Scene(tuple(objects), background, seed, width, height)
 
 
-def sample_free_scene(seed: int, width: int = SIZE, height: int = SIZE) -> Scene:
+def sample_free_scene(
+    seed: int, width: int = SIZE, height: int = SIZE, free_form: float = 0.0
+) -> Scene:
     """One object of a training colour and shape centred anywhere (not only at the named places),
-    its named position the nearest one: a scene whose layout a control image gives."""
+    its named position the nearest one: a scene whose layout a control image gives. A share
+    `free_form` of them draw the object as a free form."""
     rng = np.random.default_rng(seed)
     scene = sample_scene(seed, two_objects=0, width=width, height=height)
     at = (float(rng.uniform(0.15, 0.85)), float(rng.uniform(0.15, 0.85)))
     nearest = min(POSITIONS, key=lambda p: np.hypot(*np.subtract(POSITIONS[p], at)))
     (obj,) = scene.objects
-    return replace(scene, objects=(replace(obj, position=nearest, at=at),))
+    free = bool(rng.random() < free_form)
+    return replace(scene, objects=(replace(obj, position=nearest, at=at, free_form=free),))
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, d: float) -> list[tuple[float, float]]:
@@ -173,11 +180,37 @@ def render(scene: Scene) -> np.ndarray:
         cx, cy = np.array(scene.centre(obj)) + rng.integers(-4, 5, size=2) * unit
         d = scene.diameter(obj) * rng.uniform(0.92, 1.08)
         fill = OBJECT_COLOURS[obj.colour]
-        if obj.shape == "circle":
+        if obj.free_form:
+            draw.polygon(_free_polygon(rng, float(cx), float(cy), d), fill=fill)
+        elif obj.shape == "circle":
             draw.ellipse((cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2), fill=fill)
         else:
             draw.polygon(_shape_polygon(obj.shape, float(cx), float(cy), d), fill=fill)
     return np.asarray(image)
+
+
+def _free_polygon(
+    rng: np.random.Generator, cx: float, cy: float, d: float
+) -> list[tuple[float, float]]:
+    """A form no shape has, about `d` across: a bar, a narrow ellipse or a lumpy blob, turned
+    any way."""
+    kind = rng.integers(3)
+    theta = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    if kind == 0:  # a bar: long and thin
+        length, thick = d * rng.uniform(0.8, 1.8), d * rng.uniform(0.15, 0.35)
+        xs = np.array([-1, 1, 1, -1]) * length / 2
+        ys = np.array([-1, -1, 1, 1]) * thick / 2
+    elif kind == 1:  # an ellipse of any aspect
+        xs = np.cos(theta) * d / 2 * rng.uniform(0.8, 1.5)
+        ys = np.sin(theta) * d / 2 * rng.uniform(0.25, 0.8)
+    else:  # a blob: a radius that swells and dips
+        radius = np.full_like(theta, d / 2)
+        for k in (2, 3, 4):
+            radius *= 1 + rng.uniform(-0.25, 0.25) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+        xs, ys = np.cos(theta) * radius, np.sin(theta) * radius
+    turn = rng.uniform(0, np.pi)
+    cos, sin = np.cos(turn), np.sin(turn)
+    return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in zip(xs, ys, strict=True)]
 
 
 def _object_phrase(obj: Obj, size: bool, position: bool) -> str:
