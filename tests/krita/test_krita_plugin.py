@@ -849,11 +849,12 @@ def _daemon_hello(daemon) -> dict:
 
 
 def test_a_scribble_on_a_control_layer_puts_the_embedded_models_object_there(
-    doc, daemon, daemon_factory
+    doc, daemon, daemon_factory, tmp_path
 ):
     """The embedded model and its ControlNet, as a new user has them: a blob scribbled on a new
     control layer at the top right of a 512x384 canvas is where the red circle is painted; with
-    the layer hidden (switched off) the same seed paints it elsewhere."""
+    the layer hidden (switched off) the same seed paints it elsewhere.
+    SDBRIDGE_UPDATE_SCREENSHOT=1 writes docs/images/krita-control.png of the steered one."""
     tiny_daemon = daemon_factory(model=tiny.MODEL_DIR)
     width, height, box = 512, 384, (300, 50, 440, 190)
     region = ellipse(width, height, box)
@@ -877,6 +878,8 @@ def test_a_scribble_on_a_control_layer_puts_the_embedded_models_object_there(
             picture = np.frombuffer(bgra, np.uint8).reshape(height, width, 4)[..., [2, 1, 0, 3]]
             overlaps[label] = scribble_overlap(picture, region, (144, 112))
             parameters[label] = newest_output(tiny_daemon).text["parameters"]
+            if label == "steered":
+                shot = _screenshot(doc, tmp_path / "krita-control.png")
     finally:
         doc.run(
             "dock().fixed_seed.setChecked(False); dock().model.controls.clear(); "
@@ -887,3 +890,5 @@ def test_a_scribble_on_a_control_layer_puts_the_embedded_models_object_there(
     assert "Module: scribble, Model: sdbridge-tiny-scribble, Weight: 1" in parameters["steered"]
     assert "ControlNet" not in parameters["plain"]
     assert overlaps["steered"] >= 0.5 and overlaps["plain"] <= overlaps["steered"] - 0.25
+    if os.environ.get("SDBRIDGE_UPDATE_SCREENSHOT"):
+        shutil.copy2(shot, SCREENSHOT.with_name("krita-control.png"))
