@@ -15,6 +15,7 @@ from PyQt5.QtWidgets import (
     QDoubleSpinBox,
     QFormLayout,
     QFrame,
+    QGridLayout,
     QHBoxLayout,
     QInputDialog,
     QLabel,
@@ -94,13 +95,17 @@ class ControlRow(QWidget):
         for box in (self.kind, self.controlnet):
             box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
             box.setMinimumContentsLength(6)
-        row = QHBoxLayout(self)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(label, 1)
-        row.addWidget(self.kind, 1)
-        row.addWidget(self.controlnet, 1)
-        row.addWidget(self.strength)
-        row.addWidget(remove)
+        # Two lines, so that a narrow docker shows every part: the layer and its kind, then
+        # the ControlNet and how strongly.
+        grid = QGridLayout(self)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.addWidget(label, 0, 0)
+        grid.addWidget(self.kind, 0, 1)
+        grid.addWidget(remove, 0, 2)
+        grid.addWidget(self.controlnet, 1, 0)
+        grid.addWidget(self.strength, 1, 1, 1, 2)
+        grid.setColumnStretch(0, 1)
+        grid.setColumnStretch(1, 1)
         self.kind.currentIndexChanged.connect(
             lambda i: model.set_control(index, preprocessor=self.kind.itemData(i))
         )
@@ -273,7 +278,7 @@ class SdbridgeDocker(DockWidget):
         self.loras.hide()  # until the artist adds one
         self.loras.setToolTip("The job's LoRAs; double-click one to remove it")
         self.loras.itemDoubleClicked.connect(self._on_remove_lora)
-        new_control = QPushButton("New control layer")
+        new_control = QPushButton("New layer")
         new_control.setObjectName("sdbridge_new_control")
         new_control.setToolTip("A layer on top to scribble on: the picture goes where you draw")
         use_layer = QPushButton("Use layer")
