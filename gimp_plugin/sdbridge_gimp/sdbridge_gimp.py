@@ -983,7 +983,7 @@ def add_control_arguments(procedure: Gimp.Procedure) -> None:
     """A layer that steers Generate and Repaint: where it is drawn, the picture goes."""
     procedure.add_drawable_argument(
         "control",
-        "_Control layer",
+        "Control layer",  # no mnemonic: its letters are taken (Cancel, OK, Random seed, ...)
         "A layer that steers the picture (a scribble where it should go, a sketch, line art); "
         "none: no control. It is no part of the picture the job starts from",
         True,
@@ -1003,14 +1003,14 @@ def add_control_arguments(procedure: Gimp.Procedure) -> None:
     )
     procedure.add_string_argument(
         "control-model",
-        "Control_Net",
+        "ControlNet",  # no mnemonic: its letters are taken
         "A ControlNet the daemon has; empty: its first one for the model",
         "",
         RW,
     )
     procedure.add_double_argument(
         "control-strength",
-        "Control stren_gth",
+        "Control strengt_h",
         "How strongly the control layer steers",
         0.0,
         MAX_CONTROL_STRENGTH,
