@@ -658,11 +658,10 @@ def apply_offer(
     loras = "name:weight, separated by commas. The daemon's LoRAs"
     offer_names(dialog.get_widget("loras", GimpUi.LabelEntry), info.loras, loras)
     dialog.get_widget("images", GimpUi.LabelSpin).set_property("upper", info.limits.max_images)
-    if config.find_property("control-model") is not None:  # Generate and Repaint
-        controlnets = "Empty: the daemon's first for the model. The daemon's ControlNets"
-        offer_names(
-            dialog.get_widget("control-model", GimpUi.LabelEntry), info.controlnets, controlnets
-        )
+    if has_property(config, "control-model"):  # Generate and Repaint
+        control = dialog.get_widget("control-model", GimpUi.LabelEntry)
+        tooltip = "Empty: the daemon's first for the model. The daemon's ControlNets"
+        offer_names(control, info.controlnets, tooltip)
 
 
 def add_seed_widget(dialog: GimpUi.ProcedureDialog, config: Gimp.ProcedureConfig) -> None:
