@@ -7,7 +7,7 @@ import html
 from collections.abc import Callable
 
 from krita import DockWidget
-from PyQt5.QtCore import QRegExp, QSize, Qt
+from PyQt5.QtCore import QRegExp, QSize, Qt, QTimer
 from PyQt5.QtGui import QIcon, QImage, QPixmap, QRegExpValidator
 from PyQt5.QtWidgets import (
     QCheckBox,
@@ -46,6 +46,7 @@ NO_STYLE = "none"
 HISTORY_ICON = 56
 COMPACT_BUTTON = 28  # px: a one-character button
 AUTOMATIC = "automatic"  # the daemon's first ControlNet for the chosen model
+CONTROL_LOOK_MS = 1000  # how often the control rows look for renamed and deleted layers
 # Guidance 0 is a real value (few-step models run at 0): "model default" sits one step below.
 GUIDANCE_DEFAULT = -0.5
 
@@ -64,11 +65,11 @@ class ControlRow(QWidget):
     """One control layer: its name, what kind of layer it is, the ControlNet that reads it and
     how strongly it steers; × stops it steering (the layer stays)."""
 
-    def __init__(self, model: Model, index: int, control: ControlLayer, name: str | None) -> None:
+    def __init__(self, model: Model, index: int, control: ControlLayer, name: str) -> None:
         super().__init__()
         self.setObjectName(f"sdbridge_control_{index}")
         choice = control.choice
-        label = QLabel(name if name is not None else "(not in this image)")
+        label = QLabel(name)
         label.setToolTip("Steers every job while the layer is shown; hide it to switch it off")
         self.kind = QComboBox()
         self.kind.setObjectName("sdbridge_control_kind")
@@ -293,6 +294,10 @@ class SdbridgeDocker(DockWidget):
         self.controls.setObjectName("sdbridge_controls")
         QVBoxLayout(self.controls).setContentsMargins(0, 0, 0, 0)
         self.controls.hide()  # until the artist adds one
+        self._shown_controls: list[tuple[int, str]] = []
+        self._controls_timer = QTimer(self)
+        self._controls_timer.setInterval(CONTROL_LOOK_MS)
+        self._controls_timer.timeout.connect(self._look_at_controls)
         self.images = QSpinBox()
         self.images.setObjectName("sdbridge_images")
         self.images.setRange(1, 8)
@@ -425,10 +430,21 @@ class SdbridgeDocker(DockWidget):
         layout = self.controls.layout()
         while layout.count():
             layout.takeAt(0).widget().deleteLater()
-        names = self.model.control_layer_names()
-        for index, control in enumerate(self.model.controls):
-            layout.addWidget(ControlRow(self.model, index, control, names.get(control.layer)))
-        self.controls.setVisible(bool(self.model.controls))
+        shown = self.model.shown_controls()
+        for index, control, name in shown:
+            layout.addWidget(ControlRow(self.model, index, control, name))
+        self.controls.setVisible(bool(shown))
+        self._shown_controls = [(index, name) for index, _, name in shown]
+        if self.model.controls:
+            self._controls_timer.start()
+        else:
+            self._controls_timer.stop()
+
+    def _look_at_controls(self) -> None:
+        """Krita tells a plugin of no renamed or deleted layer: the rows follow within a second."""
+        now = [(index, name) for index, _, name in self.model.shown_controls()]
+        if now != self._shown_controls:
+            self._show_controls()
 
     def _on_fixed_seed(self, fixed: bool) -> None:
         self.model.fixed_seed = fixed

@@ -262,12 +262,14 @@ class Model(QObject):
         self.controls.append(ControlLayer(layer, ControlChoice(preprocessor=DEFAULT_PREPROCESSOR)))
         self.controls_changed.emit()
 
-    def control_layer_names(self) -> dict[str, str]:
-        """The active image's layers by id (none without an image)."""
+    def shown_controls(self) -> list[tuple[int, ControlLayer, str]]:
+        """The active image's controls, each with its index and its layer's name as it is now:
+        another image's controls come back with that image, a deleted layer's with its undo."""
         try:
-            return KritaDocument.active().layer_names()
+            names = KritaDocument.active().layer_names()
         except DocumentError:
-            return {}
+            return []
+        return [(i, c, names[c.layer]) for i, c in enumerate(self.controls) if c.layer in names]
 
     def set_control(self, index: int, **changes: Any) -> None:
         """Changes a control's ControlChoice fields (`model`, `preprocessor`, `strength`)."""

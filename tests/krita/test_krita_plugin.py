@@ -561,6 +561,21 @@ def test_control_layers_are_made_and_picked_in_the_docker_and_steer_no_picture(d
     assert doc.eval("[c.choice.preprocessor for c in dock().model.controls]") == ["canny"]
     assert doc.eval(f"{control_row(0)}.findChild(QLabel).text()") == "Sketch"
     assert [layer[0] for layer in doc.eval("layers()")][-2:] == ["Control 1", "Sketch"]
+    # The row follows a renamed layer; another image shows none of this image's rows, and
+    # they come back with it.
+    doc.run(f"{node('Sketch')}.setName('Line art')")
+    label = f"{control_row(0)}.findChild(QLabel).text()"
+    doc.wait_for(f"{control_row(0)} is not None and {label} == 'Line art'", timeout=10)
+    doc.run("state['first'] = state['doc']")
+    new_document(doc, 32, 32)
+    doc.wait_for(f"dock().controls.isHidden() and {control_row(0)} is None", timeout=10)
+    doc.run(
+        "window = app.activeWindow()\n"
+        "view = [v for v in window.views() if v.document() == state['first']][0]\n"
+        "window.showView(view); view.setVisible()\n"
+        "state['doc'] = state['first']; settle()"
+    )
+    doc.wait_for(f"not dock().controls.isHidden() and {label} == 'Line art'", timeout=10)
     doc.run(f"{control_row(0)}.findChild(QPushButton, 'sdbridge_control_remove').click()")
     assert doc.eval("[len(dock().model.controls), dock().controls.isVisible()]") == [0, False]
 
