@@ -346,6 +346,13 @@ def test_the_cli_sends_control_layers_as_the_protocol_does(
     assert done.returncode == 0, done.stderr
     drawn = np.asarray(Image.open(out).convert("RGBA"), np.int32)
     assert np.array_equal(drawn, image(peer, control()))
+    # `auto` leaves the choice to the daemon, whose first fitting ControlNet here is edges.
+    auto = tmp_path / "auto.png"
+    done = sdbridge(
+        *job, "--address", control_daemon.address, "-o", str(auto), "--control", f"auto,{layer}"
+    )
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.asarray(Image.open(auto).convert("RGBA"), np.int32), drawn)
     bad = sdbridge(*job, "--address", control_daemon.address, "--control", f"edges,{layer},depth")
     assert bad.returncode == 2 and "scribble" in bad.stderr
 
@@ -356,6 +363,7 @@ def test_a_control_spec_reads_as_the_cli_documents_it() -> None:
         ControlChoice("styles/blobs", "scribble", 0.6, 0.1, 0.7),
         "b.png",
     )
+    assert parse_control("auto,c.png,scribble") == (ControlChoice("", "scribble"), "c.png")
     for spec in ("edges", "edges,a.png,canny,x", "edges,a.png,none,1,0.5", ",a.png"):
         with pytest.raises(ValueError, match="--control"):
             parse_control(spec)

@@ -455,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="MODEL,IMAGE[,PREPROCESSOR[,STRENGTH[,START,END]]]",
-        help="a ControlNet from `sdbridge models` steering by IMAGE (repeatable); "
-        "preprocessor none, scribble or canny",
+        help="a ControlNet from `sdbridge models` steering by IMAGE (repeatable); MODEL auto: "
+        "the daemon's first that fits the model; preprocessor none, scribble or canny",
     )
     p.add_argument(
         "--exact-size", action="store_true", help="generate at --width x --height, not native"

@@ -79,9 +79,13 @@ def control_entries(
     return entries
 
 
+AUTOMATIC = "auto"  # the CLI's word for "the daemon's first ControlNet that fits the model"
+
+
 def parse_control(spec: str) -> tuple[ControlChoice, str]:
-    """`MODEL,IMAGE[,PREPROCESSOR[,STRENGTH[,START,END]]]` (the CLI's `--control`): the choice
-    and the control image's path. ValueError says what is wrong."""
+    """`MODEL,IMAGE[,PREPROCESSOR[,STRENGTH[,START,END]]]` (the CLI's `--control`; MODEL `auto`
+    leaves the choice to the daemon): the choice and the control image's path. ValueError says
+    what is wrong."""
     parts = [part.strip() for part in spec.split(",")]
     if len(parts) not in (2, 3, 4, 6) or not all(parts):
         raise ValueError(
@@ -99,4 +103,5 @@ def parse_control(spec: str) -> tuple[ControlChoice, str]:
     except ValueError:
         raise ValueError(f"--control {spec!r}: STRENGTH, START and END are numbers") from None
     strength, start, end = (numbers + [1.0, 0.0, 1.0][len(numbers) :])[:3]
+    model = "" if model == AUTOMATIC else model
     return ControlChoice(model, preprocessor, strength, start, end), path
