@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from tools.tiny.scenes import BACKGROUNDS, OBJECT_COLOURS, POSITIONS, render, sample_free_scene
+from tools.tiny.scenes import (
+    BACKGROUNDS,
+    OBJECT_COLOURS,
+    POSITIONS,
+    model_backgrounds,
+    render,
+    sample_free_scene,
+)
 from tools.tiny.scribbles import KINDS, scribble, silhouette
 from tools.tiny.scribbles import STAR_DOT as STAR
 
@@ -48,6 +55,18 @@ def test_free_scenes_put_the_object_anywhere_not_only_at_the_named_places() -> N
     assert all(c is not None and c not in named for c in centres)
     xs, ys = zip(*centres, strict=True)
     assert min(xs) < 0.25 < 0.75 < max(xs) and min(ys) < 0.25 < 0.75 < max(ys)
+
+
+def test_a_controlnet_is_scored_on_the_backgrounds_of_the_model_it_steers(tmp_path) -> None:
+    from tools.tiny.evaluate import control_cases
+
+    info = tmp_path / "sdbridge.json"
+    info.write_text('{"backgrounds": ["gray", "night sky"]}')
+    known = model_backgrounds(tmp_path)
+    assert known == ("gray", "night sky")
+    assert {scene.background for _, scene, *_ in control_cases(12, known)} == set(known)
+    info.write_text("{}")  # a model that does not say: every background of the grammar
+    assert model_backgrounds(tmp_path) == tuple(BACKGROUNDS)
 
 
 def test_training_saves_a_controlnet_the_daemon_loads_for_the_embedded_model(tmp_path) -> None:
@@ -121,13 +140,14 @@ def test_the_packaged_controlnet_paints_the_object_on_held_out_scribbles(steered
     where the same prompt without the control puts it elsewhere."""
     import torch
 
+    from sdbridge import tiny
     from tools.tiny.analyse import objects_mask
     from tools.tiny.evaluate import CONTROL_IOU, GUIDANCE, STEPS, control_cases, iou
-    from tools.tiny.scenes import caption
+    from tools.tiny.scenes import caption, model_backgrounds
 
     overlaps = {"with": [], "without": []}
     kinds = []
-    for kind, scene, region, marks in control_cases(3):
+    for kind, scene, region, marks in control_cases(3, model_backgrounds(tiny.MODEL_DIR)):
         kinds.append(kind)
         common = dict(
             prompt=caption(scene, position=False),
@@ -150,7 +170,8 @@ def test_the_packaged_controlnet_paints_the_object_on_held_out_scribbles(steered
         f"IoU with control: scribbles {np.round(scribbles, 2)}, bars {np.round(bars, 2)}; "
         f"mean without control {np.mean(overlaps['without']):.2f}"
     )
-    # Blobs, outlines and strokes of the four shapes: all but one at IoU >= 0.6 (0.67 at the
-    # least when measured). The bar, a form no scene has, is the hardest: a mean of 0.38 then.
+    # On the backgrounds the model knows, blobs, outlines and strokes of the four shapes: all
+    # but one at IoU >= 0.6 (0.67 at the least when measured on an AVX2 CPU). The bar, a form
+    # no scene has, is the hardest: a mean of 0.53 then.
     assert sum(o >= CONTROL_IOU for o in scribbles) >= len(scribbles) - 1, scribbles
-    assert np.mean(bars) >= 0.25 and max(overlaps["without"]) < 0.3, overlaps
+    assert np.mean(bars) >= 0.35 and max(overlaps["without"]) < 0.3, overlaps

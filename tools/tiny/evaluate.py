@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
 from sdbridge.daemon.models import SD1
@@ -44,6 +44,7 @@ from .scenes import (
     Scene,
     allowed,
     caption,
+    model_backgrounds,
     render,
     sample_free_scene,
     sample_scene,
@@ -238,14 +239,16 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 0.0
 
 
-def control_cases(count: int) -> list[tuple[str, Scene, np.ndarray, np.ndarray]]:
+def control_cases(
+    count: int, backgrounds: Sequence[str] = tuple(BACKGROUNDS)
+) -> list[tuple[str, Scene, np.ndarray, np.ndarray]]:
     """(kind, scene, region, control image): each scribble kind on held-out free scenes at
     three buckets, and the diagonal bar as a blob; region is what the object should cover."""
     rng = np.random.default_rng(7)
     sizes = [(128, 128), (144, 112), (112, 144)]
     cases = []
     for i in range(count):
-        scene = sample_free_scene(700_000 + i, *sizes[i % len(sizes)])
+        scene = sample_free_scene(700_000 + i, *sizes[i % len(sizes)], backgrounds=backgrounds)
         region = silhouette(scene)
         for kind in KINDS:
             cases.append((kind, scene, region, scribble(region, rng, kind)))
@@ -254,17 +257,31 @@ def control_cases(count: int) -> list[tuple[str, Scene, np.ndarray, np.ndarray]]
     return cases
 
 
-def control_report(pipe: StableDiffusionPipeline, controlnet: Path, count: int = 12) -> None:
+def control_report(
+    pipe: StableDiffusionPipeline, controlnet: Path, model: Path, count: int = 12
+) -> None:
     """How well a ControlNet puts the object where its control image is, per kind, against the
-    same prompts without control; and whether colour and background stay right."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
+    same prompts without control; and whether colour and background stay right. Scored on the
+    backgrounds the model knows (the targets' measure), then on the grammar's others if any."""
     steered = StableDiffusionControlNetPipeline.from_pipe(
         pipe, controlnet=ControlNetModel.from_pretrained(controlnet)
     )
     steered.set_progress_bar_config(disable=True)
-    cases = control_cases(count)
+    own = model_backgrounds(model)
+    unknown = tuple(b for b in BACKGROUNDS if b not in own)
     print(f"\ncontrol ({controlnet}): object region IoU with the marked region, {STEPS} steps")
+    control_table(pipe, steered, control_cases(count, own), "the model's backgrounds")
+    if unknown:
+        control_table(pipe, steered, control_cases(count, unknown), "backgrounds it never learnt")
+
+
+def control_table(
+    pipe: StableDiffusionPipeline,
+    steered: StableDiffusionControlNetPipeline,
+    cases: list[tuple[str, Scene, np.ndarray, np.ndarray]],
+    title: str,
+) -> None:
+    print(f"\non {title}")
     print(f"{'':36}{'IoU>=0.6':>12}{'mean IoU':>12}{'colour':>12}{'background':>12}{'n':>8}")
     for kind in (*KINDS, "diagonal bar"):
         chosen = [c for c in cases if c[0] == kind]
@@ -388,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = load(args.model)
     if args.controlnet:
-        control_report(pipe, args.controlnet)
+        control_report(pipe, args.controlnet, args.model)
         return
     held_out = eval_scenes(HELD_OUT, seed=1)
     if not args.editor_only:

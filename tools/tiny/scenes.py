@@ -9,7 +9,10 @@ the same part of a 184x88 image as of a 128x128 one.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -109,10 +112,12 @@ def sample_scene(
     two_objects: float = 0.3,
     width: int = SIZE,
     height: int = SIZE,
+    backgrounds: Sequence[str] = tuple(BACKGROUNDS),
 ) -> Scene:
-    """A random scene; split "train" avoids HELD_OUT pairs, "heldout" draws only from them."""
+    """A random scene on one of `backgrounds`; split "train" avoids HELD_OUT pairs, "heldout"
+    draws only from them."""
     rng = np.random.default_rng(seed)
-    background = str(rng.choice(list(BACKGROUNDS)))
+    background = str(rng.choice(list(backgrounds)))
     count = 2 if split == "train" and rng.random() < two_objects else 1
     if count == 1:
         positions = [str(rng.choice(list(POSITIONS)))]
@@ -136,18 +141,29 @@ def sample_scene(
 
 
 def sample_free_scene(
-    seed: int, width: int = SIZE, height: int = SIZE, free_form: float = 0.0
+    seed: int,
+    width: int = SIZE,
+    height: int = SIZE,
+    free_form: float = 0.0,
+    backgrounds: Sequence[str] = tuple(BACKGROUNDS),
 ) -> Scene:
     """One object of a training colour and shape centred anywhere (not only at the named places),
     its named position the nearest one: a scene whose layout a control image gives. A share
     `free_form` of them draw the object as a free form."""
     rng = np.random.default_rng(seed)
-    scene = sample_scene(seed, two_objects=0, width=width, height=height)
+    scene = sample_scene(seed, two_objects=0, width=width, height=height, backgrounds=backgrounds)
     at = (float(rng.uniform(0.15, 0.85)), float(rng.uniform(0.15, 0.85)))
     nearest = min(POSITIONS, key=lambda p: np.hypot(*np.subtract(POSITIONS[p], at)))
     (obj,) = scene.objects
     free = bool(rng.random() < free_form)
     return replace(scene, objects=(replace(obj, position=nearest, at=at, free_form=free),))
+
+
+def model_backgrounds(model: Path) -> tuple[str, ...]:
+    """The backgrounds a model folder's training drew (its sdbridge.json), all by default: a
+    ControlNet is scored in the vocabulary of the model it steers."""
+    info = json.loads((model / "sdbridge.json").read_text())
+    return tuple(info.get("backgrounds", BACKGROUNDS))
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, d: float) -> list[tuple[float, float]]:

@@ -558,6 +558,7 @@ def main(argv: list[str] | None = None) -> None:
         "default_guidance": 5.0,
         # What the engine may generate at (daemon/resolution.py): what the buckets cover.
         "sizes": {"low": SIZES.low, "high": SIZES.high, "multiple": SIZES.multiple},
+        "backgrounds": list(BACKGROUNDS),  # what its ControlNet is scored on
         "training": {
             "vae_steps": vae_steps,
             "vae_seconds": round(vae_s),
