@@ -79,7 +79,7 @@ def control_entries(
     return entries
 
 
-AUTOMATIC = "auto"  # the CLI's word for "the daemon's first ControlNet that fits the model"
+AUTO_MODEL = "auto"  # the CLI's word for "the daemon's first ControlNet that fits the model"
 
 
 def parse_control(spec: str) -> tuple[ControlChoice, str]:
@@ -103,5 +103,5 @@ def parse_control(spec: str) -> tuple[ControlChoice, str]:
     except ValueError:
         raise ValueError(f"--control {spec!r}: STRENGTH, START and END are numbers") from None
     strength, start, end = (numbers + [1.0, 0.0, 1.0][len(numbers) :])[:3]
-    model = "" if model == AUTOMATIC else model
+    model = "" if model == AUTO_MODEL else model
     return ControlChoice(model, preprocessor, strength, start, end), path
