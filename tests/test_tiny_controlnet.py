@@ -143,7 +143,7 @@ def test_the_packaged_controlnet_paints_the_object_on_held_out_scribbles(steered
     from sdbridge import tiny
     from tools.tiny.analyse import objects_mask
     from tools.tiny.evaluate import CONTROL_IOU, GUIDANCE, STEPS, control_cases, iou
-    from tools.tiny.scenes import caption, model_backgrounds
+    from tools.tiny.scenes import caption
 
     overlaps = {"with": [], "without": []}
     kinds = []
