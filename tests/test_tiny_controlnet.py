@@ -71,7 +71,7 @@ def test_a_controlnet_is_scored_on_the_backgrounds_of_the_model_it_steers(tmp_pa
 
 def test_training_saves_a_controlnet_the_daemon_loads_for_the_embedded_model(tmp_path) -> None:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import ControlNetModel, StableDiffusionPipeline
 
     from sdbridge.daemon.controlnets import ControlNetCache, ControlNetRegistry
     from sdbridge.tiny import MODEL_DIR
@@ -83,6 +83,15 @@ def test_training_saves_a_controlnet_the_daemon_loads_for_the_embedded_model(tmp
     unet = StableDiffusionPipeline.from_pretrained(MODEL_DIR).unet
     net = ControlNetCache(torch.device("cpu"), torch.float32).get(entry, unet, "sdbridge-tiny")
     assert net.config.conditioning_embedding_out_channels == [16, 32, 64, 64]
+
+    # Trained on from that one (--init): it starts from its weights, not from the UNet's copy.
+    main(["--out", str(tmp_path / "on"), "--init", str(tmp_path / "scribble"), "--steps", "1"])
+    start, after = (ControlNetModel.from_pretrained(tmp_path / run) for run in ("scribble", "on"))
+    drift = max(
+        (a - b).abs().max().item()
+        for a, b in zip(start.parameters(), after.parameters(), strict=True)
+    )
+    assert 0 < drift < 1e-3
 
 
 def test_the_evaluation_scores_an_object_that_covers_its_scribble_as_a_hit() -> None:

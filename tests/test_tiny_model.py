@@ -305,3 +305,38 @@ def test_training_is_reproducible_and_saves_a_loadable_model(tmp_path) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a")
     image = pipe("a red circle", num_inference_steps=2, height=SIZE, width=SIZE).images[0]
     assert image.size == (SIZE, SIZE)
+
+
+def test_training_on_from_a_model_keeps_the_latent_space_its_unet_reads(tmp_path) -> None:
+    """--init: a version trained on from the one before keeps that one's encoder and latent
+    scaling factor (what its UNet and ControlNet were trained on), and trains the rest on."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    from tools.tiny.train import main
+
+    steps = ["--vae-steps", "3", "--decoder-steps", "2", "--pool", "64", "--unet-steps", "3"]
+    base, after = tmp_path / "base", tmp_path / "after"
+    main(["--out", str(base), *steps])
+    main(["--out", str(after), "--init", str(base), *steps])
+
+    def weights(run, part):
+        return load_file(next((run / part).glob("*.safetensors")))
+
+    before, now = weights(base, "vae"), weights(after, "vae")
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(before[k].equal(now[k]) for k in encoder)
+    assert any(not before[k].equal(now[k]) for k in before if k.startswith("decoder."))
+    scale = [json.loads((run / "vae" / "config.json").read_text()) for run in (base, after)]
+    assert scale[0]["scaling_factor"] == scale[1]["scaling_factor"]
+    before, now = weights(base, "unet"), weights(after, "unet")
+    assert any(not before[k].equal(now[k]) for k in before)
+    info = json.loads((after / "sdbridge.json").read_text())["training"]
+    assert (info["init"], info["vae_steps"], info["unet_steps"]) == ("base", 0, 3)
+
+    # A folder whose tokenizer numbers words otherwise: its text encoder would read other words.
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    tokenizer.add_tokens(["zebra"])
+    tokenizer.save_pretrained(base / "tokenizer")
+    with pytest.raises(SystemExit, match="tokenizer"):
+        main(["--out", str(tmp_path / "other"), "--init", str(base), *steps])

@@ -17,6 +17,9 @@ slower on AVX2-only ones.
 Fixed step counts (the default) make a run reproducible; --minutes-budget instead trains each
 phase for a share of the wall time (VAE 18%, decoder 5%, encoding at most 6%, the rest
 diffusion).
+--init DIR starts from a trained model folder instead of from scratch: its VAE's encoder, and so
+its latent space and scaling factor, stay as they are (no crop phase; the decoder is fine-tuned
+as above), and its text encoder and UNet are trained on at a lower learning rate.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ CAPTION_DROPOUT = 0.15  # empty captions: the unconditional branch of CFG
 # at MISMATCH_END: where the noisy latent already shows the picture, it and not the prompt
 # decides, so img2img at a low strength keeps its init image whatever the prompt says.
 MISMATCH_FULL, MISMATCH_END, MISMATCH_SHARE = 250, 500, 0.9
+# Peak learning rates of the diffusion phase: from scratch, and on from a trained model (--init),
+# whose colours and shapes a full rate would first wash out.
+DIFFUSION_LR, FINETUNE_LR = 1e-3, 4e-4
 
 
 def buckets() -> list[tuple[int, int]]:
@@ -141,6 +147,20 @@ def build_noise_scheduler() -> DDPMScheduler:
         beta_schedule="squaredcos_cap_v2",
         prediction_type="v_prediction",
         clip_sample=False,
+    )
+
+
+def load_init(
+    folder: Path, tokenizer: CLIPTokenizer
+) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
+    """A trained model's VAE, text encoder and UNet to train on from; its tokenizer must be the
+    grammar's, or its text encoder's embeddings would mean other words."""
+    if CLIPTokenizer.from_pretrained(folder / "tokenizer").get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"{folder}: its tokenizer is not this grammar's; train from scratch")
+    return (
+        AutoencoderKL.from_pretrained(folder / "vae"),
+        CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        UNet2DConditionModel.from_pretrained(folder / "unet"),
     )
 
 
@@ -374,6 +394,7 @@ def train_diffusion(
     pool: Pool,
     steps: int,
     seconds: float | None,
+    peak_lr: float = DIFFUSION_LR,
 ) -> tuple[int, float]:
     device = unet.device
     every_scene = pool.scenes
@@ -387,7 +408,7 @@ def train_diffusion(
     generator = torch.Generator().manual_seed(2)
     trained = [*unet.parameters(), *text_encoder.parameters()]
     ema = [p.detach().clone() for p in trained]
-    opt = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.01, fused=True)
+    opt = torch.optim.AdamW(trained, lr=peak_lr, weight_decay=0.01, fused=True)
     # With 8-channel heads the plain matmul attention trains a quarter faster on a CPU than
     # torch's fused kernel (0.33 s against 0.44 s a step); only training uses it.
     unet.set_attn_processor(AttnProcessor())
@@ -405,7 +426,7 @@ def train_diffusion(
 
     def step_fn(step: int, progress: float) -> float:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, progress, 1e-3)
+            group["lr"] = lr_at(step, progress, peak_lr)
         bucket = pool.buckets[int(rng.choice(len(pool.buckets), p=shares))]
         index = torch.from_numpy(rng.integers(0, len(bucket.scenes), size=batch)).to(device)
         flip = torch.from_numpy(rng.random(batch) < 0.5).to(device)
@@ -503,6 +524,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only fine-tune the decoder of the model already in --out, and save it back",
     )
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this trained model folder (same tokenizer) instead of from scratch",
+    )
     parser.add_argument("--pool", type=int, default=8192, help="scenes encoded for phase 2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="e.g. cuda: the recipe is the same")
@@ -523,18 +550,28 @@ def main(argv: list[str] | None = None) -> None:
         print(f"decoder saved to {args.out / 'vae'}", flush=True)
         return
     tokenizer = build_tokenizer()
-    vae, text_encoder, unet = build_vae(), build_text_encoder(tokenizer), build_unet()
+    if args.init is None:
+        vae, text_encoder, unet = build_vae(), build_text_encoder(tokenizer), build_unet()
+    else:
+        vae, text_encoder, unet = load_init(args.init, tokenizer)
     for module in (vae, text_encoder, unet):
         module.to(args.device)
     print(f"params: vae {params(vae):,} text {params(text_encoder):,} unet {params(unet):,}")
 
-    vae_steps, vae_s = train_vae(vae, args.vae_steps, None if budget is None else 0.18 * budget)
+    if args.init is None:
+        vae_budget = None if budget is None else 0.18 * budget
+        vae_steps, vae_s = train_vae(vae, args.vae_steps, vae_budget)
+    else:
+        vae_steps, vae_s = 0, 0.0
     decoder_steps, decoder_s = finetune_decoder(
         vae, args.decoder_steps, None if budget is None else 0.05 * budget
     )
     pool = encode_pool(vae, args.pool, None if budget is None else 0.06 * budget)
-    scale = 1.0 / pool.latent_std(torch.Generator().manual_seed(5))
-    vae.register_to_config(scaling_factor=scale)
+    if args.init is None:
+        vae.register_to_config(
+            scaling_factor=1.0 / pool.latent_std(torch.Generator().manual_seed(5))
+        )
+    scale = vae.config.scaling_factor
     print(
         f"pool of {len(pool.scenes)} encoded, latent scaling factor {scale:.4f}, "
         f"{time.monotonic() - started:.0f} s",
@@ -543,7 +580,14 @@ def main(argv: list[str] | None = None) -> None:
     # What is left, less a minute for saving; at least a minute of diffusion training.
     remaining = None if budget is None else max(60.0, budget - (time.monotonic() - started) - 60)
     unet_steps, unet_s = train_diffusion(
-        vae, text_encoder, unet, tokenizer, pool, args.unet_steps, remaining
+        vae,
+        text_encoder,
+        unet,
+        tokenizer,
+        pool,
+        args.unet_steps,
+        remaining,
+        DIFFUSION_LR if args.init is None else FINETUNE_LR,
     )
 
     pipe = build_pipeline(vae, text_encoder, tokenizer, unet)
@@ -560,6 +604,7 @@ def main(argv: list[str] | None = None) -> None:
         "sizes": {"low": SIZES.low, "high": SIZES.high, "multiple": SIZES.multiple},
         "backgrounds": list(BACKGROUNDS),  # what its ControlNet is scored on
         "training": {
+            "init": None if args.init is None else args.init.name,
             "vae_steps": vae_steps,
             "vae_seconds": round(vae_s),
             "decoder_steps": decoder_steps,

@@ -8,6 +8,8 @@ a control image marks it: a rough blob, an outline or a few strokes (`scribbles.
 daemon's `scribble` preprocessor makes them of a control layer. Captions name no place (the
 control image gives it) and leave out size and background at times, as artists do. The
 scenes are encoded once per aspect bucket, as for the model itself (`train.encode_pool`).
+--init DIR trains on from a ControlNet made for an earlier version of the model (one trained on
+from the model it steered) instead of starting from the UNet's copy.
 """
 
 from __future__ import annotations
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=CONTROLNET_DIR)
     parser.add_argument("--minutes-budget", type=float, default=None)
     parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument(
+        "--init", type=Path, default=None, help="train on from this ControlNet folder"
+    )
     parser.add_argument("--pool", type=int, default=4096, help="scenes encoded once")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -142,9 +147,12 @@ def main(argv: list[str] | None = None) -> None:
         module.requires_grad_(False).eval()
     # As in train.py: the plain attention trains faster with these narrow heads.
     pipe.unet.set_attn_processor(AttnProcessor())
-    net = ControlNetModel.from_unet(
-        pipe.unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS
-    )
+    if args.init is None:
+        net = ControlNetModel.from_unet(
+            pipe.unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS
+        )
+    else:
+        net = ControlNetModel.from_pretrained(args.init)
     net.set_attn_processor(AttnProcessor())
     print(f"params: controlnet {params(net):,}", flush=True)
     pool = encode_pool(
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         "steers": json.loads((args.model / "sdbridge.json").read_text())["name"],
         "preprocessor": "scribble",
         "training": {
+            "init": None if args.init is None else args.init.name,
             "steps": steps,
             "seconds": round(seconds),
             "pool": len(pool.scenes),
