@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> None:
         "sizes": {"low": SIZES.low, "high": SIZES.high, "multiple": SIZES.multiple},
         "backgrounds": list(BACKGROUNDS),  # what its ControlNet is scored on
         "training": {
-            "init": None if args.init is None else args.init.name,
+            "init": None if args.init is None else str(args.init),
             "vae_steps": vae_steps,
             "vae_seconds": round(vae_s),
             "decoder_steps": decoder_steps,

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         "steers": json.loads((args.model / "sdbridge.json").read_text())["name"],
         "preprocessor": "scribble",
         "training": {
-            "init": None if args.init is None else args.init.name,
+            "init": None if args.init is None else str(args.init),
             "steps": steps,
             "seconds": round(seconds),
             "pool": len(pool.scenes),
