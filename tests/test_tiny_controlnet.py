@@ -180,7 +180,7 @@ def test_the_packaged_controlnet_paints_the_object_on_held_out_scribbles(steered
         f"mean without control {np.mean(overlaps['without']):.2f}"
     )
     # On the backgrounds the model knows, blobs, outlines and strokes of the four shapes: all
-    # but one at IoU >= 0.6 (0.67 at the least when measured on an AVX2 CPU). The bar, a form
-    # no scene has, is the hardest: a mean of 0.53 then.
+    # but one at IoU >= 0.6 (all nine, 0.65 at the least, when measured on an AVX2 CPU). The
+    # bar, a form no scene has, is the hardest: a mean of 0.59 then.
     assert sum(o >= CONTROL_IOU for o in scribbles) >= len(scribbles) - 1, scribbles
-    assert np.mean(bars) >= 0.35 and max(overlaps["without"]) < 0.3, overlaps
+    assert np.mean(bars) >= 0.45 and max(overlaps["without"]) < 0.3, overlaps
