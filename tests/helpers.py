@@ -24,6 +24,11 @@ import zmq
 
 from sdbridge.wire import protocol
 
+# The embedded model's first version (the second is trained on from it): a picture whose
+# right-hand column is the background's colour. The second version paints that column darker
+# on a blue background (docs/tiny-model.md), which the expand tests would read as their seam.
+FIRST_TINY_MODEL = Path(__file__).parents[1] / "tools" / "tiny" / "v1" / "model"
+
 READY_TIMEOUT = 120.0
 TIMEOUT = 60.0  # for one job of the tiny test model, on a loaded 2-core machine
 

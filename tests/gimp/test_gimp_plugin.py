@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import zmq
 from gimp_runner import Gimp, chroot_missing
-from helpers import OldDaemon, SilentDaemon, ellipse, free_port, scribble_overlap, wait_until
+from helpers import (
+    FIRST_TINY_MODEL,
+    OldDaemon,
+    SilentDaemon,
+    ellipse,
+    free_port,
+    scribble_overlap,
+    wait_until,
+)
 from PIL import Image
 
 from sdbridge import tiny
@@ -680,7 +688,7 @@ def test_expand_enlarges_the_canvas_paints_the_margin_and_keeps_the_picture(
     gimp: Gimp, daemon_factory: Callable
 ) -> None:
     """The picture is the embedded model's own, so the seam can be measured against it."""
-    tiny_daemon = daemon_factory(model=tiny.MODEL_DIR)
+    tiny_daemon = daemon_factory(model=FIRST_TINY_MODEL)
     stopped = daemon_factory()
     stopped.stop()
     prompt = "a red circle at the left on a blue background"

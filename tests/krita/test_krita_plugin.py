@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SilentDaemon, TcpProxy, ellipse, scribble_overlap, wait_until
+from helpers import FIRST_TINY_MODEL, SilentDaemon, TcpProxy, ellipse, scribble_overlap, wait_until
 from PIL import Image
 
 from sdbridge import tiny
@@ -170,7 +170,7 @@ def test_generate_fills_the_transparent_margin_and_keeps_the_picture_exactly(
 ):
     """Expand: after Image > Canvas Size the new margin is transparent; Generate paints it, the
     old pixels stay exactly as they were, and the seam is no sharper than the picture itself."""
-    tiny_daemon = daemon_factory(model=tiny.MODEL_DIR)
+    tiny_daemon = daemon_factory(model=FIRST_TINY_MODEL)
     width, height, margin = 128, 96, 32
     new_document(doc, width, height)
     prompt = "a red circle at the left on a blue background"
