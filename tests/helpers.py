@@ -8,6 +8,7 @@ no test copies a helper another already has.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -24,10 +25,23 @@ import zmq
 
 from sdbridge.wire import protocol
 
+REPOSITORY = Path(__file__).parents[1]
+
 # The embedded model's first version (the second is trained on from it): a picture whose
 # right-hand column is the background's colour. The second version paints that column darker
 # on a blue background (docs/tiny-model.md), which the expand tests would read as their seam.
-FIRST_TINY_MODEL = Path(__file__).parents[1] / "tools" / "tiny" / "v1" / "model"
+FIRST_TINY_MODEL = REPOSITORY / "tools" / "tiny" / "v1" / "model"
+
+def trained_from(folder: Path) -> list[Path]:
+    """The folders a trained folder's weights were trained on from (its sdbridge.json's
+    training "init", relative to the repository, then that one's), newest first; the first
+    version's records none."""
+    chain = []
+    while init := json.loads((folder / "sdbridge.json").read_text())["training"].get("init"):
+        folder = REPOSITORY / init
+        chain.append(folder)
+    return chain
+
 
 READY_TIMEOUT = 120.0
 TIMEOUT = 60.0  # for one job of the tiny test model, on a loaded 2-core machine

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from helpers import trained_from
 from PIL import Image, ImageFilter
 
 from tools.tiny.scenes import (
@@ -135,6 +136,8 @@ def test_the_packaged_controlnet_is_small_listed_first_and_made_for_the_embedded
     info = json.loads((tiny.CONTROLNET_DIR / "sdbridge.json").read_text())
     assert info["steers"] == tiny.NAME and info["preprocessor"] == "scribble"
     assert info["training"]["total_seconds"] <= 60 * 60
+    # Reproducible from the repository: every ControlNet it was trained on from is in it.
+    assert all((f / "config.json").exists() for f in trained_from(tiny.CONTROLNET_DIR))
     (entry,) = embedded_controlnets()
     assert (entry.name, entry.family, entry.path) == (
         tiny.CONTROLNET_NAME,

@@ -7,10 +7,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import trained_from
 from PIL import Image
 
 from sdbridge.tiny import MODEL_DIR, NAME
@@ -81,7 +81,7 @@ def test_training_covers_every_size_the_engine_picks_for_the_model() -> None:
 
 def test_a_caption_leaves_out_places_only_for_the_layout_that_means() -> None:
     """No position named: one object in the center, two on the diagonal from the top left,
-    in the order named. Size and background may be left out of any caption."""
+    in the order named. Size may be left out of any caption."""
     rng = np.random.default_rng(0)
     short = 0
     for seed in range(600):
@@ -99,6 +99,23 @@ def test_a_caption_leaves_out_places_only_for_the_layout_that_means() -> None:
     assert 30 <= short <= 200
     full = caption(Scene((Obj("red", "circle", "small", "center"),), "yellow", seed=0))
     assert full == "a small red circle in the center on a yellow background"
+
+
+def test_a_caption_leaves_out_the_background_only_when_it_is_white_or_black_behind_white() -> None:
+    """A prompt without a background ("a red circle") means a white one, as on a new canvas;
+    black behind a white object. Training moves a share of scenes there, changing nothing else."""
+    rng = np.random.default_rng(0)
+    unnamed = 0
+    for seed in range(600):
+        scene = sample_scene(seed, plain=0.25)
+        assert scene.objects == sample_scene(seed).objects
+        text = caption(scene, rng)
+        if " on " in text or text.endswith(" in the night sky"):
+            continue
+        unnamed += 1
+        white = any(o.colour == "white" for o in scene.objects)
+        assert scene.background == ("black" if white else "white"), (scene, text)
+    assert 60 <= unnamed <= 200
 
 
 def test_every_grammar_word_is_one_token_and_captions_fit() -> None:
@@ -150,9 +167,8 @@ def test_packaged_folder_is_small_and_describes_itself() -> None:
     # The engine generates at what training covered (daemon/resolution.py).
     assert info["sizes"] == {"low": SIZE, "high": SIZE, "multiple": 8}
     assert set(info["backgrounds"]) == set(BACKGROUNDS)  # every object colour, black, gray...
-    # Reproducible from the repository: a folder the weights were trained on from is in it.
-    init = info["training"]["init"]
-    assert init is None or (Path(__file__).parents[1] / init / "model_index.json").exists()
+    # Reproducible from the repository: every folder the weights were trained on from is in it.
+    assert all((f / "model_index.json").exists() for f in trained_from(MODEL_DIR))
 
 
 # The backgrounds the committed weights were trained on.

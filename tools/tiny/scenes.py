@@ -50,6 +50,9 @@ CORNERS = ("top left", "top right", "bottom left", "bottom right")
 # (the first named at the top left). A place left to chance made the model paint the object
 # at several places at once; a fixed one is what a short prompt means.
 UNPLACED: dict[int, tuple[str, ...]] = {1: ("center",), 2: ("top left", "bottom right")}
+# The background a caption without one means: white, black behind a white object. A
+# background left to chance made the model blend several into a mottled one with stray blobs.
+UNNAMED_BACKGROUND, UNNAMED_BEHIND_WHITE = "white", "black"
 
 # One unseen shape per colour: the evaluation asks for exactly these combinations.
 HELD_OUT: frozenset[tuple[str, str]] = frozenset(
@@ -100,6 +103,16 @@ class Scene:
         """Whether the layout is the one a caption without positions means."""
         return tuple(o.position for o in self.objects) == UNPLACED[len(self.objects)]
 
+    def plain(self) -> bool:
+        """Whether the background is the one a caption without a background means."""
+        return self.background == unnamed_background(self.objects)
+
+
+def unnamed_background(objects: Sequence[Obj]) -> str:
+    """The background a caption that names none means for these objects."""
+    white = any(o.colour == "white" for o in objects)
+    return UNNAMED_BEHIND_WHITE if white else UNNAMED_BACKGROUND
+
 
 def allowed(colour: str, background: str) -> bool:
     """An object never shares its background's colour (it would be invisible)."""
@@ -113,9 +126,11 @@ def sample_scene(
     width: int = SIZE,
     height: int = SIZE,
     backgrounds: Sequence[str] = tuple(BACKGROUNDS),
+    plain: float = 0.0,
 ) -> Scene:
     """A random scene on one of `backgrounds`; split "train" avoids HELD_OUT pairs, "heldout"
-    draws only from them."""
+    draws only from them. A share `plain` of scenes is moved onto the background a caption
+    without one means (the scene is otherwise the same: the draws before are unchanged)."""
     rng = np.random.default_rng(seed)
     background = str(rng.choice(list(backgrounds)))
     count = 2 if split == "train" and rng.random() < two_objects else 1
@@ -137,6 +152,8 @@ def sample_scene(
             ):
                 break
         objects.append(Obj(colour, shape, str(rng.choice(list(SIZES))), position))
+    if plain and rng.random() < plain:
+        background = unnamed_background(objects)
     return Scene(tuple(objects), background, seed, width, height)
 
 
@@ -146,12 +163,16 @@ def sample_free_scene(
     height: int = SIZE,
     free_form: float = 0.0,
     backgrounds: Sequence[str] = tuple(BACKGROUNDS),
+    plain: float = 0.0,
 ) -> Scene:
     """One object of a training colour and shape centred anywhere (not only at the named places),
     its named position the nearest one: a scene whose layout a control image gives. A share
-    `free_form` of them draw the object as a free form."""
+    `free_form` of them draw the object as a free form, a share `plain` is on the background a
+    caption without one means."""
     rng = np.random.default_rng(seed)
-    scene = sample_scene(seed, two_objects=0, width=width, height=height, backgrounds=backgrounds)
+    scene = sample_scene(
+        seed, two_objects=0, width=width, height=height, backgrounds=backgrounds, plain=plain
+    )
     at = (float(rng.uniform(0.15, 0.85)), float(rng.uniform(0.15, 0.85)))
     nearest = min(POSITIONS, key=lambda p: np.hypot(*np.subtract(POSITIONS[p], at)))
     (obj,) = scene.objects
@@ -249,14 +270,17 @@ def caption(
 
     Leaving words out teaches the model that short prompts ("a red circle") are valid too. A
     caption names no positions only for a scene laid out as such a caption means (UNPLACED),
-    and then names the objects in that order.
+    and then names the objects in that order; it names no background only for a scene on the
+    background such a caption means (unnamed_background).
     """
     order = list(scene.objects)
     short_background = False
     if rng is not None:
-        size, position, background = (bool(rng.random() > p) for p in (0.2, 0.0, 0.2))
+        size, position, background = bool(rng.random() > 0.2), True, True
         if scene.unplaced():
             position = bool(rng.random() > 0.6)
+        if scene.plain():
+            background = bool(rng.random() > 0.6)
         short_background = bool(rng.random() < 0.3)
         rng.shuffle(order)
     if not position:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -59,6 +60,9 @@ OBJECT_WEIGHT = 4.0  # extra diffusion-loss weight of latent cells that show an 
 HIGH_NOISE_START = 800  # timesteps from here on decide the layout
 HIGH_NOISE_FRACTION = 0.65  # share of each diffusion batch drawn from those timesteps
 CAPTION_DROPOUT = 0.15  # empty captions: the unconditional branch of CFG
+# Share of diffusion scenes moved onto the background a caption without one means: with the
+# scenes already there, about a third are on it, and 60% of their captions leave it out.
+PLAIN_SHARE = 0.25
 # Below MISMATCH_FULL the caption is another scene's MISMATCH_SHARE of the time, fading to never
 # at MISMATCH_END: where the noisy latent already shows the picture, it and not the prompt
 # decides, so img2img at a low strength keeps its init image whatever the prompt says.
@@ -566,7 +570,12 @@ def main(argv: list[str] | None = None) -> None:
     decoder_steps, decoder_s = finetune_decoder(
         vae, args.decoder_steps, None if budget is None else 0.05 * budget
     )
-    pool = encode_pool(vae, args.pool, None if budget is None else 0.06 * budget)
+    pool = encode_pool(
+        vae,
+        args.pool,
+        None if budget is None else 0.06 * budget,
+        functools.partial(sample_scene, plain=PLAIN_SHARE),
+    )
     if args.init is None:
         vae.register_to_config(
             scaling_factor=1.0 / pool.latent_std(torch.Generator().manual_seed(5))

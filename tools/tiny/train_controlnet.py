@@ -6,7 +6,8 @@ The embedded model (text encoder, UNet, VAE) stays frozen; a `ControlNetModel` c
 UNet (`from_unet`) learns, on scenes with one object centred anywhere, to put the object where
 a control image marks it: a rough blob, an outline or a few strokes (`scribbles.py`), as the
 daemon's `scribble` preprocessor makes them of a control layer. Captions name no place (the
-control image gives it) and leave out size and background at times, as artists do. The
+control image gives it) and leave out size at times, and the background where it is the one a
+caption without one means (white, black behind a white object), as the model's own captions. The
 scenes are encoded once per aspect bucket, as for the model itself (`train.encode_pool`).
 --init DIR trains on from a ControlNet made for an earlier version of the model (one trained on
 from the model it steered) instead of starting from the UNet's copy.
@@ -33,6 +34,7 @@ from .tokenizer import MAX_LENGTH
 from .train import (
     HIGH_NOISE_FRACTION,
     HIGH_NOISE_START,
+    PLAIN_SHARE,
     build_noise_scheduler,
     encode_pool,
     lr_at,
@@ -89,7 +91,12 @@ def train(
         texts = [
             ""
             if rng.random() < CAPTION_DROPOUT
-            else caption(s, size=rng.random() > 0.3, position=False, background=rng.random() > 0.3)
+            else caption(
+                s,
+                size=rng.random() > 0.3,
+                position=False,
+                background=not (s.plain() and rng.random() < 0.6),
+            )
             for s in scenes
         ]
         ids = tokenizer(
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe.vae,
         args.pool,
         None if budget is None else 0.08 * budget,
-        functools.partial(sample_free_scene, free_form=FREE_FORM),
+        functools.partial(sample_free_scene, free_form=FREE_FORM, plain=PLAIN_SHARE),
     )
     remaining = None if budget is None else max(60.0, budget - (time.monotonic() - started) - 30)
     steps, seconds = train(pipe, net, args.steps, remaining, pool)
