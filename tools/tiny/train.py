@@ -48,7 +48,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sdbridge.daemon.resolution import SizeRange
 from sdbridge.tiny import MODEL_DIR, NAME
 
-from .scenes import BACKGROUNDS, CORNERS, SIZE, Scene, caption, render, sample_scene
+from .scenes import BACKGROUNDS, SIZE, Scene, caption, render, sample_scene
 from .tokenizer import MAX_LENGTH, build_tokenizer
 
 # The generation sizes the engine picks for the embedded model (sdbridge.json "sizes"): the
@@ -289,21 +289,6 @@ def finetune_decoder(vae: AutoencoderKL, steps: int, seconds: float | None) -> t
     return result
 
 
-def mirrored(scene: Scene) -> Scene:
-    """The same scene flipped left-right; every shape in the grammar is left-right symmetric."""
-    swap = {"left": "right", "right": "left"}
-    objects = tuple(
-        dataclasses.replace(
-            o,
-            position=" ".join(swap.get(w, w) for w in o.position.split())
-            if o.position in CORNERS
-            else o.position,
-        )
-        for o in scene.objects
-    )
-    return dataclasses.replace(scene, objects=objects)
-
-
 def object_mask(scene: Scene, image: np.ndarray) -> torch.Tensor:
     """Which latent cells show an object: at least 8 of their 64 pixels differ from the
     background (a lone night-sky star does not count)."""
@@ -433,13 +418,12 @@ def train_diffusion(
             group["lr"] = lr_at(step, progress, peak_lr)
         bucket = pool.buckets[int(rng.choice(len(pool.buckets), p=shares))]
         index = torch.from_numpy(rng.integers(0, len(bucket.scenes), size=batch)).to(device)
-        flip = torch.from_numpy(rng.random(batch) < 0.5).to(device)
         sample = torch.randn((batch, *bucket.means.shape[1:]), generator=generator).to(device)
-        latents = bucket.means[index] + bucket.stds[index] * sample
-        latents[flip] = latents[flip].flip(-1)
-        latents = latents * scale
+        # No left-right flips: the VAE encoder pads only on the right before each downsampling,
+        # so a flipped latent's right edge is a left edge. Flipped latents taught the UNet an
+        # average of both edges, which the decoder painted as a darker right-hand column.
+        latents = (bucket.means[index] + bucket.stds[index] * sample) * scale
         masks = bucket.masks[index]
-        masks[flip] = masks[flip].flip(-1)
         # Objects are the hard part and a few percent of the cells: weigh their error up.
         cell_weight = 1 + OBJECT_WEIGHT * masks.float()
         t = torch.randint(0, 1000, (batch,), generator=generator)
@@ -448,8 +432,8 @@ def train_diffusion(
         high = torch.rand(batch, generator=generator) < HIGH_NOISE_FRACTION
         t = torch.where(high, HIGH_NOISE_START + t % (1000 - HIGH_NOISE_START), t)
         texts = [
-            text_for(mirrored(bucket.scenes[i]) if f else bucket.scenes[i], int(step_t))
-            for i, f, step_t in zip(index.tolist(), flip.tolist(), t.tolist(), strict=True)
+            text_for(bucket.scenes[i], int(step_t))
+            for i, step_t in zip(index.tolist(), t.tolist(), strict=True)
         ]
         t = t.to(device)
         ids = tokenizer(

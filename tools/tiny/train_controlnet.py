@@ -51,13 +51,9 @@ FREE_FORM = 0.35
 EMBEDDING_CHANNELS = (16, 32, 64, 64)
 
 
-def control_batch(scenes: list, flip: list[bool], rng: np.random.Generator) -> torch.Tensor:
-    """Control images (B x 3 x H x W, 0..1, as the ControlNet pipelines feed them) of the scenes,
-    mirrored where the latents are."""
-    images = []
-    for scene, mirrored in zip(scenes, flip, strict=True):
-        marks = scribble(silhouette(scene, render(scene)), rng)
-        images.append(marks[:, ::-1] if mirrored else marks)
+def control_batch(scenes: list, rng: np.random.Generator) -> torch.Tensor:
+    """Control images (B x 3 x H x W, 0..1, as the ControlNet pipelines feed them) of the scenes."""
+    images = [scribble(silhouette(scene, render(scene)), rng) for scene in scenes]
     array = np.stack(images).astype(np.float32) / 255
     return torch.from_numpy(array)[:, None].repeat(1, 3, 1, 1)
 
@@ -82,12 +78,10 @@ def train(
             group["lr"] = lr_at(step, progress, 5e-4)
         bucket = pool.buckets[int(rng.choice(len(pool.buckets), p=shares))]
         index = torch.from_numpy(rng.integers(0, len(bucket.scenes), size=batch))
-        flip = torch.from_numpy(rng.random(batch) < 0.5)
         scenes = [bucket.scenes[i] for i in index.tolist()]
         sample = torch.randn((batch, *bucket.means.shape[1:]), generator=generator)
         latents = (bucket.means[index] + bucket.stds[index] * sample) * scale
-        latents[flip] = latents[flip].flip(-1)
-        cond = control_batch(scenes, flip.tolist(), rng)
+        cond = control_batch(scenes, rng)  # not flipped, as in train.py
         texts = [
             ""
             if rng.random() < CAPTION_DROPOUT
