@@ -27,10 +27,6 @@ from sdbridge.wire import protocol
 
 REPOSITORY = Path(__file__).parents[1]
 
-# The embedded model's first version (the second is trained on from it): a picture whose
-# right-hand column is the background's colour. The second version paints that column darker
-# on a blue background (docs/tiny-model.md), which the expand tests would read as their seam.
-FIRST_TINY_MODEL = REPOSITORY / "tools" / "tiny" / "v1" / "model"
 
 def trained_from(folder: Path) -> list[Path]:
     """The folders a trained folder's weights were trained on from (its sdbridge.json's

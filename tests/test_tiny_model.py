@@ -19,6 +19,7 @@ from tools.tiny.scenes import (
     BACKGROUNDS,
     HELD_OUT,
     OBJECT_COLOURS,
+    SHAPES,
     SIZE,
     Obj,
     Scene,
@@ -209,9 +210,31 @@ def test_generates_the_background_asked_for(generated) -> None:
     assert [analyse(im).background for im in generated] == [bg for *_, bg in ASKED]
 
 
+def _colours_painted(pipe, pairs: list[tuple[str, str]]) -> list[tuple[tuple, str]]:
+    """(asked, colour read) for each pair, large in the center, on a light, a mid and a dark
+    background."""
+    asked = [(c, s, bg) for c, s in pairs for bg in ("white", "gray", "black") if allowed(c, bg)]
+    prompts = [caption(Scene((Obj(c, s, "large", "center"),), bg, seed=0)) for c, s, bg in asked]
+    return list(zip(asked, [analyse(im).colour for im in _paint(pipe, prompts)], strict=True))
+
+
 @trained
-def test_generates_the_object_colour_asked_for(generated) -> None:
-    assert [analyse(im).colour for im in generated] == [colour for colour, *_ in ASKED]
+def test_generates_the_object_colour_asked_for(pipe) -> None:
+    """Every colour with a shape it was trained with. Measured 19 of 20: the second version's
+    second stage paints large green circles and squares on black purple and green
+    (docs/tiny-model.md)."""
+    pairs = [(c, next(s for s in SHAPES if (c, s) not in HELD_OUT)) for c in OBJECT_COLOURS]
+    report = _colours_painted(pipe, pairs)
+    assert sum(colour == wanted for (wanted, _, _), colour in report) >= 0.9 * len(report), report
+
+
+@trained
+def test_paints_colour_and_shape_pairs_it_never_saw_mostly_in_their_colour(pipe) -> None:
+    """Every held-out pair. Which few fail changes from one training run to the next (the
+    second version's first stage: blue triangles on black; its second: green circles on
+    black); measured 18 of 20, and the evaluation 87-94% at the engine's sizes."""
+    report = _colours_painted(pipe, sorted(HELD_OUT))
+    assert sum(colour == wanted for (wanted, _, _), colour in report) >= 0.8 * len(report), report
 
 
 @trained
@@ -254,12 +277,14 @@ def test_a_512x384_canvas_mostly_gets_one_object_where_asked(pipe) -> None:
     assert sum(a.colour == c for a, (c, *_) in zip(found, AT_CANVAS, strict=True)) >= 9
 
 
-# Prompts as an artist types them: no place (which means the center), no size, and
-# backgrounds the first version never painted. Colour and shape pairs seen in training.
+# Prompts as an artist types them: no place (which means the center), no size, no background
+# (which means white, black behind white), and backgrounds the first version never painted.
+# Colour and shape pairs seen in training.
 SHORT = [
-    ("a red circle", "red", None),
-    ("a blue square", "blue", None),
-    ("a large yellow star", "yellow", None),
+    ("a red circle", "red", "white"),
+    ("a blue square", "blue", "white"),
+    ("a large yellow star", "yellow", "white"),
+    ("a white star", "white", "black"),
     ("a purple square on yellow", "purple", "yellow"),
     ("a white star on red", "white", "red"),
     ("a green triangle on a purple background", "green", "purple"),
@@ -271,12 +296,13 @@ SHORT = [
 @trained
 def test_a_short_prompt_paints_one_object_in_the_center_on_any_background(pipe) -> None:
     """At a 512x384 canvas's size. The first version painted the object of a prompt without a
-    place at several places at once, and a background it did not know as another."""
+    place at several places at once, and a background it did not know as another; the second
+    version's first stage blended several backgrounds for a prompt that names none."""
     found = [analyse(im) for im in _paint(pipe, [p for p, *_ in SHORT], 144, 112)]
     report = list(zip(SHORT, found, strict=True))
-    assert sum((a.count, a.position) == (1, "center") for a in found) >= 7, report
-    assert sum(a.colour == colour for (_, colour, _), a in report) >= 7, report
-    assert all(a.background == bg for (_, _, bg), a in report if bg), report
+    assert sum((a.count, a.position) == (1, "center") for a in found) >= 8, report
+    assert sum(a.colour == colour for (_, colour, _), a in report) >= 8, report
+    assert all(a.background == bg for (_, _, bg), a in report), report
 
 
 @trained
