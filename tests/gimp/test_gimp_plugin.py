@@ -13,7 +13,6 @@ import pytest
 import zmq
 from gimp_runner import Gimp, chroot_missing
 from helpers import (
-    FIRST_TINY_MODEL,
     OldDaemon,
     SilentDaemon,
     ellipse,
@@ -688,11 +687,11 @@ def test_expand_enlarges_the_canvas_paints_the_margin_and_keeps_the_picture(
     gimp: Gimp, daemon_factory: Callable
 ) -> None:
     """The picture is the embedded model's own, so the seam can be measured against it."""
-    tiny_daemon = daemon_factory(model=FIRST_TINY_MODEL)
+    tiny_daemon = daemon_factory(model=tiny.MODEL_DIR)
     stopped = daemon_factory()
     stopped.stop()
-    prompt = "a red circle at the left on a blue background"
-    margin_prompt = "a blue background"  # what the artist wants in the margin
+    prompt = "a small red circle at the top left on a blue background"
+    margin_prompt = prompt  # the margin is part of the same picture
     markers = gimp.run(
         f"""
         image, background = new_image({W}, {H}, bytes({W} * {H} * 3))

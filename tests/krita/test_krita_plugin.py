@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FIRST_TINY_MODEL, SilentDaemon, TcpProxy, ellipse, scribble_overlap, wait_until
+from helpers import SilentDaemon, TcpProxy, ellipse, scribble_overlap, wait_until
 from PIL import Image
 
 from sdbridge import tiny
@@ -170,10 +170,10 @@ def test_generate_fills_the_transparent_margin_and_keeps_the_picture_exactly(
 ):
     """Expand: after Image > Canvas Size the new margin is transparent; Generate paints it, the
     old pixels stay exactly as they were, and the seam is no sharper than the picture itself."""
-    tiny_daemon = daemon_factory(model=FIRST_TINY_MODEL)
+    tiny_daemon = daemon_factory(model=tiny.MODEL_DIR)
     width, height, margin = 128, 96, 32
     new_document(doc, width, height)
-    prompt = "a red circle at the left on a blue background"
+    prompt = "a small red circle at the top left on a blue background"
     try:
         doc.connect(tiny_daemon.address)
         doc.run("dock().fixed_seed.setChecked(True); dock().seed.setText('3')")
@@ -189,7 +189,7 @@ def test_generate_fills_the_transparent_margin_and_keeps_the_picture_exactly(
         )
         wide = pixels(doc, "state['doc']", [0, 0, width + margin, height])
         assert set(wide[width * 4 + 3 :: (width + margin) * 4]) == {0}, "a transparent margin"
-        layers = generate(doc, "a blue background", steps=None)  # what the margin should be
+        layers = generate(doc, prompt, steps=None)  # the margin is part of the same picture
         after = pixels(doc, "state['doc']", [0, 0, width + margin, height])
     finally:
         doc.run("dock().fixed_seed.setChecked(False)")
