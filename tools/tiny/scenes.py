@@ -53,6 +53,9 @@ UNPLACED: dict[int, tuple[str, ...]] = {1: ("center",), 2: ("top left", "bottom 
 # The background a caption without one means: white, black behind a white object. A
 # background left to chance made the model blend several into a mottled one with stray blobs.
 UNNAMED_BACKGROUND, UNNAMED_BEHIND_WHITE = "white", "black"
+# Share of the captions of a scene laid out as UNPLACED, or on its unnamed background, that
+# leave the place or the background out.
+LEFT_OUT = 0.6
 
 # One unseen shape per colour: the evaluation asks for exactly these combinations.
 HELD_OUT: frozenset[tuple[str, str]] = frozenset(
@@ -278,9 +281,9 @@ def caption(
     if rng is not None:
         size, position, background = bool(rng.random() > 0.2), True, True
         if scene.unplaced():
-            position = bool(rng.random() > 0.6)
+            position = bool(rng.random() > LEFT_OUT)
         if scene.plain():
-            background = bool(rng.random() > 0.6)
+            background = bool(rng.random() > LEFT_OUT)
         short_background = bool(rng.random() < 0.3)
         rng.shuffle(order)
     if not position:

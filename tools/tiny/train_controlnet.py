@@ -28,7 +28,7 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from sdbridge.tiny import MODEL_DIR
 
-from .scenes import caption, render, sample_free_scene
+from .scenes import LEFT_OUT, caption, render, sample_free_scene
 from .scribbles import scribble, silhouette
 from .tokenizer import MAX_LENGTH
 from .train import (
@@ -89,7 +89,7 @@ def train(
                 s,
                 size=rng.random() > 0.3,
                 position=False,
-                background=not (s.plain() and rng.random() < 0.6),
+                background=not (s.plain() and rng.random() < LEFT_OUT),
             )
             for s in scenes
         ]
