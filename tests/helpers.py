@@ -187,8 +187,10 @@ class DaemonProcess:
         *extra: str,
         token: str | None = None,
         listen_host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
     ) -> None:
-        """With a ``token`` the daemon reads it from a file and requires it of every peer."""
+        """With a ``token`` the daemon reads it from a file and requires it of every peer;
+        ``env`` adds to the environment it starts in."""
         self.model = str(model)
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
@@ -202,13 +204,16 @@ class DaemonProcess:
         self.output_dir = workdir / "outputs"
         self.log_path = workdir / f"daemon-{self.port}.log"
         self.extra = extra
+        self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 
     def start(self) -> DaemonProcess:
         command = [sys.executable, "-m", "sdbridge", "serve", "--model", self.model]
         command += ["--listen", self.listen, "--output-dir", str(self.output_dir), *self.extra]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
