@@ -65,10 +65,10 @@ CAPTION_DROPOUT = 0.15  # empty captions: the unconditional branch of CFG
 PLAIN_SHARE = 0.25
 # Below MISMATCH_FULL the caption is another scene's MISMATCH_SHARE of the time, fading to never
 # at MISMATCH_END: where the noisy latent already shows the picture, it and not the prompt
-# decides, so img2img at a low strength keeps its init image whatever the prompt says. Half,
-# not nine in ten: a caption that is nearly always wrong at low noise is ignored there, and the
+# decides, so img2img at a low strength keeps its init image whatever the prompt says. A
+# quarter, not nine in ten: a caption that is often wrong at low noise is ignored there, and the
 # arms of a held-out red star were then painted in a colour stars had in training.
-MISMATCH_FULL, MISMATCH_END, MISMATCH_SHARE = 250, 500, 0.5
+MISMATCH_FULL, MISMATCH_END, MISMATCH_SHARE = 250, 500, 0.25
 # Peak learning rates of the diffusion phase: from scratch, and on from a trained model (--init),
 # whose colours and shapes a full rate would first wash out.
 DIFFUSION_LR, FINETUNE_LR = 1e-3, 4e-4
