@@ -232,8 +232,8 @@ def test_generates_the_object_colour_asked_for(pipe) -> None:
 def test_paints_colour_and_shape_pairs_it_never_saw_mostly_in_their_colour(pipe) -> None:
     """Every held-out pair. Which few fail changes from one training run to the next (the
     second version's first stage: blue triangles on black; its second: green circles on
-    black; its third: a purple star on black); measured 19 of 20, and the evaluation 91-99% at
-    the engine's sizes."""
+    black; its third and fourth: a purple star on black); measured 19 of 20, and the evaluation
+    94% at the engine's sizes."""
     report = _colours_painted(pipe, sorted(HELD_OUT))
     assert sum(colour == wanted for (wanted, _, _), colour in report) >= 0.8 * len(report), report
 
