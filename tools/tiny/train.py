@@ -66,8 +66,9 @@ PLAIN_SHARE = 0.25
 # Below MISMATCH_FULL the caption is another scene's MISMATCH_SHARE of the time, fading to never
 # at MISMATCH_END: where the noisy latent already shows the picture, it and not the prompt
 # decides, so img2img at a low strength keeps its init image whatever the prompt says. A
-# quarter, not nine in ten: a caption that is often wrong at low noise is ignored there, and the
-# arms of a held-out red star were then painted in a colour stars had in training.
+# quarter, not nine in ten or half: a caption that is often wrong at low noise is ignored there,
+# where a small object's outline and a star's arms are settled, and held-out red and purple
+# stars were then painted in the colours and shapes those colours had in training.
 MISMATCH_FULL, MISMATCH_END, MISMATCH_SHARE = 250, 500, 0.25
 # Peak learning rates of the diffusion phase: from scratch, and on from a trained model (--init),
 # whose colours and shapes a full rate would first wash out.
